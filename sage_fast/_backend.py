@@ -1,0 +1,81 @@
+"""Which implementation an op runs, and why.
+
+CUDA tensors run the Triton kernels. CPU tensors run the plain-torch path, unless
+``TRITON_INTERPRET=1`` is set, in which case the Triton kernels run through Triton's interpreter
+(this is how the kernels are tested on machines without a GPU). ``SAGE_FAST_BACKEND=torch`` or
+``use_backend("torch")`` forces the plain-torch path everywhere, for comparisons.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("sage_fast_backend", default=None)
+
+
+@dataclass(frozen=True)
+class Decision:
+    backend: str  # "triton" or "torch"
+    reason: str
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def requested_backend() -> str:
+    name = _forced.get() or os.environ.get("SAGE_FAST_BACKEND", "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"SAGE_FAST_BACKEND must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force ``"triton"``, ``"torch"`` or ``"auto"`` for the ops called inside the block."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def decide(device: torch.device | str) -> Decision:
+    device = torch.device(device)
+    requested = requested_backend()
+    if requested == "torch":
+        return Decision("torch", "plain-torch path forced")
+    runnable = triton_available() and (device.type == "cuda" or (device.type == "cpu" and interpreter_enabled()))
+    if requested == "triton":
+        if not runnable:
+            raise ValueError(
+                f"the Triton backend was forced but cannot run on {device.type} tensors: it needs CUDA "
+                "tensors, or CPU tensors with TRITON_INTERPRET=1 set before sage_fast is imported, "
+                "and the triton package installed"
+            )
+        return Decision("triton", "Triton forced")
+    if device.type == "cuda":
+        if runnable:
+            return Decision("triton", "CUDA tensor: fused Triton kernel")
+        return Decision("torch", "CUDA tensor but triton is not installed (pip install triton)")
+    if runnable:
+        return Decision("triton", "CPU tensor with TRITON_INTERPRET=1: Triton kernel in the interpreter")
+    if device.type == "cpu":
+        return Decision("torch", "CPU tensor: plain-torch path")
+    return Decision("torch", f"{device.type} tensor: plain-torch path")
+
+
+def use_triton(device: torch.device | str) -> bool:
+    return decide(device).backend == "triton"

@@ -1,0 +1,51 @@
+"""The ``sage-fast`` command line (also ``python -m sage_fast``)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Each command lives in sage_fast/commands/<name>.py with add_arguments(parser) and run(args) -> int.
+COMMANDS = {
+    "info": "versions, devices, and which implementation each op runs",
+    "demo": "a few distillation steps of a small transformer with the fused losses",
+}
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: printed as one paragraph, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sage-fast",
+        description="SAGE knowledge distillation: fused losses, loss-region analysis and a training driver.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, summary in COMMANDS.items():
+        module = importlib.import_module(f"sage_fast.commands.{name}")
+        p = sub.add_parser(name, help=summary, description=(module.__doc__ or summary).strip(),
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(args._run(args) or 0)
+    except UsageError as err:
+        print(f"sage-fast {args.command}: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nsage-fast {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,23 @@
+import os
+
+import torch
+
+# Without a GPU the Triton kernels run through the interpreter; this must be set before any module
+# that defines a @triton.jit function is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+SEEDS = (0, 1, 2)
+
+
+@pytest.fixture(params=SEEDS, ids=lambda s: f"seed{s}")
+def seed(request):
+    torch.manual_seed(request.param)
+    return request.param
+
+
+@pytest.fixture
+def device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
