@@ -8,7 +8,6 @@ import sys
 # Each command lives in sage_fast/commands/<name>.py with add_arguments(parser) and run(args) -> int.
 COMMANDS = {
     "info": "versions, devices, and which implementation each op runs",
-    "demo": "a few distillation steps of a small transformer with the fused losses",
 }
 
 

@@ -1,0 +1,2 @@
+"""Thin ``nn.Module`` wrappers over the fused ops."""
+__all__: list[str] = []

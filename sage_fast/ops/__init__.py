@@ -1,0 +1,3 @@
+"""Fused ops: each dispatches to a Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1) or to its
+plain-torch reference (CPU). Import them from here or from ``sage_fast.functional``."""
+__all__: list[str] = []
