@@ -1,0 +1,224 @@
+"""Every setting of a distillation run, in one dataclass.
+
+Precedence: the defaults below < a YAML/JSON file (``--config``) < flags given on the command line.
+The resolved config is saved beside the results (``config.json`` and ``config.yaml``), so a run can
+be repeated with ``sage-fast distill --config runs/NAME/config.yaml``.
+
+The defaults are the offline quick run: the packaged MiniLM-L6 teacher fine-tuned on Rotten
+Tomatoes, a 2-layer student made of every 3rd teacher layer, sized to finish in a few minutes on
+two CPU cores.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..cli import UsageError
+
+MODES = ("sage", "kd", "random")
+TASKS = ("rotten_tomatoes", "sst2", "qnli")
+DEVICES = ("auto", "cpu", "cuda")
+POOL_POLICIES = ("fifo", "reservoir")
+
+
+class ConfigError(UsageError, ValueError):
+    """A setting that cannot work; the message names the setting and what was expected."""
+
+
+def _opt(default, help: str, **extra):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class DistillConfig:
+    # --- models ---
+    teacher: str | None = _opt(None, "teacher classifier: a hub id or a local folder; unset means the packaged "
+                               "MiniLM-L6 fine-tuned on the task (cached after the first run)")
+    student: str = _opt("from-teacher:3", "student: a hub id, a local folder, a config.json, or 'from-teacher:K' "
+                        "(every K-th teacher layer, weights copied from the teacher)")
+    # --- data ---
+    task: str = _opt("rotten_tomatoes", "built-in task; ignored when --train-file is given", choices=TASKS)
+    train_file: str | None = _opt(None, "CSV or JSONL file with training rows (replaces --task)")
+    eval_file: str | None = _opt(None, "CSV or JSONL file with evaluation rows (validation and test); without it "
+                                 "part of --train-file is held out")
+    text_column: str = _opt("text", "column holding the text (files only)")
+    text_pair_column: str | None = _opt(None, "column holding the second text of a pair task (files only)")
+    label_column: str = _opt("label", "column holding the integer label (files only)")
+    train_limit: int | None = _opt(1000, "use at most this many training examples (0 or unset: all)")
+    eval_limit: int | None = _opt(None, "use at most this many validation and test examples each (unset: all)")
+    max_length: int = _opt(48, "tokens per example, padding and truncating")
+    # --- method ---
+    mode: str = _opt("sage", "sage: synthesise where the loss is high; kd: plain distillation, no synthesis; "
+                     "random: same number of synthetic examples, anchors drawn uniformly", choices=MODES)
+    compare: list[str] = _opt(["kd"], "baseline modes to run after the main one with the same settings "
+                              "(comma-separated, e.g. 'kd,random'; 'none' for no baseline)")
+    alpha: float = _opt(0.5, "weight of the soft-label KL term; 1 - alpha weighs cross-entropy on real labels")
+    temperature: float = _opt(2.0, "softmax temperature of the KL term")
+    beta: float = _opt(0.0, "weight of the hidden-state alignment term (0 turns it off and caches only logits)")
+    # --- optimisation ---
+    epochs: int = _opt(3, "passes over the training data")
+    max_steps: int | None = _opt(None, "stop after this many optimiser steps in total (unset: epochs decide)")
+    batch_size: int = _opt(32, "real examples per step")
+    eval_batch_size: int = _opt(128, "examples per forward pass in evaluation and teacher labelling")
+    lr: float = _opt(1e-4, "peak learning rate (AdamW, linear warm-up then linear decay)")
+    weight_decay: float = _opt(0.01, "AdamW weight decay")
+    warmup_ratio: float = _opt(0.06, "share of the steps spent warming up the learning rate")
+    # --- synthesis ---
+    analysis_every: int | None = _opt(None, "steps between analysis rounds (unset: one round at the end of each "
+                                      "epoch but the last)")
+    synthetic_per_round: int = _opt(256, "synthetic examples made in each analysis round")
+    synthetic_per_batch: int = _opt(16, "synthetic examples mixed into each step once the pool has some")
+    pool_size: int = _opt(1024, "most synthetic examples kept; older ones leave first (fifo) or at random "
+                          "(reservoir)")
+    pool_policy: str = _opt("fifo", "how the full pool makes room", choices=POOL_POLICIES)
+    quantile: float = _opt(0.7, "anchors come from examples whose region score is above this quantile")
+    n_neighbors: int = _opt(10, "neighbours in the kNN graph and the UMAP map")
+    lam_low: float = _opt(0.3, "lower bound of the interpolation weight lam")
+    lam_high: float = _opt(0.7, "upper bound of the interpolation weight lam")
+    noise_std: float = _opt(0.0, "Gaussian noise added to synthetic vectors")
+    # --- run ---
+    device: str = _opt("auto", "auto: CUDA when visible, else CPU", choices=DEVICES)
+    seed: int = _opt(0, "seed for data order, initialisation, analysis and synthesis")
+    output_dir: str | None = _opt(None, "where results, checkpoints and plots go (unset: runs/<timestamp>)")
+    cache_dir: str | None = _opt(None, "where teacher outputs are cached (unset: <output-dir>/../.teacher_cache)")
+    progress: bool = _opt(True, "show progress bars")
+
+    # ---------------------------------------------------------------- checks
+    def validate(self) -> "DistillConfig":
+        def bad(name: str, expected: str, got) -> ConfigError:
+            return ConfigError(f"{name.replace('_', '-')} must be {expected}, got {got!r}")
+
+        def positive_int(name: str, allow_none: bool = False, allow_zero: bool = False):
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+                raise bad(name, "a non-negative integer" if allow_zero else "a positive integer", value)
+
+        def number(name: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad(name, "a finite number", value)
+            ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+            if not ok:
+                interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+                raise bad(name, f"in {interval}", value)
+            setattr(self, name, float(value))
+
+        for name, options in (("mode", MODES), ("task", TASKS), ("device", DEVICES), ("pool_policy", POOL_POLICIES)):
+            if getattr(self, name) not in options:
+                raise bad(name, f"one of {', '.join(options)}", getattr(self, name))
+        self.compare = parse_compare(self.compare)
+        if self.mode in self.compare:
+            self.compare = [m for m in self.compare if m != self.mode]
+        for name in ("batch_size", "eval_batch_size", "synthetic_per_round", "pool_size", "n_neighbors", "epochs"):
+            positive_int(name)
+        for name in ("max_steps", "analysis_every"):
+            positive_int(name, allow_none=True)
+        for name in ("train_limit", "eval_limit"):
+            positive_int(name, allow_none=True, allow_zero=True)
+        positive_int("synthetic_per_batch", allow_zero=True)
+        positive_int("seed", allow_zero=True)
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2:
+            raise bad("max_length", "an integer of at least 2 (room for the special tokens)", self.max_length)
+        number("alpha", 0.0, 1.0)
+        number("temperature", 0.0, math.inf, lo_open=True, hi_open=True)
+        number("beta", 0.0, math.inf, hi_open=True)
+        number("lr", 0.0, math.inf, lo_open=True, hi_open=True)
+        number("weight_decay", 0.0, math.inf, hi_open=True)
+        number("warmup_ratio", 0.0, 1.0, hi_open=True)
+        number("quantile", 0.0, 1.0, lo_open=True, hi_open=True)
+        number("lam_low", 0.0, 1.0)
+        number("lam_high", 0.0, 1.0)
+        number("noise_std", 0.0, math.inf, hi_open=True)
+        if self.lam_low > self.lam_high:
+            raise ConfigError(f"lam-low ({self.lam_low}) must not exceed lam-high ({self.lam_high})")
+        if self.pool_size < self.synthetic_per_round:
+            raise ConfigError(
+                f"pool-size ({self.pool_size}) must be at least synthetic-per-round ({self.synthetic_per_round}): "
+                "otherwise each round would push out examples it has just made")
+        if self.eval_file is not None and self.train_file is None:
+            raise ConfigError("eval-file was given without train-file; give both, or neither to use --task")
+        for name in ("text_column", "label_column"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise bad(name, "a column name", getattr(self, name))
+        return self
+
+    # ---------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "DistillConfig":
+        return cls().updated(values, source=source)
+
+    def updated(self, values: dict[str, Any], *, source: str = "config") -> "DistillConfig":
+        """A copy with ``values`` applied; unknown keys are an error naming where they came from."""
+        known = {f.name for f in dataclasses.fields(self)}
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{source} has unknown setting(s) {', '.join(unknown)}; "
+                              f"known settings: {', '.join(sorted(known))}")
+        return dataclasses.replace(self, **values)
+
+    def save(self, directory: str | Path) -> None:
+        import yaml
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        data = self.to_dict()
+        (directory / "config.json").write_text(json.dumps(data, indent=2) + "\n")
+        (directory / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def parse_compare(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [v for v in value.replace(" ", "").split(",") if v]
+    out: list[str] = []
+    for mode in value:
+        if mode == "none":
+            continue
+        if mode not in MODES:
+            raise ConfigError(f"compare must list modes among {', '.join(MODES)} (or 'none'), got {mode!r}")
+        if mode not in out:
+            out.append(mode)
+    return out
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Settings from a YAML or JSON file (JSON is YAML, so one parser reads both)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read the config file {path}: {err.strerror or err}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as err:
+        raise ConfigError(f"the config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
+                          f"{str(err).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"the config file {path} must hold a mapping of setting: value, got {type(data).__name__}")
+    return data
+
+
+def resolve(flags: dict[str, Any], config_file: str | Path | None = None) -> DistillConfig:
+    """Defaults, then the file, then the flags the user actually gave; validated."""
+    config = DistillConfig()
+    if config_file is not None:
+        config = config.updated(read_config_file(config_file), source=f"the config file {config_file}")
+    config = config.updated(flags, source="the command line")
+    return config.validate()

@@ -1,0 +1,82 @@
+"""Metrics: one JSON object per line in ``metrics.jsonl``, wall-time accounting, and the final table."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class MetricsLog:
+    """Records kept in memory (they go into checkpoints) and mirrored to a JSONL file.
+
+    On resume the file is rewritten from the checkpoint's records, so lines written after the last
+    checkpoint by an interrupted run do not appear twice.
+    """
+
+    def __init__(self, path: str | Path, records: list[dict] | None = None):
+        self.path = Path(path)
+        self.records: list[dict] = list(records or [])
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("w") as f:
+            for record in self.records:
+                f.write(json.dumps(record) + "\n")
+
+    def log(self, **record) -> dict:
+        record = {k: _plain(v) for k, v in record.items()}
+        self.records.append(record)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        return record
+
+    def last(self, kind: str) -> dict | None:
+        for record in reversed(self.records):
+            if record.get("kind") == kind:
+                return record
+        return None
+
+
+def _plain(value):
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN; null says "not available"
+    return value
+
+
+class Timer:
+    """Accumulates wall time per category; ``total`` runs whenever training runs."""
+
+    def __init__(self, seconds: dict[str, float] | None = None):
+        self.seconds: dict[str, float] = dict(seconds or {})
+
+    @contextmanager
+    def measure(self, category: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[category] = self.seconds.get(category, 0.0) + time.perf_counter() - start
+
+    def share(self, category: str, of: str = "train") -> float:
+        total = self.seconds.get(of, 0.0)
+        return self.seconds.get(category, 0.0) / total if total > 0 else 0.0
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """``columns``: (key, header, format) — format like ``'{:.2%}'``; a missing value prints as '-'."""
+    cells = [[header for _, header, _ in columns]]
+    for row in rows:
+        line = []
+        for key, _, fmt in columns:
+            value = row.get(key)
+            line.append("-" if value is None else fmt.format(value))
+        cells.append(line)
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    out = []
+    for n, r in enumerate(cells):
+        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)

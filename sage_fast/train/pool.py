@@ -1,0 +1,130 @@
+"""The bounded pool of synthetic examples.
+
+Each synthetic example exists only as input vectors (``[L, d_t]``, the teacher's embedding space) with
+a mask, plus what the teacher said about it: logits, and the mapped hidden layers when the loss
+aligns hidden states. The pool holds at most ``capacity`` of them. When full, ``fifo`` overwrites the
+oldest; ``reservoir`` keeps a uniform sample of everything ever offered (Vitter's algorithm R), so
+early rounds are not forgotten entirely.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+POLICIES = ("fifo", "reservoir")
+
+
+class SyntheticPool:
+    def __init__(self, capacity: int, policy: str = "fifo"):
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        self.capacity = capacity
+        self.policy = policy
+        self.vectors: torch.Tensor | None = None   # [capacity, L, d]
+        self.masks: torch.Tensor | None = None     # [capacity, L]
+        self.logits: torch.Tensor | None = None    # [capacity, C]
+        self.hidden: dict[int, torch.Tensor] = {}  # teacher layer -> [capacity, L, d_t]
+        self.size = 0
+        self.offered = 0  # examples ever offered, for the reservoir and the FIFO cursor
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _allocate(self, vectors, masks, logits, hidden) -> None:
+        cap = self.capacity
+        self.vectors = vectors.new_zeros((cap, *vectors.shape[1:]))
+        self.masks = masks.new_zeros((cap, *masks.shape[1:]))
+        self.logits = logits.new_zeros((cap, *logits.shape[1:]))
+        self.hidden = {int(k): v.new_zeros((cap, *v.shape[1:])) for k, v in hidden.items()}
+
+    def _check(self, vectors, masks, logits, hidden) -> None:
+        for name, value in (("vectors", vectors), ("masks", masks), ("logits", logits)):
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        n = vectors.shape[0]
+        if vectors.dim() != 3 or masks.shape != vectors.shape[:2] or logits.dim() != 2 or logits.shape[0] != n:
+            raise ValueError(
+                "expected vectors [M, L, d], masks [M, L], logits [M, C]; got "
+                f"{tuple(vectors.shape)}, {tuple(masks.shape)}, {tuple(logits.shape)}")
+        for layer, value in hidden.items():
+            if value.shape[:2] != vectors.shape[:2]:
+                raise ValueError(f"hidden[{layer}] must have shape [M, L, d_t] with M, L = {tuple(vectors.shape[:2])}, "
+                                 f"got {tuple(value.shape)}")
+        if self.vectors is not None:
+            if vectors.shape[1:] != self.vectors.shape[1:] or logits.shape[1:] != self.logits.shape[1:]:
+                raise ValueError(
+                    f"new examples have shape {tuple(vectors.shape[1:])} / {tuple(logits.shape[1:])}, the pool holds "
+                    f"{tuple(self.vectors.shape[1:])} / {tuple(self.logits.shape[1:])}")
+            if set(int(k) for k in hidden) != set(self.hidden):
+                raise ValueError(f"hidden layers {sorted(hidden)} differ from the pool's {sorted(self.hidden)}")
+
+    @torch.no_grad()
+    def add(self, vectors: torch.Tensor, masks: torch.Tensor, logits: torch.Tensor,
+            hidden: Mapping[int, torch.Tensor] | None = None, *, generator: torch.Generator | None = None) -> None:
+        """Offer ``M`` new examples. ``generator`` drives the reservoir's choices (CPU generator)."""
+        hidden = dict(hidden or {})
+        self._check(vectors, masks, logits, hidden)
+        if self.vectors is None:
+            self._allocate(vectors, masks, logits, hidden)
+        slots, rows = [], []
+        for i in range(vectors.shape[0]):
+            if self.size < self.capacity:
+                slot = self.size
+                self.size += 1
+            elif self.policy == "fifo":
+                slot = self.offered % self.capacity
+            else:
+                j = int(torch.randint(0, self.offered + 1, (1,), generator=generator))
+                slot = j if j < self.capacity else -1
+            self.offered += 1
+            if slot >= 0:
+                slots.append(slot)
+                rows.append(i)
+        if not slots:
+            return
+        slots_t = torch.tensor(slots, device=self.vectors.device)
+        rows_t = torch.tensor(rows, device=vectors.device)
+        self.vectors[slots_t] = vectors[rows_t].to(self.vectors)
+        self.masks[slots_t] = masks[rows_t].to(self.masks)
+        self.logits[slots_t] = logits[rows_t].to(self.logits)
+        for layer, value in hidden.items():
+            self.hidden[int(layer)][slots_t] = value[rows_t].to(self.hidden[int(layer)])
+
+    def sample(self, n: int, generator: torch.Generator | None = None):
+        """``min(n, len(self))`` examples drawn without replacement: (vectors, masks, logits, hidden)."""
+        if self.size == 0 or n <= 0:
+            return None
+        n = min(n, self.size)
+        index = torch.randperm(self.size, generator=generator)[:n].to(self.vectors.device)
+        return (self.vectors[index], self.masks[index], self.logits[index],
+                {layer: value[index] for layer, value in self.hidden.items()})
+
+    def state_dict(self) -> dict:
+        def cut(t):
+            return None if t is None else t[: self.size].cpu().clone()
+
+        return {"capacity": self.capacity, "policy": self.policy, "size": self.size, "offered": self.offered,
+                "vectors": cut(self.vectors), "masks": cut(self.masks), "logits": cut(self.logits),
+                "hidden": {k: cut(v) for k, v in self.hidden.items()}}
+
+    def load_state_dict(self, state: dict, device: torch.device | str | None = None) -> None:
+        if state["capacity"] != self.capacity or state["policy"] != self.policy:
+            raise ValueError(f"the saved pool has capacity {state['capacity']} and policy {state['policy']!r}, "
+                             f"this one {self.capacity} and {self.policy!r}")
+        self.vectors = self.masks = self.logits = None
+        self.hidden = {}
+        self.size = 0
+        if state["size"] > 0:
+            move = (lambda t: t.to(device)) if device is not None else (lambda t: t)
+            vectors, masks, logits = move(state["vectors"]), move(state["masks"]), move(state["logits"])
+            hidden = {int(k): move(v) for k, v in state["hidden"].items()}
+            self._allocate(vectors, masks, logits, hidden)
+            n = state["size"]
+            self.vectors[:n], self.masks[:n], self.logits[:n] = vectors, masks, logits
+            for k, v in hidden.items():
+                self.hidden[k][:n] = v
+            self.size = n
+        self.offered = state["offered"]

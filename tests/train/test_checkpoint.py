@@ -1,0 +1,62 @@
+import os
+
+import pytest
+import torch
+
+from sage_fast.train import checkpoint
+from sage_fast.train.checkpoint import CheckpointError, load, save_atomic
+
+
+def state(value):
+    return {"format": checkpoint.FORMAT_VERSION, "weights": torch.full((3,), float(value))}
+
+
+def test_round_trip(tmp_path):
+    save_atomic(state(1), tmp_path / "checkpoint.pt")
+    assert torch.equal(load(tmp_path)["weights"], torch.ones(3))
+
+
+@pytest.mark.parametrize("where", ["fsync", "replace"])
+def test_crash_mid_write_keeps_the_old_checkpoint(tmp_path, monkeypatch, where):
+    path = tmp_path / "checkpoint.pt"
+    save_atomic(state(1), path)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("crash while writing")
+
+    monkeypatch.setattr(checkpoint.os, where, crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_atomic(state(2), path)
+    monkeypatch.undo()
+    assert torch.equal(load(path)["weights"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temporary file left behind
+
+
+def test_unserialisable_state_never_touches_the_disk(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    save_atomic(state(1), path)
+    with pytest.raises(Exception):
+        save_atomic({"format": 1, "bad": lambda: None}, path)
+    assert torch.equal(load(path)["weights"], torch.ones(3))
+
+
+def test_damaged_or_foreign_files(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load(tmp_path)
+    torn = tmp_path / "checkpoint.pt"
+    save_atomic(state(1), torn)
+    torn.write_bytes(torn.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load(torn)
+    torch.save({"something": 1}, torn)
+    with pytest.raises(CheckpointError, match="not a sage-fast checkpoint"):
+        load(torn)
+
+
+def test_rng_state_round_trip():
+    checkpoint.seed_everything(3)
+    saved = checkpoint.rng_state()
+    a = (torch.rand(2), __import__("numpy").random.rand(), __import__("random").random())
+    checkpoint.set_rng_state(saved)
+    b = (torch.rand(2), __import__("numpy").random.rand(), __import__("random").random())
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]

@@ -1,0 +1,78 @@
+import json
+
+import pytest
+
+from sage_fast.train.config import ConfigError, DistillConfig, read_config_file, resolve
+
+
+def test_defaults_validate():
+    config = resolve({})
+    assert config == DistillConfig().validate()
+    assert config.mode == "sage" and config.compare == ["kd"]
+
+
+def test_precedence_defaults_then_file_then_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 0.002\nbatch_size: 8\nmode: random\n")
+    config = resolve({"batch_size": 4}, path)
+    assert config.lr == 0.002          # from the file
+    assert config.batch_size == 4      # the flag wins over the file
+    assert config.mode == "random"     # from the file
+    assert config.epochs == DistillConfig().epochs  # default
+
+
+def test_json_file_and_dash_names(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"pool-size": 300, "compare": "kd,random"}))
+    config = resolve({}, path)
+    assert config.pool_size == 300 and config.compare == ["kd", "random"]
+
+
+def test_round_trip(tmp_path):
+    config = resolve({"seed": 7, "compare": "random", "train_limit": 50, "beta": 0.5})
+    config.save(tmp_path)
+    for name in ("config.json", "config.yaml"):
+        assert resolve({}, tmp_path / name) == config
+    assert DistillConfig.from_dict(json.loads((tmp_path / "config.json").read_text())).validate() == config
+
+
+def test_compare_drops_the_main_mode_and_none():
+    assert resolve({"mode": "kd", "compare": "kd,sage"}).compare == ["sage"]
+    assert resolve({"compare": "none"}).compare == []
+
+
+@pytest.mark.parametrize("flags, word", [
+    ({"quantile": 1.0}, "quantile"),
+    ({"quantile": 0}, "quantile"),
+    ({"max_length": 1}, "max-length"),
+    ({"pool_size": 10, "synthetic_per_round": 20}, "pool-size"),
+    ({"batch_size": 0}, "batch-size"),
+    ({"mode": "magic"}, "mode"),
+    ({"compare": "kd,magic"}, "compare"),
+    ({"alpha": 1.5}, "alpha"),
+    ({"temperature": 0}, "temperature"),
+    ({"lr": float("nan")}, "lr"),
+    ({"lam_low": 0.8, "lam_high": 0.2}, "lam-low"),
+    ({"eval_file": "x.csv"}, "train-file"),
+    ({"bogus": 1}, "bogus"),
+])
+def test_impossible_settings_name_the_setting(flags, word):
+    with pytest.raises(ConfigError, match=word):
+        resolve(flags)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_config_file(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        read_config_file(broken)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        read_config_file(listy)
+    unknown = tmp_path / "u.yaml"
+    unknown.write_text("learning_rate: 1\n")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        resolve({}, unknown)

@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from sage_fast.train.pool import SyntheticPool
+
+
+def batch(start, n, L=5, d=3, C=2, hidden=False):
+    ids = torch.arange(start, start + n, dtype=torch.float32)
+    vectors = ids.view(n, 1, 1).expand(n, L, d).clone()
+    masks = torch.ones(n, L, dtype=torch.long)
+    logits = ids.view(n, 1).expand(n, C).clone()
+    h = {2: ids.view(n, 1, 1).expand(n, L, 4).clone()} if hidden else None
+    return vectors, masks, logits, h
+
+
+def tags(pool):
+    return sorted(pool.logits[: len(pool), 0].tolist())
+
+
+def test_fifo_keeps_the_newest_and_never_exceeds_capacity():
+    pool = SyntheticPool(8, "fifo")
+    for r in range(5):
+        pool.add(*batch(r * 3, 3))
+        assert len(pool) == min(8, 3 * (r + 1))
+    assert tags(pool) == list(range(7, 15))
+
+
+def test_reservoir_is_bounded_and_deterministic():
+    def fill(seed):
+        pool = SyntheticPool(6, "reservoir")
+        g = torch.Generator().manual_seed(seed)
+        for r in range(10):
+            pool.add(*batch(r * 4, 4), generator=g)
+        return pool
+
+    a, b = fill(0), fill(0)
+    assert len(a) == 6 and a.offered == 40
+    assert tags(a) == tags(b)
+    assert len(set(tags(a))) == 6 and max(tags(a)) < 40
+
+
+def test_rows_stay_together_with_hidden_states():
+    pool = SyntheticPool(4, "fifo")
+    pool.add(*batch(0, 3, hidden=True))
+    pool.add(*batch(3, 3, hidden=True))
+    vectors, masks, logits, hidden = pool.sample(4, torch.Generator().manual_seed(1))
+    assert vectors.shape == (4, 5, 3) and masks.shape == (4, 5) and hidden[2].shape == (4, 5, 4)
+    tag = logits[:, 0]
+    assert torch.equal(vectors[:, 0, 0], tag) and torch.equal(hidden[2][:, 0, 0], tag)
+    assert pool.sample(100)[0].shape[0] == 4
+    assert SyntheticPool(3).sample(2) is None
+
+
+def test_state_dict_round_trip():
+    pool = SyntheticPool(5, "reservoir")
+    g = torch.Generator().manual_seed(0)
+    pool.add(*batch(0, 4, hidden=True), generator=g)
+    pool.add(*batch(4, 4, hidden=True), generator=g)
+    copy = SyntheticPool(5, "reservoir")
+    copy.load_state_dict(pool.state_dict())
+    assert len(copy) == 5 and copy.offered == 8
+    assert torch.equal(copy.vectors, pool.vectors) and torch.equal(copy.hidden[2], pool.hidden[2])
+    empty = SyntheticPool(5, "reservoir")
+    empty.load_state_dict(SyntheticPool(5, "reservoir").state_dict())
+    assert len(empty) == 0
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="capacity"):
+        SyntheticPool(0)
+    with pytest.raises(ValueError, match="policy"):
+        SyntheticPool(3, "lifo")
+    pool = SyntheticPool(3)
+    v, m, l, _ = batch(0, 2)
+    with pytest.raises(ValueError, match="masks"):
+        pool.add(v, m[:, :3], l)
+    pool.add(v, m, l)
+    with pytest.raises(ValueError, match="pool holds"):
+        pool.add(*batch(0, 2, L=6)[:3])
