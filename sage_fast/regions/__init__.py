@@ -1,2 +1,4 @@
 """Loss-region analysis: where the student does worst, and where to synthesise examples."""
-__all__: list[str] = []
+from .profile import ErrorProfile, pooled_embedding
+
+__all__: list[str] = ["ErrorProfile", "pooled_embedding"]
