@@ -1,3 +1,7 @@
 """Fused ops: each dispatches to a Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1) or to its
 plain-torch reference (CPU). Import them from here or from ``sage_fast.functional``."""
 __all__: list[str] = []
+
+from .interpolate import interpolate, interpolate_reference  # noqa: E402
+
+__all__ += ["interpolate", "interpolate_reference"]
