@@ -1,0 +1,214 @@
+import math
+
+import pytest
+import torch
+
+from sage_fast.regions import knn
+from sage_fast.regions.knn import knn_graph, knn_graph_reference, plan_knn
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def assert_matches_reference(x, k, metric, dist, idx, *, rtol=1e-5, atol=1e-5):
+    n = x.shape[0]
+    ref_d, ref_i = knn_graph_reference(x.cpu(), k, metric=metric)
+    dist, idx = dist.cpu(), idx.cpu()
+    assert dist.shape == (n, k) and idx.shape == (n, k)
+    assert dist.dtype == torch.float32 and idx.dtype == torch.int64
+    rows = torch.arange(n)[:, None]
+    assert not (idx == rows).any(), "a point is listed as its own neighbour"
+    assert (idx >= 0).all() and (idx < n).all()
+    assert (idx.sort(dim=1).values.diff(dim=1) != 0).all(), "a neighbour is listed twice"
+    assert (dist.diff(dim=1) >= 0).all(), "rows are not sorted by distance"
+    # the k smallest distances are found...
+    torch.testing.assert_close(dist.double(), ref_d, rtol=rtol, atol=atol)
+    # ...each returned index really is at the distance reported for it...
+    xd = x.cpu().double()
+    if metric == "cosine":
+        xd = xd / xd.norm(dim=1, keepdim=True)
+    true_sq = ((xd[idx] - xd[:, None, :]) ** 2).sum(dim=2)
+    true_d = true_sq.sqrt() if metric == "euclidean" else true_sq / 2
+    torch.testing.assert_close(dist.double(), true_d, rtol=rtol, atol=atol)
+    # ...and where a neighbour's distance is clearly apart from the others', it is the reference's index.
+    scale = ref_d.abs().max().item() + 1e-12
+    gap = 1e-4 * scale
+    padded = torch.cat([torch.full((n, 1), -math.inf, dtype=ref_d.dtype), ref_d,
+                        torch.full((n, 1), math.inf, dtype=ref_d.dtype)], dim=1)
+    distinct = (padded[:, 1:-1] - padded[:, :-2] > gap) & (padded[:, 2:] - padded[:, 1:-1] > gap)
+    assert torch.equal(idx[distinct], ref_i[distinct])
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("n,d,k", [(2, 3, 1), (3, 1, 2), (37, 5, 4), (129, 16, 15), (200, 33, 1)])
+def test_matches_float64_brute_force(seed, metric, n, d, k):
+    x = torch.randn(n, d) * 3 + 1
+    dist, idx = knn_graph(x, k, metric=metric)
+    assert_matches_reference(x, k, metric, dist, idx)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_several_row_and_column_tiles(seed, metric, monkeypatch):
+    # a tiny budget forces narrow column tiles, block_rows forces several query tiles
+    monkeypatch.setattr(knn, "MIN_BLOCK_COLS", 8)
+    monkeypatch.setattr(knn, "MIN_BLOCK_ROWS", 1)
+    monkeypatch.setattr(knn, "TILE_BUDGET_BYTES", 4 * 23)
+    x = torch.randn(101, 7)
+    plan = plan_knn(101, 7, 5)
+    assert plan.block_cols == 23 and plan.block_rows == 1
+    dist, idx = knn_graph(x, 5, metric=metric, block_rows=17)
+    assert_matches_reference(x, 5, metric, dist, idx)
+
+
+def test_duplicates_excluded_by_index_not_distance(seed):
+    base = torch.randn(20, 6)
+    x = torch.cat([base, base, base[:3]])  # rows i, i+20 (and i+40 for i < 3) coincide
+    dist, idx = knn_graph(x, 3, block_rows=7)
+    n = x.shape[0]
+    assert not (idx == torch.arange(n)[:, None]).any()
+    for i in range(20):
+        twins = {i, i + 20} | ({i + 40} if i < 3 else set())
+        twins.discard(i)
+        assert twins <= set(idx[i].tolist())
+        assert dist[i, : len(twins)].eq(0).all()
+        assert set(idx[i, : len(twins)].tolist()) == twins
+    assert_matches_reference(x, 3, "euclidean", dist, idx)
+
+
+def test_all_points_equal_ties_broken_by_index():
+    x = torch.ones(6, 4)
+    dist, idx = knn_graph(x, 5)
+    assert dist.eq(0).all()
+    for i in range(6):
+        assert idx[i].tolist() == [j for j in range(6) if j != i]
+
+
+def test_near_points_accurate_despite_large_norms(seed):
+    # a large common offset (norms ~1e4, gaps ~1e-2) would swamp GEMM distances; centring removes it
+    x = torch.randn(1, 16) * 1e4 + torch.randn(50, 16) * 1e-2
+    dist, idx = knn_graph(x, 4)
+    assert_matches_reference(x, 4, "euclidean", dist, idx, rtol=1e-5, atol=1e-7)
+
+
+def test_tight_far_apart_clusters_ranked_exactly(seed):
+    # GEMM distances within a cluster are pure rounding noise (~1e-1 against ~1e-3); every cluster
+    # member is a candidate, and the exact re-ranking orders them
+    centres = torch.randn(8, 16) * 1e3
+    x = (centres[:, None, :] + torch.randn(8, 6, 16) * 1e-2).reshape(48, 16)
+    dist, idx = knn_graph(x, 3)
+    assert_matches_reference(x, 3, "euclidean", dist, idx, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_float_types_computed_in_fp32(dtype):
+    torch.manual_seed(3)
+    x = torch.randn(64, 12).to(dtype)
+    before = x.clone()
+    dist, idx = knn_graph(x, 6, metric="cosine")
+    assert torch.equal(x, before)
+    assert_matches_reference(x.float(), 6, "cosine", dist, idx)
+
+
+def test_input_not_modified_and_noncontiguous_input():
+    torch.manual_seed(4)
+    x = torch.randn(12, 40)[:, ::3]
+    before = x.clone()
+    dist, idx = knn_graph(x, 3, metric="cosine")
+    assert torch.equal(x, before)
+    assert_matches_reference(x, 3, "cosine", dist, idx)
+
+
+def test_tile_memory_bounded_for_a_million_rows(monkeypatch):
+    plan = plan_knn(1_000_000, 768, 15)
+    assert plan.tile_bytes(768) <= knn.TILE_BUDGET_BYTES
+    assert plan.block_rows * plan.block_cols < 1_000_000 * 1_000_000 // 1000
+    monkeypatch.setattr(knn, "TILE_BUDGET_BYTES", 64 * 1024 * 1024)
+    small = plan_knn(1_000_000, 768, 15)
+    assert small.tile_bytes(768) <= 64 * 1024 * 1024 and small.block_rows < plan.block_rows
+
+
+def test_tiles_actually_used_stay_within_budget(monkeypatch):
+    budget = 64 * 1024
+    monkeypatch.setattr(knn, "TILE_BUDGET_BYTES", budget)
+    monkeypatch.setattr(knn, "MIN_BLOCK_COLS", 64)
+    seen = []
+    real = knn._tile_topk
+
+    def recording(queries, query_sq, row0, xf, sq, plan):
+        seen.append((queries.shape[0], plan.block_cols))
+        return real(queries, query_sq, row0, xf, sq, plan)
+
+    monkeypatch.setattr(knn, "_tile_topk", recording)
+    x = torch.randn(3000, 8)
+    dist, idx = knn_graph(x, 2)
+    assert len(seen) > 1
+    assert all(_rows * 4 * cols <= budget for _rows, cols in seen)
+    assert max(cols for _rows, cols in seen) < 3000
+    # spot-check a few rows against a brute force on them only
+    sample = torch.tensor([0, 1234, 2999])
+    full = torch.cdist(x[sample].double(), x.double())
+    full[torch.arange(3), sample] = math.inf
+    torch.testing.assert_close(dist[sample].double(), full.topk(2, largest=False).values, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad,kwargs,match", [
+    (torch.randn(5), {}, "x must have 2 dimensions"),
+    (torch.randn(2, 3, 4), {}, "x must have 2 dimensions"),
+    (torch.zeros(0, 3), {}, "x is empty"),
+    (torch.zeros(4, 0), {}, "at least one column"),
+    (torch.arange(12).view(4, 3), {}, "x must have dtype"),
+    ([[1.0, 2.0]], {}, "x must be a torch.Tensor"),
+    (torch.randn(4, 3), {"k": 0}, "k must satisfy"),
+    (torch.randn(4, 3), {"k": 4}, "k must satisfy"),
+    (torch.randn(1, 3), {"k": 1}, "k must satisfy"),
+    (torch.randn(4, 3), {"k": 2.0}, "k must be an int"),
+    (torch.randn(4, 3), {"k": True}, "k must be an int"),
+    (torch.tensor([[1.0, float("nan")], [0.0, 1.0], [1.0, 1.0]]), {}, "x has 1 non-finite"),
+    (torch.tensor([[1.0, float("inf")], [0.0, 1.0], [1.0, 1.0]]), {}, "x has 1 non-finite"),
+    (torch.randn(4, 3), {"metric": "manhattan"}, "metric must be one of"),
+    (torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), {"metric": "cosine"}, "zero rows"),
+    (torch.randn(4, 3), {"block_rows": 0}, "block_rows must be"),
+    (torch.randn(4, 3), {"path": "magic"}, "path must be one of"),
+    (torch.randn(4, 3), {"path": "fused"}, "needs a CUDA tensor"),
+])
+def test_bad_input_raises_value_error_naming_the_argument(bad, kwargs, match):
+    kwargs = {"k": 1, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        knn_graph(bad, **kwargs)
+
+
+def test_zero_row_is_fine_for_euclidean():
+    x = torch.tensor([[0.0, 0.0], [0.0, 1.0], [3.0, 4.0]])
+    dist, idx = knn_graph(x, 2)
+    assert idx.tolist() == [[1, 2], [0, 2], [1, 0]]
+    torch.testing.assert_close(dist, torch.tensor([[1.0, 5.0], [1.0, 18 ** 0.5], [18 ** 0.5, 5.0]]))
+
+
+# ---------------------------------------------------------------- CUDA
+
+
+@cuda
+@pytest.mark.parametrize("path", ["gemm", "fused"])
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("n,d,k", [(2, 3, 1), (257, 31, 7), (1000, 64, 15), (700, 128, 32)])
+def test_cuda_paths_match_reference(seed, path, metric, n, d, k):
+    from sage_fast.regions import _gpu
+
+    if path == "fused" and not _gpu.fused_knn_available()[0]:
+        pytest.skip(_gpu.fused_knn_available()[1])
+    x = torch.randn(n, d, device="cuda")
+    dist, idx = knn_graph(x, k, metric=metric, path=path)
+    assert dist.device == x.device and idx.device == x.device
+    assert_matches_reference(x, k, metric, dist, idx, rtol=1e-4, atol=1e-4)
+
+
+@cuda
+def test_cuda_duplicates_and_ties_on_fused_path():
+    from sage_fast.regions import _gpu
+
+    if not _gpu.fused_knn_available()[0]:
+        pytest.skip(_gpu.fused_knn_available()[1])
+    x = torch.ones(40, 8, device="cuda")
+    dist, idx = knn_graph(x, 5, path="fused")
+    assert dist.eq(0).all()
+    for i in range(40):
+        assert idx[i].tolist() == [j for j in range(40) if j != i][:5]
