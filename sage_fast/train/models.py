@@ -1,0 +1,281 @@
+"""Hugging Face classifiers behind one vector interface.
+
+Token ids become vectors once, through the teacher's frozen word-embedding table: ``x = E_t[ids]``
+(``[n, L, d_t]``). Both models take ``inputs_embeds``: the teacher ``x`` directly, the student
+``A(x)`` through an adapter ``A: R^{d_t} -> R^{d_s}`` (identity when the sizes match, a learned
+``nn.Linear`` otherwise). ``inputs_embeds`` replaces only the word-embedding lookup: position and
+token-type embeddings and the embedding LayerNorm are still applied inside each model.
+
+Position ids: BERT and DistilBERT number positions 0..L-1 either way. RoBERTa-style models (RoBERTa,
+MPNet, ...) number them from the input ids (``padding_idx + cumsum(ids != pad)``, pads get
+``padding_idx``) but, given embeddings, as ``padding_idx + 1 .. padding_idx + L`` for every token.
+The interface therefore passes ``position_ids = padding_idx + cumsum(mask) * mask`` to those models,
+so ``model(inputs_embeds=E[ids])`` equals ``model(input_ids=ids)`` (the mask being the tokenizer's).
+
+Export folds a linear adapter into an ordinary ``d_s`` table over the teacher's vocabulary,
+``E_s' = E_t A^T + b``, so the student becomes a standard model used with the teacher's tokenizer.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import ModelError, require_transformers
+
+SHORT_NAMES = ("minilm", "mpnet")
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """``minilm`` / ``mpnet`` name the packaged offline models; anything else is a folder or hub id."""
+    from .. import assets
+
+    if name_or_path == "minilm":
+        try:
+            return str(assets.minilm_path())
+        except assets.AssetError as err:
+            raise ModelError(str(err)) from None
+    if name_or_path == "mpnet":
+        path = assets.mpnet_path()
+        if not (path / "config.json").is_file():
+            raise ModelError(f"the MPNet model is not in {path}; run `sage-fast assets --mpnet` to install it")
+        return str(path)
+    return str(name_or_path)
+
+
+def _load(loader, name_or_path: str, what: str, **kwargs):
+    path = resolve_model_path(name_or_path)
+    local = Path(path).is_dir()
+    looks_local = local or path.startswith((".", "/", "~")) or path.count("/") > 1
+    if looks_local and not local:
+        raise ModelError(f"no {what} folder at {path}; pass an existing folder, a Hugging Face model id, "
+                         "or `minilm` (run `sage-fast assets` to install the offline models)")
+    try:
+        return loader(path, local_files_only=True, **kwargs) if local else loader(path, **kwargs)
+    except (OSError, ValueError) as err:
+        where = f"the folder {path}" if local else f"the Hugging Face cache and hub for {path!r}"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"cannot load a {what} from {where} ({first}). Offline, use a local folder or `minilm`; "
+                         "run `sage-fast assets` to install the packaged models") from None
+
+
+def load_classifier(name_or_path: str, num_labels: int):
+    """A sequence classifier with ``num_labels`` outputs. A checkpoint without a task head (or with
+    a head of another size) gets a freshly initialised head. Local folders never touch the network."""
+    transformers = require_transformers()
+    if int(num_labels) < 1:
+        raise ModelError(f"num_labels must be at least 1, got {num_labels}")
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the "newly initialized head" warning is expected here
+    try:
+        return _load(transformers.AutoModelForSequenceClassification.from_pretrained, name_or_path, "model",
+                     num_labels=int(num_labels), ignore_mismatched_sizes=True)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+def load_tokenizer(name_or_path: str):
+    transformers = require_transformers()
+    return _load(transformers.AutoTokenizer.from_pretrained, name_or_path, "tokenizer")
+
+
+def encoder_layers(model) -> tuple[nn.Module, str, nn.ModuleList]:
+    """The list of transformer blocks, found generically: the longest ``nn.ModuleList`` inside the
+    base model whose length is the configured layer count (``encoder.layer`` for BERT/RoBERTa/MPNet,
+    ``transformer.layer`` for DistilBERT). Returns (parent module, attribute name, list)."""
+    config = model.config
+    count = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layers", None)
+    best = None
+    for parent_name, parent in model.base_model.named_modules():
+        for attr, child in parent.named_children():
+            if isinstance(child, nn.ModuleList) and len(child) == count and (best is None or parent_name.count(".") < best[3]):
+                best = (parent, attr, child, parent_name.count("."))
+    if best is None:
+        raise ModelError(f"cannot find the {count} transformer layers of {type(model).__name__}")
+    return best[0], best[1], best[2]
+
+
+def _set_layer_count(config, count: int) -> None:
+    for key in ("num_hidden_layers", "n_layers"):
+        if hasattr(config, key):
+            setattr(config, key, count)
+
+
+def student_from_teacher(teacher, *, every_k: int = 2, layers: list[int] | None = None):
+    """A shallower copy of ``teacher`` (DistilBERT-style): the same embeddings, head and every
+    ``every_k``-th encoder layer starting at layer 0 (or exactly ``layers``). The teacher is not
+    modified. The chosen teacher layers are recorded as ``config.sage_fast_teacher_layers``."""
+    _, _, teacher_layers = encoder_layers(teacher)
+    total = len(teacher_layers)
+    if layers is None:
+        if int(every_k) < 1:
+            raise ModelError(f"every_k must be at least 1, got {every_k}")
+        layers = list(range(0, total, int(every_k)))
+    layers = [int(i) for i in layers]
+    if not layers or any(not 0 <= i < total for i in layers) or len(set(layers)) != len(layers):
+        raise ModelError(f"layers must be distinct indices in [0, {total}), got {layers}")
+    student = copy.deepcopy(teacher)
+    parent, attr, student_layers = encoder_layers(student)
+    setattr(parent, attr, nn.ModuleList([student_layers[i] for i in layers]))
+    for new_index, layer in enumerate(getattr(parent, attr)):
+        for module in layer.modules():  # keep per-layer indices (used by some attention caches) consistent
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index
+    _set_layer_count(student.config, len(layers))
+    student.config.sage_fast_teacher_layers = layers
+    student.requires_grad_(True)
+    return student
+
+
+def student_from_config(config_or_name, num_labels: int, **overrides):
+    """A freshly initialised classifier from a config object or a model's config (by name or folder),
+    with ``overrides`` such as ``num_hidden_layers=4, hidden_size=256``."""
+    transformers = require_transformers()
+    if isinstance(config_or_name, transformers.PretrainedConfig):
+        config = copy.deepcopy(config_or_name)
+    else:
+        config = _load(transformers.AutoConfig.from_pretrained, config_or_name, "config")
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    config.num_labels = int(num_labels)
+    return transformers.AutoModelForSequenceClassification.from_config(config)
+
+
+def student_from_pretrained(name_or_path: str, num_labels: int):
+    return load_classifier(name_or_path, num_labels)
+
+
+def _position_offset(model) -> int | None:
+    """``padding_idx`` for models that number positions from the padding (RoBERTa style), else None."""
+    embeddings = getattr(model.base_model, "embeddings", None)
+    if embeddings is not None and hasattr(embeddings, "create_position_ids_from_inputs_embeds"):
+        return int(embeddings.padding_idx)
+    return None
+
+
+def _takes_token_types(model) -> bool:
+    accepts = "token_type_ids" in inspect.signature(model.forward).parameters
+    return accepts and getattr(model.config, "type_vocab_size", 0) > 1
+
+
+class VectorInterface(nn.Module):
+    """Teacher and student fed through one vector space (see the module docstring).
+
+    The teacher is frozen (``requires_grad`` off, eval mode); its word-embedding table is shared,
+    not copied. ``adapter_init="lstsq"`` starts a linear adapter at the least-squares map from the
+    teacher's table to the student's own, for students that share the teacher's vocabulary.
+    """
+
+    def __init__(self, teacher, student, *, adapter_init: str = "random"):
+        super().__init__()
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.student = student
+        teacher_table = teacher.get_input_embeddings()
+        student_table = student.get_input_embeddings()
+        self.teacher_dim = teacher_table.embedding_dim
+        self.student_dim = student_table.embedding_dim
+        if self.teacher_dim == self.student_dim:
+            self.adapter = nn.Identity()
+        else:
+            self.adapter = nn.Linear(self.teacher_dim, self.student_dim)
+            if adapter_init == "lstsq":
+                self._fit_adapter(teacher_table.weight, student_table.weight)
+            elif adapter_init != "random":
+                raise ModelError(f"adapter_init must be 'random' or 'lstsq', got {adapter_init!r}")
+        self._teacher_offset = _position_offset(teacher)
+        self._student_offset = _position_offset(student)
+        self._teacher_token_types = _takes_token_types(teacher)
+        self._student_token_types = _takes_token_types(student)
+
+    @torch.no_grad()
+    def _fit_adapter(self, teacher_weight: torch.Tensor, student_weight: torch.Tensor) -> None:
+        if teacher_weight.shape[0] != student_weight.shape[0]:
+            raise ModelError("adapter_init='lstsq' needs teacher and student vocabularies of the same size, got "
+                             f"{teacher_weight.shape[0]} and {student_weight.shape[0]}")
+        design = torch.cat([teacher_weight.double(), torch.ones_like(teacher_weight[:, :1]).double()], dim=1)
+        solution = torch.linalg.lstsq(design, student_weight.double()).solution  # [d_t + 1, d_s]
+        self.adapter.weight.copy_(solution[:-1].T)
+        self.adapter.bias.copy_(solution[-1])
+
+    @property
+    def teacher_embeddings(self) -> nn.Embedding:
+        return self.teacher.get_input_embeddings()
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``x = E_t[ids]``: ``[n, L]`` token ids -> ``[n, L, d_t]`` vectors (no gradient to ``E_t``)."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int32):
+            raise ValueError(f"input_ids must be an integer torch.Tensor, got {getattr(input_ids, 'dtype', type(input_ids))}")
+        with torch.no_grad():
+            return self.teacher_embeddings(input_ids)
+
+    def trainable_parameters(self):
+        """The student's and the adapter's parameters (what the optimizer updates)."""
+        return [p for p in list(self.student.parameters()) + list(self.adapter.parameters()) if p.requires_grad]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # the teacher never trains: no dropout in its labels
+        return self
+
+    @staticmethod
+    def _check(x: torch.Tensor, attention_mask: torch.Tensor, dim: int, who: str) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != dim:
+            raise ValueError(f"x must be a [n, L, {dim}] tensor for the {who}, got {tuple(getattr(x, 'shape', ()))}")
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"attention_mask must have shape {tuple(x.shape[:2])}, got "
+                             f"{tuple(getattr(attention_mask, 'shape', ()))}")
+
+    @staticmethod
+    def _forward(model, inputs_embeds, attention_mask, offset, takes_token_types, token_type_ids,
+                 output_hidden_states):
+        kwargs = {}
+        if offset is not None:
+            mask = attention_mask.long()
+            kwargs["position_ids"] = torch.cumsum(mask, dim=1) * mask + offset
+        if token_type_ids is not None and takes_token_types:
+            kwargs["token_type_ids"] = token_type_ids
+        return model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                     output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
+
+    def teacher_forward(self, x, attention_mask, output_hidden_states: bool = False, token_type_ids=None):
+        self._check(x, attention_mask, self.teacher_dim, "teacher")
+        return self._forward(self.teacher, x, attention_mask, self._teacher_offset, self._teacher_token_types,
+                             token_type_ids, output_hidden_states)
+
+    def student_forward(self, x, attention_mask, output_hidden_states: bool = False, token_type_ids=None):
+        self._check(x, attention_mask, self.teacher_dim, "student")
+        return self._forward(self.student, self.adapter(x), attention_mask, self._student_offset,
+                             self._student_token_types, token_type_ids, output_hidden_states)
+
+    @torch.no_grad()
+    def folded_student_table(self) -> torch.Tensor:
+        """``E_t A^T + b`` (or ``E_t`` for an identity adapter): the student's table over the teacher's vocabulary."""
+        table = self.teacher_embeddings.weight
+        return self.adapter(table.float()).to(table.dtype) if isinstance(self.adapter, nn.Linear) else table.clone()
+
+
+def export_student(interface: VectorInterface, tokenizer, out_dir, student=None) -> Path:
+    """Save the student as a standard Hugging Face model over the teacher's vocabulary.
+
+    A copy of the student gets the folded table ``E_t A^T + b`` as its word embeddings; it is saved
+    with ``save_pretrained`` beside the teacher's tokenizer, so ``AutoModelForSequenceClassification``
+    and ``AutoTokenizer`` load it from ``out_dir`` and give, from text, the logits seen in training.
+    The student's own position numbering (its ``pad_token_id``) is kept.
+    """
+    student = interface.student if student is None else student
+    exported = copy.deepcopy(student).cpu()
+    table = interface.folded_student_table().detach().cpu()
+    exported.set_input_embeddings(nn.Embedding.from_pretrained(table.to(exported.dtype), freeze=False))
+    exported.config.vocab_size = table.shape[0]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    exported.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+__all__ = ["VectorInterface", "encoder_layers", "export_student", "load_classifier", "load_tokenizer",
+           "resolve_model_path", "student_from_config", "student_from_pretrained", "student_from_teacher"]
