@@ -8,6 +8,9 @@ import sys
 # Each command lives in sage_fast/commands/<name>.py with add_arguments(parser) and run(args) -> int.
 COMMANDS = {
     "info": "versions, devices, and which implementation each op runs",
+    "assets": "install and check the offline models and data",
+    "teacher": "fine-tune a teacher on a task and cache it",
+    "export": "export a trained student as a standard Hugging Face model",
 }
 
 

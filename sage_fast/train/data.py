@@ -346,5 +346,30 @@ def encode(split: Split, tokenizer, max_length: int = 64) -> dict:
     return batch
 
 
-__all__ = ["Split", "TaskData", "TASKS", "encode", "load_files", "load_glue", "load_rotten_tomatoes",
+def add_data_arguments(parser, *, max_train_examples=None, max_eval_examples=None) -> None:
+    """The data options every training command shares."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--task", default="rotten_tomatoes",
+                       help=f"task to load: one of {', '.join(TASKS)} (offline default: rotten_tomatoes); "
+                            "with --train-file, just a name for your data")
+    group.add_argument("--train-file", help="your own training data: .csv, .tsv or .jsonl (optionally .gz/.bz2)")
+    group.add_argument("--eval-file", help="your own test data, same format and columns as --train-file")
+    group.add_argument("--text-column", default="text", help="column holding the text")
+    group.add_argument("--text-pair-column", default=None, help="column holding the second text of a pair task")
+    group.add_argument("--label-column", default="label", help="column holding the label (string or integer)")
+    group.add_argument("--max-train-examples", type=int, default=max_train_examples,
+                       help="keep a random subset of this many training examples (fixed seed)")
+    group.add_argument("--max-eval-examples", type=int, default=max_eval_examples,
+                       help="keep a random subset of this many validation and test examples each")
+    group.add_argument("--data-seed", type=int, default=0, help="seed for the subsets and carved splits")
+
+
+def data_from_args(args) -> TaskData:
+    return load_task(args.task, train_file=args.train_file, eval_file=args.eval_file, text_column=args.text_column,
+                     text_pair_column=args.text_pair_column, label_column=args.label_column,
+                     max_train_examples=args.max_train_examples, max_eval_examples=args.max_eval_examples,
+                     seed=args.data_seed)
+
+
+__all__ = ["Split", "TaskData", "TASKS", "add_data_arguments", "data_from_args", "encode", "load_files", "load_glue", "load_rotten_tomatoes",
            "load_rotten_tomatoes_rows", "load_task", "movie_bucket", "read_records"]

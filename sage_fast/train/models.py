@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 from pathlib import Path
 
 import torch
@@ -277,5 +278,59 @@ def export_student(interface: VectorInterface, tokenizer, out_dir, student=None)
     return out_dir
 
 
-__all__ = ["VectorInterface", "encoder_layers", "export_student", "load_classifier", "load_tokenizer",
+INTERFACE_FILE = "sage_fast_interface.json"
+
+
+def save_interface(interface: VectorInterface, folder, *, teacher_path=None, tokenizer=None) -> Path:
+    """Save what export needs: the student, the adapter, where the teacher is, and the tokenizer.
+
+    With ``teacher_path`` (a folder the teacher was loaded from, e.g. a cached fine-tuned teacher)
+    only the path is recorded; otherwise the teacher is saved in ``folder/teacher``. Without
+    ``tokenizer`` the teacher's folder must hold one.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    interface.student.save_pretrained(folder / "student")
+    linear = isinstance(interface.adapter, nn.Linear)
+    if linear:
+        torch.save(interface.adapter.state_dict(), folder / "adapter.pt")
+    if teacher_path is None:
+        interface.teacher.save_pretrained(folder / "teacher")
+        teacher_entry = "teacher"
+    else:
+        teacher_entry = str(Path(resolve_model_path(str(teacher_path))).resolve())
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder / "tokenizer")
+    record = {"format": 1, "teacher": teacher_entry, "adapter": "linear" if linear else "identity",
+              "teacher_dim": interface.teacher_dim, "student_dim": interface.student_dim,
+              "tokenizer": "tokenizer" if tokenizer is not None else teacher_entry}
+    (folder / INTERFACE_FILE).write_text(json.dumps(record, indent=1))
+    return folder
+
+
+def load_interface(folder, device="cpu"):
+    """(interface, tokenizer) from a folder written by ``save_interface``."""
+    transformers = require_transformers()
+    folder = Path(folder)
+    record_file = folder / INTERFACE_FILE
+    if not record_file.is_file():
+        raise ModelError(f"{folder} is not a saved training checkpoint (it has no {INTERFACE_FILE})")
+    record = json.loads(record_file.read_text())
+
+    def inside(entry: str) -> str:
+        return str(folder / entry) if not Path(entry).is_absolute() else entry
+
+    classifier = transformers.AutoModelForSequenceClassification.from_pretrained
+    teacher = _load(classifier, inside(record["teacher"]), "teacher model")
+    student = _load(classifier, str(folder / "student"), "student model")
+    tokenizer = _load(transformers.AutoTokenizer.from_pretrained, inside(record["tokenizer"]), "tokenizer")
+    interface = VectorInterface(teacher, student)
+    if record["adapter"] == "linear":
+        if not isinstance(interface.adapter, nn.Linear):
+            raise ModelError(f"{folder} records a linear adapter but its models have equal widths")
+        interface.adapter.load_state_dict(torch.load(folder / "adapter.pt", map_location="cpu", weights_only=True))
+    return interface.to(device), tokenizer
+
+
+__all__ = ["INTERFACE_FILE", "VectorInterface", "load_interface", "save_interface", "encoder_layers", "export_student", "load_classifier", "load_tokenizer",
            "resolve_model_path", "student_from_config", "student_from_pretrained", "student_from_teacher"]
