@@ -5,3 +5,7 @@ __all__: list[str] = []
 from .interpolate import interpolate, interpolate_reference  # noqa: E402
 
 __all__ += ["interpolate", "interpolate_reference"]
+
+from .align_loss import align_loss, align_loss_reference  # noqa: E402
+
+__all__ += ["align_loss", "align_loss_reference"]
