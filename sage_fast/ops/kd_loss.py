@@ -110,13 +110,14 @@ if triton is not None:
                 m_s = m_new
 
         loss = tl.zeros([BLOCK_ROWS], ACC)
-        lse_st = m_st + tl.log(d_st)
-        lse_tt = m_tt + tl.log(d_tt)
+        # rows past the end have sums of 0 (log would warn): give them 1, they are never stored
         if USE_KL:
-            kl = cross / d_tt - lse_tt + lse_st
+            lse_st = m_st + tl.log(tl.where(row_ok, d_st, 1.0))
+            lse_tt = m_tt + tl.log(tl.where(row_ok, d_tt, 1.0))
+            kl = cross / tl.where(row_ok, d_tt, 1.0) - lse_tt + lse_st
             loss += kd_weight * temp * temp * kl
-        lse_s = m_s + tl.log(d_s)
         if HAS_LABELS:
+            lse_s = m_s + tl.log(tl.where(row_ok, d_s, 1.0))
             y = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
             y_ok = row_ok & (y != ignore_index)
             s_y = tl.load(student_ptr + rows64 * stride_student + y, mask=y_ok, other=0.0).to(ACC)

@@ -1,0 +1,250 @@
+import pytest
+import torch
+
+from sage_fast import use_backend
+from sage_fast.ops import kd_loss as kd_module
+from sage_fast.ops.kd_loss import kd_loss, kd_loss_reference
+
+BACKENDS = ("triton", "torch")
+
+
+def make_inputs(n, c, *, dtype=torch.float32, scale=3.0, ignored=(), labels=True):
+    student = (torch.randn(n, c, dtype=torch.float64) * scale).to(dtype)
+    teacher = (torch.randn(n, c, dtype=torch.float64) * scale).to(dtype)
+    y = torch.randint(0, c, (n,)) if labels else None
+    if labels:
+        for row in ignored:
+            y[row] = -100
+    return student, teacher, y
+
+
+def run(backend, student, teacher, labels, **kw):
+    """(per-row losses, d(sum of losses)/d student) from kd_loss on ``backend``."""
+    s = student.detach().clone().requires_grad_(True)
+    with use_backend(backend):
+        loss = kd_loss(s, teacher, labels, reduction="none", **kw)
+    (grad,) = torch.autograd.grad(loss.sum(), s)
+    return loss.detach(), grad
+
+
+def reference(student, teacher, labels, **kw):
+    s = student.detach().double().requires_grad_(True)
+    loss = kd_loss_reference(s, teacher.double(), labels, reduction="none", **kw)
+    (grad,) = torch.autograd.grad(loss.sum(), s)
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 5), (7, 2), (33, 3), (33, 1000), (3, 5000)], ids=str)
+def test_matches_float64_reference(backend, shape, seed):
+    student, teacher, labels = make_inputs(*shape, ignored=(0,) if shape[0] > 1 else ())
+    kw = dict(temperature=2.0, alpha=0.3)
+    loss, grad = run(backend, student, teacher, labels, **kw)
+    ref_loss, ref_grad = reference(student, teacher, labels, **kw)
+    assert loss.dtype == torch.float32 and grad.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0, 20.0])
+def test_alpha_and_temperature(backend, alpha, temperature, seed):
+    student, teacher, labels = make_inputs(9, 37, dtype=torch.float64, ignored=(4,))
+    kw = dict(temperature=temperature, alpha=alpha)
+    loss, grad = run(backend, student, teacher, labels, **kw)
+    ref_loss, ref_grad = reference(student, teacher, labels, **kw)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_wider_than_one_tile(backend, monkeypatch, seed):
+    # small tiles, and logits that grow along the row so the running maxima change tile after tile
+    monkeypatch.setattr(kd_module, "MAX_BLOCK_C", 16)
+    student, teacher, labels = make_inputs(5, 53, dtype=torch.float64, ignored=(1,))
+    ramp = torch.linspace(0, 40, 53, dtype=torch.float64)
+    student, teacher = student + ramp, teacher + ramp.flip(0)
+    kw = dict(temperature=0.5, alpha=0.3)
+    loss, grad = run(backend, student, teacher, labels, **kw)
+    ref_loss, ref_grad = reference(student, teacher, labels, **kw)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reductions_and_per_example(backend, reduction, seed):
+    student, teacher, labels = make_inputs(11, 6, dtype=torch.float64, ignored=(2, 5))
+    kw = dict(temperature=1.5, alpha=0.5, reduction=reduction)
+    s = student.clone().requires_grad_(True)
+    r = student.clone().requires_grad_(True)
+    with use_backend(backend):
+        loss, per_example = kd_loss(s, teacher, labels, return_per_example=True, **kw)
+    ref_loss, ref_per_example = kd_loss_reference(r, teacher, labels, return_per_example=True, **kw)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
+    assert per_example.dtype == torch.float32 and per_example.shape == (11,)
+    assert not per_example.requires_grad
+    torch.testing.assert_close(per_example, ref_per_example)
+    if reduction == "mean":  # ignored rows count in the denominator
+        torch.testing.assert_close(loss, ref_per_example.double().sum() / 11, rtol=1e-6, atol=0)
+    weights = torch.randn(11, dtype=torch.float64) if reduction == "none" else None
+    (g,) = torch.autograd.grad(loss, s, weights)
+    (ref_g,) = torch.autograd.grad(ref_loss, r, weights)
+    torch.testing.assert_close(g, ref_g, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [0.5, 20.0])
+def test_huge_logits_stay_finite(backend, temperature, seed):
+    student, teacher, labels = make_inputs(6, 300, scale=1e4)
+    student[0, 7] = 1e4  # a dominant logit: softmax is one-hot at T=0.5
+    teacher[1, :] = -1e4
+    kw = dict(temperature=temperature, alpha=0.3)
+    loss, grad = run(backend, student, teacher, labels, **kw)
+    ref_loss, ref_grad = reference(student, teacher, labels, **kw)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignored_rows_and_no_labels(backend, seed):
+    student, teacher, labels = make_inputs(8, 10, dtype=torch.float64)
+    labels[:] = -1
+    kw = dict(temperature=2.0, alpha=0.25, ignore_index=-1)
+    all_ignored, grad_ignored = run(backend, student, teacher, labels, **kw)
+    no_labels, grad_none = run(backend, student, teacher, None, **kw)
+    ref_loss, ref_grad = reference(student, teacher, None, **kw)
+    torch.testing.assert_close(all_ignored, ref_loss)
+    torch.testing.assert_close(no_labels, ref_loss)
+    torch.testing.assert_close(grad_ignored, ref_grad)
+    torch.testing.assert_close(grad_none, ref_grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(backend, dtype, seed):
+    student, teacher, labels = make_inputs(13, 200, dtype=dtype, ignored=(3,))
+    kw = dict(temperature=2.0, alpha=0.3)
+    loss, grad = run(backend, student, teacher, labels, **kw)
+    ref_loss, ref_grad = reference(student, teacher, labels, **kw)  # float64 of the rounded inputs
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["transposed", "column_slice", "row_stride"])
+def test_non_contiguous_inputs(backend, layout, seed):
+    n, c = 9, 21
+    if layout == "transposed":
+        student = torch.randn(c, n, dtype=torch.float64).t()
+        teacher = torch.randn(c, n, dtype=torch.float64).t()
+    elif layout == "column_slice":
+        student = torch.randn(n, c + 5, dtype=torch.float64)[:, 2:c + 2]
+        teacher = torch.randn(n, c + 3, dtype=torch.float64)[:, :c]
+    else:
+        student = torch.randn(2 * n, c, dtype=torch.float64)[::2]
+        teacher = torch.randn(3 * n, c, dtype=torch.float64)[::3]
+    labels = torch.randint(0, c, (2 * n,))[::2]
+    before = (student.clone(), teacher.clone(), labels.clone())
+    kw = dict(temperature=3.0, alpha=0.6)
+    loss, grad = run(backend, student, teacher, labels, **kw)
+    ref_loss, ref_grad = reference(student, teacher, labels, **kw)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+    for original, after in zip(before, (student, teacher, labels)):
+        assert torch.equal(original, after)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck(backend, reduction):
+    torch.manual_seed(0)
+    student, teacher, labels = make_inputs(3, 4, dtype=torch.float64, scale=1.0, ignored=(1,))
+    student.requires_grad_(True)
+
+    def loss(s):
+        with use_backend(backend):
+            return kd_loss(s, teacher, labels, temperature=1.7, alpha=0.4, reduction=reduction)
+
+    assert torch.autograd.gradcheck(loss, (student,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_poisoned_outputs_are_all_written(backend, monkeypatch, seed):
+    monkeypatch.setattr(kd_module, "_POISON_OUTPUTS", True)
+    for shape in [(1, 3), (33, 2), (5, 4100)]:
+        student, teacher, labels = make_inputs(*shape, ignored=(0,))
+        loss, grad = run(backend, student, teacher, labels, alpha=0.3)
+        ref_loss, ref_grad = reference(student, teacher, labels, alpha=0.3)
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inference_and_detached_teacher(backend, seed):
+    student, teacher, labels = make_inputs(5, 7, dtype=torch.float64)
+    ref = kd_loss_reference(student, teacher, labels, alpha=0.5)
+    with use_backend(backend), torch.no_grad():
+        assert torch.allclose(kd_loss(student.requires_grad_(True), teacher, labels, alpha=0.5), ref)
+    student.requires_grad_(False)
+    teacher.requires_grad_(True)
+    with use_backend(backend):
+        loss = kd_loss(student, teacher, labels, alpha=0.5)
+    assert not loss.requires_grad  # the teacher is a target, never differentiated
+    torch.testing.assert_close(loss, ref)
+
+
+def test_backends_agree_on_one_class():
+    student, teacher, labels = make_inputs(4, 1, dtype=torch.float64)
+    for backend in BACKENDS:
+        with use_backend(backend):
+            loss = kd_loss(student, teacher, labels, alpha=0.5)
+            torch.testing.assert_close(loss, torch.zeros((), dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def bad_calls():
+    s, t, y = make_inputs(4, 6)
+    cases = [
+        ("student_logits", lambda: kd_loss(s[0], t, y)),
+        ("student_logits", lambda: kd_loss(s.long(), t, y)),
+        ("teacher_logits", lambda: kd_loss(s, t[:3], y)),
+        ("teacher_logits", lambda: kd_loss(s, t.double(), y)),
+        ("teacher_logits", lambda: kd_loss(s, [[1.0]], y)),
+        ("student_logits", lambda: kd_loss(s[:0], t[:0], y[:0])),
+        ("student_logits", lambda: kd_loss(s[:, :0], t[:, :0], y)),
+        ("temperature", lambda: kd_loss(s, t, y, temperature=0.0)),
+        ("temperature", lambda: kd_loss(s, t, y, temperature=-1.0)),
+        ("temperature", lambda: kd_loss(s, t, y, temperature=float("nan"))),
+        ("alpha", lambda: kd_loss(s, t, y, alpha=1.5)),
+        ("alpha", lambda: kd_loss(s, t, y, alpha=-0.1)),
+        ("labels", lambda: kd_loss(s, t, y[:3])),
+        ("labels", lambda: kd_loss(s, t, y.float())),
+        ("labels", lambda: kd_loss(s, t, y.bool())),
+        ("labels", lambda: kd_loss(s, t, torch.tensor([0, 1, 6, 2]))),
+        ("labels", lambda: kd_loss(s, t, torch.tensor([0, 1, -1, 2]))),
+        ("teacher_logits", lambda: kd_loss(s, t.clone().index_fill_(1, torch.tensor([2]), float("nan")), y)),
+        ("teacher_logits", lambda: kd_loss(s, t.clone().index_fill_(1, torch.tensor([3]), float("inf")), y)),
+        ("reduction", lambda: kd_loss(s, t, y, reduction="batchmean")),
+        ("ignore_index", lambda: kd_loss(s, t, y, ignore_index=1.5)),
+    ]
+    if torch.cuda.is_available():
+        cases.append(("teacher_logits", lambda: kd_loss(s.cuda(), t, y)))
+        cases.append(("labels", lambda: kd_loss(s, t, y.cuda())))
+    return cases
+
+
+@pytest.mark.parametrize("index", range(len(bad_calls())))
+def test_bad_input_raises_naming_the_argument(index, monkeypatch):
+    name, call = bad_calls()[index]
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("launched before validating")
+
+    monkeypatch.setattr(kd_module, "_forward_triton", no_launch)
+    monkeypatch.setattr(kd_module, "_forward_torch", no_launch)
+    with pytest.raises(ValueError, match=name):
+        call()
