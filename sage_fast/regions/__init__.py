@@ -1,5 +1,5 @@
 """Loss-region analysis: where the student does worst, and where to synthesise examples."""
 from .profile import ErrorProfile, pooled_embedding
-from .knn import knn_graph
+from .knn import describe_backends, knn_graph
 
-__all__: list[str] = ["ErrorProfile", "pooled_embedding", "knn_graph"]
+__all__: list[str] = ["ErrorProfile", "pooled_embedding", "knn_graph", "describe_backends"]

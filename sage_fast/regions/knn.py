@@ -74,11 +74,12 @@ def _tile_bytes(block_rows: int, block_cols: int, candidates: int, dim: int) -> 
     return block_rows * per_row
 
 
-def fused_kernel_applies(dim: int, k: int) -> bool:
+def fused_kernel_applies(n: int, dim: int, k: int) -> bool:
     """The documented rule for CUDA: the fused distance + select kernel runs when ``d <= 128`` and
     ``k <= 32`` (the query and its list fit in registers, and a GEMM of so small an inner size is
-    bound by memory traffic of the ``N x N`` tile rather than by flops); otherwise the GEMM path."""
-    return dim <= FUSED_MAX_DIM and k <= FUSED_MAX_K
+    bound by writing and re-reading the distance tile rather than by flops); otherwise the GEMM path,
+    whose cuBLAS GEMM wins once ``d`` is large. ``bench/test_bench_knn.py`` measures both."""
+    return dim <= FUSED_MAX_DIM and k <= FUSED_MAX_K and n < 2**31 - 1
 
 
 def plan_knn(n: int, dim: int, k: int, *, device: torch.device | str = "cpu", block_rows: int | None = None,
@@ -92,7 +93,11 @@ def plan_knn(n: int, dim: int, k: int, *, device: torch.device | str = "cpu", bl
         from . import _gpu
 
         fused_ok, why = _gpu.fused_knn_available()
-        if path == "fused" or (path == "auto" and fused_ok and fused_kernel_applies(dim, k)):
+        if path == "fused" and not fused_kernel_applies(n, dim, k):
+            raise ValueError(f"path='fused' needs d <= {FUSED_MAX_DIM} and k <= {FUSED_MAX_K}, got d={dim}, k={k}")
+        if path == "fused" and not fused_ok:
+            raise ValueError(f"path='fused' cannot run here: {why}")
+        if path == "fused" or (path == "auto" and fused_ok and fused_kernel_applies(n, dim, k)):
             chosen, reason = "fused", f"CUDA tensor, d={dim} <= {FUSED_MAX_DIM} and k={k} <= {FUSED_MAX_K}: fused kernel"
         elif path == "gemm":
             reason = "CUDA tensor: tiled GEMM + top-k forced"
@@ -163,15 +168,16 @@ def _tile_topk(queries: torch.Tensor, query_sq: torch.Tensor, row0: int, xf: tor
                plan: KnnPlan):
     """Indices of the ``plan.candidates`` nearest non-self columns for the query tile (GEMM distances)."""
     n = xf.shape[0]
-    rows = torch.arange(row0, row0 + queries.shape[0], device=xf.device)
     best_d = best_i = None
     for col0 in range(0, n, plan.block_cols):
         cols = xf[col0:col0 + plan.block_cols]
         tile = torch.addmm(sq[None, col0:col0 + cols.shape[0]], queries, cols.T, beta=1.0, alpha=-2.0)
         tile.add_(query_sq[:, None])
-        local = rows - col0
-        inside = (local >= 0) & (local < cols.shape[0])
-        tile[inside.nonzero().squeeze(1), local[inside]] = math.inf
+        # The query rows whose own column falls in this tile form one range, known on the host: no sync.
+        first, last = max(row0, col0), min(row0 + queries.shape[0], col0 + cols.shape[0])
+        if first < last:
+            own = torch.arange(first, last, device=xf.device)
+            tile[own - row0, own - col0] = math.inf
         take = min(plan.candidates, cols.shape[0])
         tile_d, tile_i = tile.topk(take, dim=1, largest=False, sorted=False)
         tile_i += col0
@@ -238,3 +244,19 @@ def knn_graph(x: torch.Tensor, k: int, *, metric: str = "euclidean", block_rows:
         squared_d, idx = _gpu.fused_knn(xf, k)
         return _finish(squared_d, metric), idx
     return _knn_gemm(xf, k, metric, plan)
+
+
+def describe_backends() -> list[str]:
+    """A few lines for ``sage-fast info``: GPU packages, kernels found, and which kNN path runs where."""
+    from . import _gpu
+
+    lines = _gpu.describe()
+    lines.append("kNN on cpu: tiled GEMM + top-k in torch, exact re-ranking")
+    if torch.cuda.is_available():
+        fused_ok, why = _gpu.fused_knn_available()
+        if fused_ok:
+            lines.append(f"kNN on cuda: fused kernel when d <= {FUSED_MAX_DIM} and k <= {FUSED_MAX_K}, "
+                         "else tiled GEMM + top-k")
+        else:
+            lines.append(f"kNN on cuda: tiled GEMM + top-k (fused kernel unavailable: {why})")
+    return lines

@@ -212,3 +212,108 @@ def test_cuda_duplicates_and_ties_on_fused_path():
     assert dist.eq(0).all()
     for i in range(40):
         assert idx[i].tolist() == [j for j in range(40) if j != i][:5]
+
+
+def test_zero_copy_guard_and_cupy_views_on_gpu():
+    pytest.importorskip("cupy")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from sage_fast.regions import _gpu
+
+    x = torch.randn(300, 48, device="cuda")
+    view = _gpu.as_cupy(x)
+    assert int(view.data.ptr) == x.data_ptr()
+    back = _gpu.as_torch(view)
+    assert back.data_ptr() == x.data_ptr()
+    xf = knn._prepare(x, "euclidean")
+    plan = plan_knn(300, 48, 5, device=x.device, path="gemm", block_rows=64)
+    with _gpu.no_host_transfers():
+        knn._knn_gemm(xf, 5, "euclidean", plan)
+        if _gpu.fused_knn_available()[0]:
+            _gpu.fused_knn(xf, 5)
+    with pytest.raises(AssertionError, match="device-to-host"):
+        with _gpu.no_host_transfers():
+            x.sum().item()
+
+
+# ---------------------------------------------------------------- GPU interop, without a GPU
+
+
+def test_missing_cupy_names_the_extra(monkeypatch):
+    import sys
+
+    from sage_fast.regions import _gpu
+
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    with pytest.raises(ImportError, match=r"sage-fast\[gpu\]"):
+        _gpu.import_cupy()
+
+
+def test_cuda_runtime_error_is_explained():
+    from sage_fast.regions import _gpu
+
+    fake = type("CUDARuntimeError", (RuntimeError,), {"__module__": "cupy_backends.cuda.api.runtime"})
+    with pytest.raises(RuntimeError, match="allocating failed in CUDA .*CUDA device visible"):
+        with _gpu.cuda_errors_explained("allocating"):
+            raise fake("cudaErrorNoDevice: no CUDA-capable device is detected")
+    with pytest.raises(RuntimeError, match="^unrelated$"):
+        with _gpu.cuda_errors_explained("allocating"):
+            raise RuntimeError("unrelated")
+
+
+def test_same_memory_check_rejects_copies():
+    from types import SimpleNamespace
+
+    from sage_fast.regions import _gpu
+
+    t = torch.zeros(3)
+    fake = SimpleNamespace(data=SimpleNamespace(ptr=t.data_ptr() + 4), device=SimpleNamespace(id=0))
+    with pytest.raises(AssertionError, match="do not share memory"):
+        _gpu.assert_same_memory(t, fake)
+    with pytest.raises(ValueError, match="must be a CUDA tensor"):
+        _gpu.as_cupy(t)
+
+
+def test_cubin_lookup_order_and_architecture(tmp_path, monkeypatch):
+    from sage_fast.regions import _gpu
+
+    env_dir, pkg_dir = tmp_path / "env", tmp_path / "pkg"
+    (pkg_dir / "_cubins").mkdir(parents=True)
+    env_dir.mkdir()
+    for arch in ("80", "90"):
+        (pkg_dir / "_cubins" / f"knn_topk.sm_{arch}.cubin").write_bytes(b"")
+    monkeypatch.setattr(_gpu, "_PACKAGE_DIR", pkg_dir)
+    monkeypatch.delenv("SAGE_FAST_CUBIN_DIR", raising=False)
+    assert _gpu.find_cubin("knn_topk", (9, 0)).name == "knn_topk.sm_90.cubin"
+    assert _gpu.find_cubin("knn_topk", (8, 9)).name == "knn_topk.sm_80.cubin"  # same major, older minor
+    assert _gpu.find_cubin("knn_topk", (7, 5)) is None
+    assert _gpu.find_cubin("knn_topk", (10, 0)) is None  # never across majors
+    (env_dir / "knn_topk.sm_90.cubin").write_bytes(b"")
+    monkeypatch.setenv("SAGE_FAST_CUBIN_DIR", str(env_dir))
+    assert _gpu.find_cubin("knn_topk", (9, 0)).parent == env_dir
+    assert len(_gpu.cubins_found()) == 3
+
+
+def test_kernel_source_found_beside_the_package():
+    from sage_fast.regions import _gpu
+
+    source = _gpu.find_kernel_source("knn_topk")
+    assert source is not None and (source.parent / "knn_select.cuh").is_file()
+    assert _gpu.find_kernel_source("no_such_kernel") is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU fallbacks")
+def test_without_a_gpu_cuda_plans_fall_back_and_report_why():
+    from sage_fast.regions import _gpu, describe_backends
+
+    ok, why = _gpu.fused_knn_available()
+    assert not ok and why
+    plan = plan_knn(1000, 64, 15, device="cuda")
+    assert plan.path == "gemm" and "fused kernel unavailable" in plan.reason
+    lines = describe_backends()
+    assert any(line.startswith("cupy:") for line in lines)
+    assert any(line.startswith("kNN on cpu:") for line in lines)
+    with pytest.raises(ValueError, match="path='fused' cannot run here"):
+        plan_knn(1000, 64, 15, device="cuda", path="fused")
+    with pytest.raises(ValueError, match="needs d <= 128"):
+        plan_knn(1000, 768, 15, device="cuda", path="fused")
