@@ -146,13 +146,16 @@ def interpolate_reference(vectors, mask, anchors, partners, lam, noise=None):
 
 
 def _interpolate_torch(vectors, mask, anchors, partners, lam, noise_std, seed):
-    noise = None
+    # Gather before casting (never upcast the whole pool); the gather is a fresh tensor, so the
+    # interpolation can run in place on it.
+    out = vectors[partners].float()
+    out.lerp_(vectors[anchors].float(), lam.float()[:, None, None])
+    keep = (mask[anchors] != 0) | (mask[partners] != 0)
     if noise_std > 0:
         generator = torch.Generator(device=vectors.device).manual_seed(seed)
-        shape = (anchors.shape[0], vectors.shape[1], vectors.shape[2])
-        noise = noise_std * torch.randn(shape, generator=generator, device=vectors.device, dtype=torch.float32)
-    out, out_mask = interpolate_reference(vectors, mask, anchors, partners, lam, noise)
-    return out.to(vectors.dtype), out_mask
+        noise = torch.randn(out.shape, generator=generator, device=out.device, dtype=out.dtype)
+        out.addcmul_(noise, keep[..., None].to(out.dtype), value=noise_std)
+    return out.to(vectors.dtype), keep.to(mask.dtype)
 
 
 def _check(vectors, mask, anchors, partners, lam, noise_std, seed):

@@ -1,9 +1,13 @@
+import importlib
+
 import pytest
 import torch
 
 from sage_fast import use_backend
-from sage_fast.ops import interpolate as interpolate_module
 from sage_fast.ops.interpolate import interpolate, interpolate_reference
+
+# sage_fast.ops re-exports the function under the module's name, so fetch the module itself.
+interpolate_module = importlib.import_module("sage_fast.ops.interpolate")
 
 TOLERANCES = {
     torch.float32: dict(rtol=1e-6, atol=1e-6),
@@ -56,9 +60,9 @@ def test_matches_float64_reference(seed, device, shape, dtype, mask_dtype):
     check_against_reference(inputs, out, out_mask)
 
 
-@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int32])
-def test_torch_path_matches_reference(seed, mask_dtype):
-    inputs = make_inputs(4, 7, 33, 6, mask_dtype=mask_dtype)
+@pytest.mark.parametrize("dtype,mask_dtype", [(torch.float32, torch.bool), (torch.bfloat16, torch.int32)])
+def test_torch_path_matches_reference(seed, dtype, mask_dtype):
+    inputs = make_inputs(4, 7, 33, 6, dtype=dtype, mask_dtype=mask_dtype)
     with use_backend("torch"):
         out, out_mask = interpolate(*inputs)
     check_against_reference(inputs, out, out_mask)
