@@ -11,6 +11,8 @@ COMMANDS = {
     "assets": "install and check the offline models and data",
     "teacher": "fine-tune a teacher on a task and cache it",
     "export": "export a trained student as a standard Hugging Face model",
+    "distill": "distil a teacher into a student with SAGE, with KD / random baselines",
+    "analyze": "loss map of a trained student (checkpoint or run folder)",
 }
 
 

@@ -86,8 +86,10 @@ class DistillConfig:
     device: str = _opt("auto", "auto: CUDA when visible, else CPU", choices=DEVICES)
     seed: int = _opt(0, "seed for data order, initialisation, analysis and synthesis")
     output_dir: str | None = _opt(None, "where results, checkpoints and plots go (unset: runs/<timestamp>)")
-    cache_dir: str | None = _opt(None, "where teacher outputs are cached (unset: <output-dir>/../.teacher_cache)")
+    cache_dir: str | None = _opt(None, "where teacher outputs are cached (unset: $SAGE_FAST_CACHE/teacher_outputs, "
+                                 "else ~/.cache/sage_fast/teacher_outputs)")
     progress: bool = _opt(True, "show progress bars")
+    log_every: int = _opt(10, "steps between training-loss lines in metrics.jsonl")
 
     # ---------------------------------------------------------------- checks
     def validate(self) -> "DistillConfig":
@@ -117,7 +119,8 @@ class DistillConfig:
         self.compare = parse_compare(self.compare)
         if self.mode in self.compare:
             self.compare = [m for m in self.compare if m != self.mode]
-        for name in ("batch_size", "eval_batch_size", "synthetic_per_round", "pool_size", "n_neighbors", "epochs"):
+        for name in ("batch_size", "eval_batch_size", "synthetic_per_round", "pool_size", "n_neighbors", "epochs",
+                     "log_every"):
             positive_int(name)
         for name in ("max_steps", "analysis_every"):
             positive_int(name, allow_none=True)

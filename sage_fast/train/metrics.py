@@ -15,9 +15,11 @@ class MetricsLog:
     checkpoint by an interrupted run do not appear twice.
     """
 
-    def __init__(self, path: str | Path, records: list[dict] | None = None):
-        self.path = Path(path)
+    def __init__(self, path: str | Path | None, records: list[dict] | None = None):
+        self.path = None if path is None else Path(path)
         self.records: list[dict] = list(records or [])
+        if self.path is None:  # in memory only: reading a finished run must not rewrite its log
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("w") as f:
             for record in self.records:
@@ -26,6 +28,8 @@ class MetricsLog:
     def log(self, **record) -> dict:
         record = {k: _plain(v) for k, v in record.items()}
         self.records.append(record)
+        if self.path is None:
+            return record
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         return record
