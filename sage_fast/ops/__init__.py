@@ -9,3 +9,7 @@ __all__ += ["interpolate", "interpolate_reference"]
 from .align_loss import align_loss, align_loss_reference  # noqa: E402
 
 __all__ += ["align_loss", "align_loss_reference"]
+
+from .kd_loss import kd_loss, kd_loss_reference  # noqa: E402
+
+__all__ += ["kd_loss", "kd_loss_reference"]
