@@ -1,0 +1,199 @@
+"""The SAGE training loss over Hugging Face model outputs.
+
+Per example ``i`` (real or synthetic)::
+
+    l_i = alpha T^2 KL(softmax(z_t/T) || softmax(z_s/T)) + (1 - alpha) CE(z_s, y_i)
+          + beta * sum_l w_l * align(P_l h_s^l, h_t^m(l))
+
+CE is skipped where ``y_i == ignore_index`` (synthetic examples have no label). ``align`` is the
+mask-aware MSE and/or cosine term of :func:`sage_fast.ops.align_loss`; ``P_l`` is a learned projection
+when the hidden sizes differ; ``m`` maps student hidden-state indices to teacher ones (index 0 is
+the embedding output, as in Hugging Face ``hidden_states``). The teacher is a constant.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import _checks
+from ..ops.align_loss import align_loss
+
+__all__ = ["SAGELoss", "SAGELossConfig", "SAGELossOutput"]
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+@dataclass
+class SAGELossConfig:
+    alpha: float = 0.5
+    temperature: float = 2.0
+    beta: float = 0.0
+    mse_weight: float = 1.0
+    cosine_weight: float = 0.0
+    #: Student hidden-state index -> teacher hidden-state index. Default: evenly spaced, student layer
+    #: ``i`` (1..S) -> teacher layer ``round(i * T / S)`` (halves round up).
+    layer_map: dict[int, int] | None = None
+    #: Weight per student index of ``layer_map``; missing entries weigh 1.
+    layer_weights: dict[int, float] | None = None
+    num_student_layers: int | None = None
+    num_teacher_layers: int | None = None
+    student_hidden_size: int | None = None
+    teacher_hidden_size: int | None = None
+    ignore_index: int = -100
+
+    def __post_init__(self):
+        _checks.in_range("alpha", self.alpha, 0.0, 1.0)
+        _checks.in_range("temperature", self.temperature, 0.0, float("inf"), lo_open=True, hi_open=True)
+        _checks.in_range("beta", self.beta, 0.0, float("inf"), hi_open=True)
+        _checks.in_range("mse_weight", self.mse_weight, 0.0, float("inf"), hi_open=True)
+        _checks.in_range("cosine_weight", self.cosine_weight, 0.0, float("inf"), hi_open=True)
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise ValueError(f"ignore_index must be an int, got {self.ignore_index!r}")
+        for name in ("num_student_layers", "num_teacher_layers", "student_hidden_size", "teacher_hidden_size"):
+            value = getattr(self, name)
+            if value is not None and not _is_count(value):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        if self.beta == 0:
+            return
+        if self.mse_weight == 0 and self.cosine_weight == 0:
+            raise ValueError("mse_weight and cosine_weight are both 0 while beta > 0; at least one must be positive")
+        if (self.student_hidden_size is None) != (self.teacher_hidden_size is None):
+            raise ValueError("student_hidden_size and teacher_hidden_size must be given together (or both None, "
+                             "meaning the hidden sizes are equal)")
+        if self.layer_map is None:
+            if self.num_student_layers is None or self.num_teacher_layers is None:
+                raise ValueError("layer_map is None, so num_student_layers and num_teacher_layers are needed for "
+                                 "the default evenly spaced map")
+        else:
+            self._check_layer_map()
+        if self.layer_weights is not None:
+            self._check_layer_weights()
+
+    def _check_layer_map(self):
+        if not isinstance(self.layer_map, Mapping) or not self.layer_map:
+            raise ValueError(f"layer_map must be a non-empty dict {{student index: teacher index}}, got {self.layer_map!r}")
+        for key, value in self.layer_map.items():
+            for side, index, count in (("student", key, self.num_student_layers),
+                                       ("teacher", value, self.num_teacher_layers)):
+                if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+                    raise ValueError(f"layer_map {side} indices must be non-negative ints, got {index!r}")
+                if count is not None and index > count:
+                    raise ValueError(f"layer_map {side} index {index} is out of range: hidden_states has "
+                                     f"{count + 1} entries (0 = embeddings, 1..{count} = layers)")
+
+    def _check_layer_weights(self):
+        if not isinstance(self.layer_weights, Mapping):
+            raise ValueError(f"layer_weights must be a dict {{student index: weight}}, got {self.layer_weights!r}")
+        unknown = set(self.layer_weights) - set(self.resolved_layer_map())
+        if unknown:
+            raise ValueError(f"layer_weights has student indices {sorted(unknown)} that are not in the layer map "
+                             f"{self.resolved_layer_map()}")
+        for key, weight in self.layer_weights.items():
+            _checks.in_range(f"layer_weights[{key}]", weight, 0.0, float("inf"), hi_open=True)
+
+    def resolved_layer_map(self) -> dict[int, int]:
+        """The layer map in use: ``layer_map``, or the evenly spaced default."""
+        if self.layer_map is not None:
+            return dict(self.layer_map)
+        s, t = self.num_student_layers, self.num_teacher_layers
+        return {i: int(math.floor(i * t / s + 0.5)) for i in range(1, s + 1)}
+
+
+@dataclass
+class SAGELossOutput:
+    #: Scalar training loss: mean over the batch of ``per_example`` (differentiable).
+    loss: torch.Tensor
+    #: ``[N]`` float32, detached: ``kd_per_example + beta * align_per_example``.
+    per_example: torch.Tensor
+    #: ``[N]`` float32, detached: the KL + CE part.
+    kd_per_example: torch.Tensor
+    #: ``[N]`` float32, detached: the alignment part before ``beta``; ``None`` when ``beta == 0``.
+    align_per_example: torch.Tensor | None
+
+
+def _field(outputs, name: str, which: str):
+    value = outputs.get(name) if isinstance(outputs, Mapping) else getattr(outputs, name, None)
+    if value is None:
+        hint = " (run the model with output_hidden_states=True)" if name == "hidden_states" else ""
+        raise ValueError(f"{which} has no {name!r}{hint}")
+    return value
+
+
+class SAGELoss(nn.Module):
+    """``l_i`` over student and teacher outputs; owns the student-to-teacher hidden projections."""
+
+    def __init__(self, config: SAGELossConfig):
+        super().__init__()
+        if not isinstance(config, SAGELossConfig):
+            raise ValueError(f"config must be a SAGELossConfig, got {type(config).__name__}")
+        self.config = config
+        self.layer_map = config.resolved_layer_map() if config.beta > 0 else {}
+        weights = config.layer_weights or {}
+        self.layer_weights = {s: float(weights.get(s, 1.0)) for s in self.layer_map}
+        self.projections = nn.ModuleDict()
+        if config.beta > 0 and config.student_hidden_size != config.teacher_hidden_size:
+            for s in self.layer_map:
+                self.projections[str(s)] = nn.Linear(config.student_hidden_size, config.teacher_hidden_size)
+
+    @property
+    def teacher_layers_needed(self) -> tuple[int, ...]:
+        """Teacher hidden-state indices the loss reads (the ones to cache); empty when ``beta == 0``."""
+        return tuple(sorted(set(self.layer_map.values())))
+
+    def forward(self, student_outputs, teacher_outputs, labels=None, attention_mask=None) -> SAGELossOutput:
+        from ..ops.kd_loss import kd_loss
+
+        cfg = self.config
+        student_logits = _field(student_outputs, "logits", "student_outputs")
+        teacher_logits = _field(teacher_outputs, "logits", "teacher_outputs").detach()
+        kd, kd_per_example = kd_loss(student_logits, teacher_logits, labels, temperature=cfg.temperature,
+                                     alpha=cfg.alpha, ignore_index=cfg.ignore_index, return_per_example=True)
+        if cfg.beta == 0:
+            return SAGELossOutput(kd, kd_per_example, kd_per_example, None)
+
+        student_states, teacher_states = self._aligned_states(student_outputs, teacher_outputs)
+        align, align_per_example = align_loss(
+            student_states, teacher_states, attention_mask, mse_weight=cfg.mse_weight,
+            cosine_weight=cfg.cosine_weight, layer_weights=[self.layer_weights[s] for s in self.layer_map],
+            return_per_example=True)
+        if align_per_example.shape != kd_per_example.shape:
+            raise ValueError(f"the hidden states hold {align_per_example.shape[0]} examples but the logits hold "
+                             f"{kd_per_example.shape[0]}")
+        loss = kd + cfg.beta * align.to(kd.dtype)
+        return SAGELossOutput(loss, kd_per_example + cfg.beta * align_per_example, kd_per_example, align_per_example)
+
+    def _aligned_states(self, student_outputs, teacher_outputs):
+        student_hidden = _field(student_outputs, "hidden_states", "student_outputs")
+        teacher_hidden = _field(teacher_outputs, "hidden_states", "teacher_outputs")
+        if not isinstance(student_hidden, Sequence):
+            raise ValueError(f"student_outputs.hidden_states must be the tuple of hidden states, "
+                             f"got {type(student_hidden).__name__}")
+        student_states, teacher_states = [], []
+        for s_index, t_index in self.layer_map.items():
+            if s_index >= len(student_hidden):
+                raise ValueError(f"layer_map reads student hidden state {s_index}, but student_outputs.hidden_states "
+                                 f"has {len(student_hidden)} entries")
+            if isinstance(teacher_hidden, Mapping):
+                if t_index not in teacher_hidden:
+                    raise ValueError(f"teacher_outputs.hidden_states has no entry for teacher index {t_index} "
+                                     f"(cached indices: {sorted(teacher_hidden)}); cache teacher_layers_needed")
+            elif isinstance(teacher_hidden, Sequence):
+                if t_index >= len(teacher_hidden):
+                    raise ValueError(f"layer_map reads teacher hidden state {t_index}, but "
+                                     f"teacher_outputs.hidden_states has {len(teacher_hidden)} entries")
+            else:
+                raise ValueError("teacher_outputs.hidden_states must be the tuple of hidden states or a mapping "
+                                 f"{{teacher index: tensor}}, got {type(teacher_hidden).__name__}")
+            state = student_hidden[s_index]
+            if str(s_index) in self.projections:
+                state = self.projections[str(s_index)](state)
+            teacher_state = teacher_hidden[t_index].detach()
+            student_states.append(state)
+            teacher_states.append(teacher_state.to(state.dtype))
+        return student_states, teacher_states
