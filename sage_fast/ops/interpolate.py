@@ -185,11 +185,15 @@ def _check(vectors, mask, anchors, partners, lam, noise_std, seed):
         raise ValueError(f"seed must be an int in [0, 2**63 - 1], got {seed!r}")
 
     # One device reduction and one synchronisation for every value check.
+    if mask.dtype == torch.bool:
+        mask_not_binary = torch.zeros((), dtype=torch.bool, device=mask.device)
+    else:
+        mask_not_binary = ((mask != 0) & (mask != 1)).any()
     flags = torch.stack([
         ((anchors < 0) | (anchors >= N)).any(),
         ((partners < 0) | (partners >= N)).any(),
         (~((lam >= 0) & (lam <= 1))).any(),  # also catches NaN
-        ((mask != 0) & (mask != 1)).any() if mask.dtype != torch.bool else torch.zeros((), dtype=torch.bool, device=mask.device),
+        mask_not_binary,
     ]).tolist()
     if flags[0]:
         raise ValueError(f"anchors has indices outside [0, N) = [0, {N}); each must index a row of vectors")
