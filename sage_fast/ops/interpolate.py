@@ -106,6 +106,8 @@ def _launch(vectors, mask, anchors, partners, lam, noise_std, seed, block_l=None
     _, L, D = vectors.shape
     if vectors.stride(-1) != 1:
         vectors = vectors.contiguous()
+    # The kernel reads one index and one weight per row at unit stride.
+    anchors, partners, lam = anchors.contiguous(), partners.contiguous(), lam.contiguous()
     default_l, default_d = block_sizes(L, D)
     block_l = block_l or default_l
     block_d = block_d or default_d

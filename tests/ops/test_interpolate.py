@@ -72,7 +72,9 @@ def test_int32_indices_and_strided_inputs(device):
     vectors, mask, anchors, partners, lam = make_inputs(4, 6, 20, 5, device=device)
     strided_vectors = torch.randn(4, 9, 20, device=device)[:, 2:8]
     strided_mask = mask.t().contiguous().t()
-    out, out_mask = interpolate(strided_vectors, strided_mask, anchors.int(), partners.int(), lam)
+    strided_anchors = torch.stack([anchors, partners], dim=1)[:, 0]
+    strided_lam = torch.stack([lam, lam.flip(0)], dim=1)[:, 0]
+    out, out_mask = interpolate(strided_vectors, strided_mask, strided_anchors, partners.int(), strided_lam)
     check_against_reference((strided_vectors, strided_mask, anchors, partners, lam), out, out_mask)
 
 
