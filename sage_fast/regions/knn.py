@@ -42,6 +42,8 @@ TILE_BUDGET_BYTES = 256 * 1024 * 1024
 # MIN_BLOCK_ROWS query rows fit in the budget.
 MIN_BLOCK_COLS = 1024
 MIN_BLOCK_ROWS = 16
+# Taller tiles gain nothing in GEMM efficiency and spill the candidate gather out of cache.
+MAX_BLOCK_ROWS = 1024
 
 # The fused kernel holds a query in registers and the top-k list there too: it is built for these.
 FUSED_MAX_DIM = 128
@@ -70,7 +72,7 @@ def _candidates(n: int, k: int) -> int:
 
 def _tile_bytes(block_rows: int, block_cols: int, candidates: int, dim: int) -> int:
     # distance tile + top-k values/indices of the tile and of the running merge + candidate vectors
-    per_row = 4 * block_cols + 24 * 2 * candidates + 4 * 2 * candidates * dim
+    per_row = 4 * block_cols + 24 * 2 * candidates + 4 * candidates * dim
     return block_rows * per_row
 
 
@@ -112,7 +114,7 @@ def plan_knn(n: int, dim: int, k: int, *, device: torch.device | str = "cpu", bl
     block_cols = min(n, max_cols)
     if block_rows is None:
         per_row = _tile_bytes(1, block_cols, candidates, dim)
-        block_rows = max(1, min(n, budget // per_row))
+        block_rows = max(1, min(n, MAX_BLOCK_ROWS, budget // per_row))
     return KnnPlan(chosen, int(block_rows), int(block_cols), candidates, reason)
 
 
@@ -196,14 +198,18 @@ def _knn_gemm(xf: torch.Tensor, k: int, metric: str, plan: KnnPlan):
     n = xf.shape[0]
     # Differences of the uncentred rows are exact for near points; the centred copy is for the GEMM.
     centred = xf - xf.mean(dim=0, keepdim=True)
-    sq = (centred * centred).sum(dim=1)
+    sq = torch.linalg.vector_norm(centred, dim=1).square_()
     out_d = torch.empty(n, k, dtype=torch.float32, device=xf.device)
     out_i = torch.empty(n, k, dtype=torch.int64, device=xf.device)
     for row0 in range(0, n, plan.block_rows):
         queries = centred[row0:row0 + plan.block_rows]
         cand = _tile_topk(queries, sq[row0:row0 + queries.shape[0]], row0, centred, sq, plan)
-        diff = xf[cand] - xf[row0:row0 + queries.shape[0], None, :]
-        exact = _finish((diff * diff).sum(dim=2), metric)
+        # index_select, not xf[cand]: the advanced-indexing gather is several times slower on CPU
+        diff = xf.index_select(0, cand.reshape(-1)).view(*cand.shape, -1)
+        diff.sub_(xf[row0:row0 + queries.shape[0], None, :])
+        exact = torch.linalg.vector_norm(diff, dim=2)
+        if metric == "cosine":
+            exact = exact.square_().mul_(0.5).clamp_(max=2.0)
         d, i = _sort_by_distance_then_index(exact, cand, k)
         out_d[row0:row0 + queries.shape[0]] = d
         out_i[row0:row0 + queries.shape[0]] = i
