@@ -1,5 +1,6 @@
 """Loss-region analysis: where the student does worst, and where to synthesise examples."""
 from .profile import ErrorProfile, pooled_embedding
 from .knn import describe_backends, knn_graph
+from .analyzer import LossRegionAnalyzer, NotFittedError
 
-__all__: list[str] = ["ErrorProfile", "pooled_embedding", "knn_graph", "describe_backends"]
+__all__: list[str] = ["ErrorProfile", "pooled_embedding", "knn_graph", "describe_backends", "LossRegionAnalyzer", "NotFittedError"]
