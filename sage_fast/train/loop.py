@@ -132,7 +132,10 @@ def build_setup(config: DistillConfig, log=print) -> Setup:
 
     torch.manual_seed(config.seed)
     student = build_student(config.student, teacher, data.num_labels).to(device)
-    layer_map = uniform_layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+    from ..nn import SAGELossConfig
+
+    layer_map = SAGELossConfig(num_student_layers=student.config.num_hidden_layers,
+                               num_teacher_layers=teacher.config.num_hidden_layers).resolved_layer_map()
     teacher_layers = sorted(set(layer_map.values())) if config.beta > 0 else []
     # Only the teacher side of this interface is used: the teacher stands in as its own student.
     labeller = VectorInterface(teacher, teacher)
@@ -181,12 +184,6 @@ def build_student(spec: str, teacher, num_labels: int):
         raise ModelError(f"the student {spec} was trained with {saved_labels} labels but the teacher and task have "
                          f"{num_labels}; teacher and student must predict the same label set")
     return load_classifier(spec, num_labels)
-
-
-def uniform_layer_map(student_layers: int, teacher_layers: int) -> dict[int, int]:
-    """Student hidden state ``s`` (1..S, the output of block s) aligns with teacher hidden state
-    ``round(s * T / S)``: the last blocks meet, the others are spread evenly."""
-    return {s: max(1, round(s * teacher_layers / student_layers)) for s in range(1, student_layers + 1)}
 
 
 def build_loss(config: DistillConfig, setup: Setup, student):

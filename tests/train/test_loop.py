@@ -1,0 +1,103 @@
+"""The SAGE loop on tiny random-initialised models: resuming after Ctrl-C gives the same run."""
+import csv
+import os
+import random
+import signal
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("umap")
+
+from sage_fast.train import checkpoint, loop  # noqa: E402
+from sage_fast.train.config import resolve  # noqa: E402
+
+
+def make_tiny_task(root):
+    """A 4-layer, 32-wide BERT classifier over MiniLM's tokenizer, and a 150-row sentiment CSV."""
+    import transformers
+
+    from sage_fast.assets import minilm_path
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm_path()))
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=4,
+                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                                     num_labels=2)
+    transformers.BertForSequenceClassification(config).save_pretrained(root / "teacher")
+    tokenizer.save_pretrained(root / "teacher")
+    rng = random.Random(0)
+    positive, negative = ["good", "great", "fine", "lovely"], ["bad", "awful", "poor", "dull"]
+    filler = ["the", "movie", "was", "plot", "very", "a"]
+    with open(root / "data.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for i in range(150):
+            words = [rng.choice(filler) for _ in range(rng.randint(2, 8))]
+            words.append(rng.choice(positive if i % 2 else negative))
+            rng.shuffle(words)
+            writer.writerow([" ".join(words), i % 2])
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_task(tmp_path_factory.mktemp("tiny"))
+
+
+def tiny_config(tiny, out, **overrides):
+    flags = dict(teacher=str(tiny / "teacher"), student="from-teacher:2", train_file=str(tiny / "data.csv"),
+                 epochs=2, batch_size=16, max_length=16, analysis_every=6, synthetic_per_round=16, pool_size=32,
+                 synthetic_per_batch=4, n_neighbors=5, compare="none", progress=False, device="cpu",
+                 output_dir=str(out), cache_dir=str(tiny / "cache"))
+    flags.update(overrides)
+    return resolve(flags)
+
+
+def final_state(out):
+    state = checkpoint.load(out / "sage")
+    return state, [r for r in state["metrics"] if r["kind"] in ("eval", "final", "analysis")]
+
+
+def test_resume_after_ctrl_c_matches_an_uninterrupted_run(tiny, tmp_path, monkeypatch):
+    straight = loop.run(tiny_config(tiny, tmp_path / "straight"), log=lambda *a: None)
+    assert straight["modes"][0]["analysis_rounds"] == 2  # after steps 6 and 12 of 16
+
+    def ctrl_c_at_step_7(run):
+        if run.global_step == 7:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(loop, "after_step", ctrl_c_at_step_7)
+    with pytest.raises(loop.TrainingInterrupted, match="--resume"):
+        loop.run(tiny_config(tiny, tmp_path / "resumed"), log=lambda *a: None)
+    interrupted = checkpoint.load(tmp_path / "resumed" / "sage")
+    assert interrupted["global_step"] == 7 and interrupted["epoch"] == 0 and not interrupted["done"]
+    monkeypatch.undo()
+    resumed = loop.run(tiny_config(tiny, tmp_path / "resumed"), resume=True, log=lambda *a: None)
+
+    a, a_records = final_state(tmp_path / "straight")
+    b, b_records = final_state(tmp_path / "resumed")
+    assert resumed["modes"][0]["accuracy"] == straight["modes"][0]["accuracy"]
+    for x, y in zip(a_records, b_records):
+        assert {k: v for k, v in x.items() if "seconds" not in k and k not in ("png",) and "share" not in k
+                and k != "examples_per_second"} == \
+               {k: v for k, v in y.items() if "seconds" not in k and k not in ("png",) and "share" not in k
+                and k != "examples_per_second"}
+    for name, tensor in a["student"].items():
+        assert torch.equal(tensor, b["student"][name]), name
+    assert torch.equal(a["pool"]["vectors"], b["pool"]["vectors"])
+    assert torch.equal(a["profile"]["loss"], b["profile"]["loss"])
+    lines = (tmp_path / "resumed" / "sage" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len(b["metrics"])  # no line logged twice across the interruption
+
+
+def test_kd_mode_never_synthesises_and_teacher_outputs_are_cached(tiny, tmp_path):
+    logs = []
+    summary = loop.run(tiny_config(tiny, tmp_path / "kd", mode="kd", epochs=1), log=logs.append)
+    row = summary["modes"][0]
+    assert row["synthetic_examples"] == 0 and row["analysis_rounds"] == 0
+    assert any("from the cache" in line for line in logs)  # the first test filled the cache
+    state = checkpoint.load(tmp_path / "kd" / "kd")
+    assert state["done"] and state["pool"]["size"] == 0
+
