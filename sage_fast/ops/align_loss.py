@@ -23,8 +23,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import triton
-import triton.language as tl
 
 from .. import _checks
 from .._backend import use_triton
@@ -39,122 +37,130 @@ MAX_BLOCK_H = 4096
 TILE_ELEMENTS = 8192
 
 
-@triton.jit
-def _pair_stats(s, t, USE_MSE: tl.constexpr, USE_COSINE: tl.constexpr):
-    """Per-token sums over one hidden slice: ||s - t||^2, s.t, ||s||^2, ||t||^2."""
-    squared_error = tl.sum((s - t) * (s - t), axis=1) if USE_MSE else tl.sum(s * 0, axis=1)
-    if USE_COSINE:
-        dot = tl.sum(s * t, axis=1)
-        s_sq = tl.sum(s * s, axis=1)
-        t_sq = tl.sum(t * t, axis=1)
-    else:
-        dot = squared_error * 0
-        s_sq = squared_error * 0
-        t_sq = squared_error * 0
-    return squared_error, dot, s_sq, t_sq
+try:  # without triton every tensor takes the plain-torch path
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - only where triton is absent
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _pair_stats(s, t, USE_MSE: tl.constexpr, USE_COSINE: tl.constexpr):
+        """Per-token sums over one hidden slice: ||s - t||^2, s.t, ||s||^2, ||t||^2."""
+        squared_error = tl.sum((s - t) * (s - t), axis=1) if USE_MSE else tl.sum(s * 0, axis=1)
+        if USE_COSINE:
+            dot = tl.sum(s * t, axis=1)
+            s_sq = tl.sum(s * s, axis=1)
+            t_sq = tl.sum(t * t, axis=1)
+        else:
+            dot = squared_error * 0
+            s_sq = squared_error * 0
+            t_sq = squared_error * 0
+        return squared_error, dot, s_sq, t_sq
 
 
-@triton.jit
-def _align_loss_kernel(
-    student_addresses, teacher_addresses,  # int64 [P]: base address of each pair's tensor
-    student_strides, teacher_strides,      # int64 [P, 3]
-    hidden_sizes,                          # int64 [P]
-    grad_offsets,                          # int64 [P]: where each pair's gradient starts in grad_ptr
-    coefficients,                          # acc dtype [P, 2]: (w_p mse_weight / H_p, w_p cosine_weight)
-    row_scale,                             # acc dtype [N]: 1 / |V_i|, 0 when no token is valid
-    grad_row_scale,                        # acc dtype [N]: row_scale, times 1/N for reduction "mean"
-    valid_ptr,                             # uint8 [N, L] (unread without a mask)
-    grad_ptr,                              # student dtype, flat: every pair's [N, L, H_p] gradient
-    partial_ptr,                           # acc dtype [N, P, token blocks]: partial l_i
-    L, token_blocks,
-    HAS_MASK: tl.constexpr, USE_MSE: tl.constexpr, USE_COSINE: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr, H_CHUNKS: tl.constexpr, EPS: tl.constexpr,
-):
-    pid = tl.program_id(0).to(tl.int64)
-    pair = tl.program_id(1).to(tl.int64)
-    pairs = tl.num_programs(1)
-    row = pid // token_blocks
-    block = pid % token_blocks
-    dtype = grad_ptr.dtype.element_ty
-    acc = row_scale.dtype.element_ty
+    @triton.jit
+    def _align_loss_kernel(
+        student_addresses, teacher_addresses,  # int64 [P]: base address of each pair's tensor
+        student_strides, teacher_strides,      # int64 [P, 3]
+        hidden_sizes,                          # int64 [P]
+        grad_offsets,                          # int64 [P]: where each pair's gradient starts in grad_ptr
+        coefficients,                          # acc dtype [P, 2]: (w_p mse_weight / H_p, w_p cosine_weight)
+        row_scale,                             # acc dtype [N]: 1 / |V_i|, 0 when no token is valid
+        grad_row_scale,                        # acc dtype [N]: row_scale, times 1/N for reduction "mean"
+        valid_ptr,                             # uint8 [N, L] (unread without a mask)
+        grad_ptr,                              # student dtype, flat: every pair's [N, L, H_p] gradient
+        partial_ptr,                           # acc dtype [N, P, token blocks]: partial l_i
+        L, token_blocks,
+        HAS_MASK: tl.constexpr, USE_MSE: tl.constexpr, USE_COSINE: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+        BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr, H_CHUNKS: tl.constexpr, EPS: tl.constexpr,
+    ):
+        pid = tl.program_id(0).to(tl.int64)
+        pair = tl.program_id(1).to(tl.int64)
+        pairs = tl.num_programs(1)
+        row = pid // token_blocks
+        block = pid % token_blocks
+        dtype = grad_ptr.dtype.element_ty
+        acc = row_scale.dtype.element_ty
 
-    student = tl.load(student_addresses + pair).to(tl.pointer_type(dtype))
-    teacher = tl.load(teacher_addresses + pair).to(tl.pointer_type(dtype))
-    hidden = tl.load(hidden_sizes + pair)
-    mse_coef = tl.load(coefficients + 2 * pair)
-    cos_coef = tl.load(coefficients + 2 * pair + 1)
+        student = tl.load(student_addresses + pair).to(tl.pointer_type(dtype))
+        teacher = tl.load(teacher_addresses + pair).to(tl.pointer_type(dtype))
+        hidden = tl.load(hidden_sizes + pair)
+        mse_coef = tl.load(coefficients + 2 * pair)
+        cos_coef = tl.load(coefficients + 2 * pair + 1)
 
-    tokens = block * BLOCK_L + tl.arange(0, BLOCK_L)
-    token_ok = tokens < L
-    token_weight = tl.where(token_ok, tl.load(row_scale + row), 0.0).to(acc)
-    grad_weight = tl.where(token_ok, tl.load(grad_row_scale + row), 0.0).to(acc)
-    if HAS_MASK:
-        valid = tl.load(valid_ptr + row * L + tokens, mask=token_ok, other=0) != 0
-        token_weight = tl.where(valid, token_weight, 0.0)
-        grad_weight = tl.where(valid, grad_weight, 0.0)
+        tokens = block * BLOCK_L + tl.arange(0, BLOCK_L)
+        token_ok = tokens < L
+        token_weight = tl.where(token_ok, tl.load(row_scale + row), 0.0).to(acc)
+        grad_weight = tl.where(token_ok, tl.load(grad_row_scale + row), 0.0).to(acc)
+        if HAS_MASK:
+            valid = tl.load(valid_ptr + row * L + tokens, mask=token_ok, other=0) != 0
+            token_weight = tl.where(valid, token_weight, 0.0)
+            grad_weight = tl.where(valid, grad_weight, 0.0)
 
-    s_row = student + row * tl.load(student_strides + 3 * pair) + tokens[:, None] * tl.load(student_strides + 3 * pair + 1)
-    t_row = teacher + row * tl.load(teacher_strides + 3 * pair) + tokens[:, None] * tl.load(teacher_strides + 3 * pair + 1)
-    s_step = tl.load(student_strides + 3 * pair + 2)
-    t_step = tl.load(teacher_strides + 3 * pair + 2)
-    g_row = grad_ptr + tl.load(grad_offsets + pair) + (row * L + tokens[:, None]) * hidden
-    cols = tl.arange(0, BLOCK_H)
+        s_row = student + row * tl.load(student_strides + 3 * pair) + tokens[:, None] * tl.load(student_strides + 3 * pair + 1)
+        t_row = teacher + row * tl.load(teacher_strides + 3 * pair) + tokens[:, None] * tl.load(teacher_strides + 3 * pair + 1)
+        s_step = tl.load(student_strides + 3 * pair + 2)
+        t_step = tl.load(teacher_strides + 3 * pair + 2)
+        g_row = grad_ptr + tl.load(grad_offsets + pair) + (row * L + tokens[:, None]) * hidden
+        cols = tl.arange(0, BLOCK_H)
 
-    if H_CHUNKS == 1:
-        # The whole hidden vector fits one tile: read s and t once, write the gradient from registers.
-        tile_ok = token_ok[:, None] & (cols[None, :] < hidden)
-        s = tl.load(s_row + cols[None, :] * s_step, mask=tile_ok, other=0.0).to(acc)
-        t = tl.load(t_row + cols[None, :] * t_step, mask=tile_ok, other=0.0).to(acc)
-        squared_error, dot, s_sq, t_sq = _pair_stats(s, t, USE_MSE, USE_COSINE)
-    else:
-        squared_error = tl.zeros([BLOCK_L], dtype=acc)
-        dot = tl.zeros([BLOCK_L], dtype=acc)
-        s_sq = tl.zeros([BLOCK_L], dtype=acc)
-        t_sq = tl.zeros([BLOCK_L], dtype=acc)
-        for chunk in range(H_CHUNKS):
-            c = chunk * BLOCK_H + cols
-            chunk_ok = token_ok[:, None] & (c[None, :] < hidden)
-            s = tl.load(s_row + c[None, :] * s_step, mask=chunk_ok, other=0.0).to(acc)
-            t = tl.load(t_row + c[None, :] * t_step, mask=chunk_ok, other=0.0).to(acc)
-            se, d, ss, tt = _pair_stats(s, t, USE_MSE, USE_COSINE)
-            squared_error += se
-            dot += d
-            s_sq += ss
-            t_sq += tt
-            if COMPUTE_GRAD and not USE_COSINE:
-                # The MSE gradient needs no per-token statistic: write it in this same pass.
-                g = (2.0 * mse_coef * grad_weight)[:, None] * (s - t)
-                tl.store(g_row + c[None, :], g.to(dtype), mask=chunk_ok)
-
-    loss = squared_error * mse_coef
-    if USE_COSINE:
-        s_norm = tl.sqrt(s_sq)
-        s_norm_clamped = tl.maximum(s_norm, EPS)
-        t_norm_clamped = tl.maximum(tl.sqrt(t_sq), EPS)
-        cosine = dot / (s_norm_clamped * t_norm_clamped)
-        loss += cos_coef * (1.0 - cosine)
-        # d(1 - cos)/ds = -t / (|s| |t|) + cos s / |s|^2, the second term only where |s| is not clamped.
-        t_factor = -cos_coef * grad_weight / (s_norm_clamped * t_norm_clamped)
-        s_factor = tl.where(s_norm > EPS, cos_coef * grad_weight * cosine / (s_norm_clamped * s_norm_clamped), 0.0)
-    tl.store(partial_ptr + (row * pairs + pair) * token_blocks + block, tl.sum(loss * token_weight, axis=0))
-
-    if COMPUTE_GRAD:
-        mse_factor = 2.0 * mse_coef * grad_weight
         if H_CHUNKS == 1:
-            g = mse_factor[:, None] * (s - t) if USE_MSE else s * 0
-            if USE_COSINE:
-                g += t_factor[:, None] * t + s_factor[:, None] * s
-            tl.store(g_row + cols[None, :], g.to(dtype), mask=tile_ok)
-        elif USE_COSINE:
+            # The whole hidden vector fits one tile: read s and t once, write the gradient from registers.
+            tile_ok = token_ok[:, None] & (cols[None, :] < hidden)
+            s = tl.load(s_row + cols[None, :] * s_step, mask=tile_ok, other=0.0).to(acc)
+            t = tl.load(t_row + cols[None, :] * t_step, mask=tile_ok, other=0.0).to(acc)
+            squared_error, dot, s_sq, t_sq = _pair_stats(s, t, USE_MSE, USE_COSINE)
+        else:
+            squared_error = tl.zeros([BLOCK_L], dtype=acc)
+            dot = tl.zeros([BLOCK_L], dtype=acc)
+            s_sq = tl.zeros([BLOCK_L], dtype=acc)
+            t_sq = tl.zeros([BLOCK_L], dtype=acc)
             for chunk in range(H_CHUNKS):
                 c = chunk * BLOCK_H + cols
                 chunk_ok = token_ok[:, None] & (c[None, :] < hidden)
                 s = tl.load(s_row + c[None, :] * s_step, mask=chunk_ok, other=0.0).to(acc)
                 t = tl.load(t_row + c[None, :] * t_step, mask=chunk_ok, other=0.0).to(acc)
-                g = t_factor[:, None] * t + s_factor[:, None] * s
-                if USE_MSE:
-                    g += mse_factor[:, None] * (s - t)
-                tl.store(g_row + c[None, :], g.to(dtype), mask=chunk_ok)
+                se, d, ss, tt = _pair_stats(s, t, USE_MSE, USE_COSINE)
+                squared_error += se
+                dot += d
+                s_sq += ss
+                t_sq += tt
+                if COMPUTE_GRAD and not USE_COSINE:
+                    # The MSE gradient needs no per-token statistic: write it in this same pass.
+                    g = (2.0 * mse_coef * grad_weight)[:, None] * (s - t)
+                    tl.store(g_row + c[None, :], g.to(dtype), mask=chunk_ok)
+
+        loss = squared_error * mse_coef
+        if USE_COSINE:
+            s_norm = tl.sqrt(s_sq)
+            s_norm_clamped = tl.maximum(s_norm, EPS)
+            t_norm_clamped = tl.maximum(tl.sqrt(t_sq), EPS)
+            cosine = dot / (s_norm_clamped * t_norm_clamped)
+            loss += cos_coef * (1.0 - cosine)
+            # d(1 - cos)/ds = -t / (|s| |t|) + cos s / |s|^2, the second term only where |s| is not clamped.
+            t_factor = -cos_coef * grad_weight / (s_norm_clamped * t_norm_clamped)
+            s_factor = tl.where(s_norm > EPS, cos_coef * grad_weight * cosine / (s_norm_clamped * s_norm_clamped), 0.0)
+        tl.store(partial_ptr + (row * pairs + pair) * token_blocks + block, tl.sum(loss * token_weight, axis=0))
+
+        if COMPUTE_GRAD:
+            mse_factor = 2.0 * mse_coef * grad_weight
+            if H_CHUNKS == 1:
+                g = mse_factor[:, None] * (s - t) if USE_MSE else s * 0
+                if USE_COSINE:
+                    g += t_factor[:, None] * t + s_factor[:, None] * s
+                tl.store(g_row + cols[None, :], g.to(dtype), mask=tile_ok)
+            elif USE_COSINE:
+                for chunk in range(H_CHUNKS):
+                    c = chunk * BLOCK_H + cols
+                    chunk_ok = token_ok[:, None] & (c[None, :] < hidden)
+                    s = tl.load(s_row + c[None, :] * s_step, mask=chunk_ok, other=0.0).to(acc)
+                    t = tl.load(t_row + c[None, :] * t_step, mask=chunk_ok, other=0.0).to(acc)
+                    g = t_factor[:, None] * t + s_factor[:, None] * s
+                    if USE_MSE:
+                        g += mse_factor[:, None] * (s - t)
+                    tl.store(g_row + c[None, :], g.to(dtype), mask=chunk_ok)
 
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -240,7 +246,10 @@ class _AlignLossFunction(torch.autograd.Function):
         per_example, grads = run(list(student), list(teacher), valid, row_scale, grad_row_scale, coefficients,
                                  use_mse, use_cosine, compute_grad)
         ctx.reduction = reduction
-        ctx.grads = grads
+        # Saved tensors are released as soon as backward returns, so autograd can take the stored
+        # gradient as .grad without a copy.
+        if grads is not None:
+            ctx.save_for_backward(*grads)
         ctx.mark_non_differentiable(per_example)
         if reduction == "none":
             loss = per_example.clone()
@@ -250,7 +259,7 @@ class _AlignLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_per_example):
-        grads = ctx.grads
+        grads = ctx.saved_tensors
         if ctx.reduction == "none":
             scale = grad_loss.to(grads[0].dtype)[:, None, None]
             grads = [g * scale for g in grads]
