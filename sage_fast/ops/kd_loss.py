@@ -40,7 +40,9 @@ _TILE_ELEMS_GPU = 4096
 _TILE_ELEMS_INTERPRETER = 16384
 # Rows of the plain-torch path are processed in chunks of about this many elements, so that the
 # temporaries stay small (and in cache) instead of growing with the batch.
-_TORCH_CHUNK_ELEMS = 1 << 16
+_TORCH_CHUNK_ELEMS = 1 << 18
+# Rows this narrow go through the plain-torch path transposed (classes along dimension 0).
+_TORCH_TRANSPOSE_MAX_C = 16
 # Tests set this to fill the outputs with NaN before the launch, so that unwritten elements show up.
 _POISON_OUTPUTS = False
 
@@ -198,17 +200,11 @@ def _forward_triton(student, teacher, labels, temperature, alpha, ignore_index, 
     return per_row, grad
 
 
-def _scale_into(out, x, factor):
-    """out = x * factor, computed in out's dtype (a mixed-dtype multiply would round to x's)."""
-    if x.dtype != out.dtype:
-        out.copy_(x)
-        return out.mul_(factor) if factor != 1.0 else out
-    return torch.mul(x, factor, out=out)
-
-
 def _forward_torch(student, teacher, labels, temperature, alpha, ignore_index, compute_grad):
-    """The same statistics as the kernel, in chunks of rows with reused buffers, so the temporaries
-    stay a few cache-sized blocks however large the batch is."""
+    """The kernel's algorithm in plain torch: chunks of rows through a few reused buffers (so the
+    temporaries stay cache-sized however large the batch is), one exp per element for each softmax,
+    and the gradient written in the same sweep. Narrow rows are handled transposed, classes along
+    dimension 0, so that every reduction over classes is an elementwise op over long vectors."""
     n_rows, n_classes = student.shape
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
     device = student.device
@@ -218,51 +214,85 @@ def _forward_torch(student, teacher, labels, temperature, alpha, ignore_index, c
         per_row.fill_(float("nan"))
         if grad is not None:
             grad.fill_(float("nan"))
-    use_kl = alpha > 0.0
-    has_labels = labels is not None and alpha < 1.0
-    inv_t = 1.0 / temperature
-    chunk = max(1, min(n_rows, _TORCH_CHUNK_ELEMS // n_classes))
-    buf_a = torch.empty((chunk, n_classes), dtype=acc, device=device)
-    buf_b = torch.empty((chunk, n_classes), dtype=acc, device=device)
-    # the gradient is built straight in the output when that already has the working dtype
-    grad_in_place = compute_grad and grad.dtype == acc
-    buf_c = None if grad_in_place else torch.empty((chunk, n_classes), dtype=acc, device=device)
+    transposed = n_classes <= _TORCH_TRANSPOSE_MAX_C
+    dim = 0 if transposed else 1  # the class dimension of every chunk view below
 
+    def rows_view(x, start, stop):
+        return x[start:stop].t() if transposed else x[start:stop]
+
+    chunk = max(1, min(n_rows, _TORCH_CHUNK_ELEMS // n_classes))
+    buffer_shape = (n_classes, chunk) if transposed else (chunk, n_classes)
+    buffers = [torch.empty(buffer_shape, dtype=acc, device=device) for _ in range(3)]
+    # the gradient is built straight in the output when that is already a plain working buffer
+    grad_in_place = compute_grad and grad.dtype == acc and not transposed
+    kw = dict(temperature=temperature, alpha=alpha, ignore_index=ignore_index, dim=dim)
     for start in range(0, n_rows, chunk):
         stop = min(start + chunk, n_rows)
-        rows = stop - start
-        s = student[start:stop]
-        loss = per_row[start:stop]
-        a, b = buf_a[:rows], buf_b[:rows]
-        c = grad[start:stop] if grad_in_place else buf_c[:rows]
-        if use_kl:
-            log_ps = torch.log_softmax(_scale_into(a, s, inv_t), dim=1, out=a)
-            log_pt = torch.log_softmax(_scale_into(b, teacher[start:stop], inv_t), dim=1, out=b)
-            p_t = torch.exp(log_pt, out=c)
-            # KL = sum_j p_t (log p_t - log p_s), as two row dot products: no difference buffer
-            torch.linalg.vecdot(p_t, log_pt, dim=1, out=loss)
-            loss.sub_(torch.linalg.vecdot(p_t, log_ps, dim=1)).mul_(alpha * temperature * temperature)
-            if compute_grad:
-                p_s = log_ps.exp_()
-                c.mul_(-alpha * temperature).add_(p_s, alpha=alpha * temperature)
-        else:
-            loss.zero_()
-            if compute_grad:
-                c.zero_()
-        if has_labels:
-            y = labels[start:stop].long()
-            keep = (y != ignore_index).unsqueeze(1)
-            safe_y = torch.where(keep, y.unsqueeze(1), 0)
-            log_p = torch.log_softmax(s, dim=1, dtype=acc, out=b)
-            ce = log_p.gather(1, safe_y).neg_().mul_(keep).squeeze(1)
-            loss.add_(ce, alpha=1.0 - alpha)
-            if compute_grad:
-                p = log_p.exp_().mul_(keep)
-                p.scatter_add_(1, safe_y, keep.to(acc).neg_())
-                c.add_(p, alpha=1.0 - alpha)
+        part = slice(0, stop - start)
+        work = [b[:, part] if transposed else b[part] for b in buffers]
+        g = None
+        if compute_grad:
+            g = grad[start:stop] if grad_in_place else work[2]
+        per_row[start:stop] = _torch_chunk(
+            rows_view(student, start, stop), rows_view(teacher, start, stop),
+            None if labels is None else labels[start:stop], work[0], work[1], g, **kw)
         if compute_grad and not grad_in_place:
-            grad[start:stop].copy_(c)
+            rows_view(grad, start, stop).copy_(g)
     return per_row, grad
+
+
+def _torch_chunk(s, t, labels, buf_s, buf_t, g, *, temperature, alpha, ignore_index, dim):
+    """Per-row losses of one chunk (classes along ``dim``); the gradient goes into ``g`` if given."""
+    acc = buf_s.dtype
+    use_kl = alpha > 0.0
+    has_labels = labels is not None and alpha < 1.0
+    # at T == 1 the cross-entropy softmax is the KL one: reuse it
+    shared_softmax = use_kl and temperature == 1.0
+    inv_t = 1.0 / temperature
+    kd_grad_weight = alpha * temperature
+    ce_weight = 1.0 - alpha
+    loss = torch.zeros(s.shape[1 - dim], dtype=acc, device=s.device)
+    # (s - max s) / T == s/T - max(s/T) since T > 0; the mixed-dtype subtraction runs in acc
+    max_s = s.amax(dim=dim, keepdim=True).to(acc)
+    if use_kl:
+        e_s = torch.sub(s, max_s, out=buf_s)
+        e_t = torch.sub(t, t.amax(dim=dim, keepdim=True).to(acc), out=buf_t)
+        if inv_t != 1.0:
+            e_s.mul_(inv_t)
+            e_t.mul_(inv_t)
+        w_t = torch.exp(e_t, out=g) if g is not None else torch.exp(e_t)
+        z_t = w_t.sum(dim=dim, keepdim=True)
+        # with shifted logits, KL = (w_t . (e_t - e_s)) / z_t - log z_t + log z_s: the maxima cancel
+        cross = torch.linalg.vecdot(w_t, e_t, dim=dim).sub_(torch.linalg.vecdot(w_t, e_s, dim=dim))
+        w_s = e_s.exp_()
+        z_s = w_s.sum(dim=dim, keepdim=True)
+        kl = cross.div_(z_t.squeeze(dim)).sub_(z_t.squeeze(dim).log()).add_(z_s.squeeze(dim).log())
+        loss.add_(kl, alpha=alpha * temperature * temperature)
+        if g is not None:
+            g.mul_(-kd_grad_weight / z_t)
+    elif g is not None:
+        g.zero_()
+    if has_labels:
+        y = labels.long()
+        keep = y != ignore_index
+        safe_y = torch.where(keep, y, 0).unsqueeze(dim)
+        if shared_softmax:
+            w, z = w_s, z_s
+        else:
+            w = torch.sub(s, max_s, out=buf_t).exp_()
+            z = w.sum(dim=dim, keepdim=True)
+        s_y = s.gather(dim, safe_y).to(acc)
+        loss.add_((z.log() + max_s - s_y).squeeze(dim).mul_(keep), alpha=ce_weight)
+        if g is not None:
+            ce_scale = keep.to(acc).mul_(ce_weight).unsqueeze(dim)
+            if shared_softmax:  # one sweep for both terms: p_s * (alpha*T + (1-alpha)*keep)
+                g.addcmul_(w, (ce_scale + kd_grad_weight) / z)
+            else:
+                g.addcmul_(w, ce_scale / z)
+            g.scatter_add_(dim, safe_y, ce_scale.neg())
+    if g is not None and use_kl and not (has_labels and shared_softmax):
+        g.addcmul_(w_s, kd_grad_weight / z_s)
+    return loss
 
 
 class _KDLossFunction(torch.autograd.Function):
