@@ -62,10 +62,7 @@ if triton is not None:
 
     @triton.jit
     def _align_loss_kernel(
-        student_addresses, teacher_addresses,  # int64 [P]: base address of each pair's tensor
-        student_strides, teacher_strides,      # int64 [P, 3]
-        hidden_sizes,                          # int64 [P]
-        grad_offsets,                          # int64 [P]: where each pair's gradient starts in grad_ptr
+        pair_table,                            # int64 [P, 10]: per pair, see _pair_table
         coefficients,                          # acc dtype [P, 2]: (w_p mse_weight / H_p, w_p cosine_weight)
         row_scale,                             # acc dtype [N]: 1 / |V_i|, 0 when no token is valid
         grad_row_scale,                        # acc dtype [N]: row_scale, times 1/N for reduction "mean"
@@ -84,9 +81,10 @@ if triton is not None:
         dtype = grad_ptr.dtype.element_ty
         acc = row_scale.dtype.element_ty
 
-        student = tl.load(student_addresses + pair).to(tl.pointer_type(dtype))
-        teacher = tl.load(teacher_addresses + pair).to(tl.pointer_type(dtype))
-        hidden = tl.load(hidden_sizes + pair)
+        entry = pair_table + 10 * pair
+        student = tl.load(entry).to(tl.pointer_type(dtype))
+        teacher = tl.load(entry + 1).to(tl.pointer_type(dtype))
+        hidden = tl.load(entry + 8)
         mse_coef = tl.load(coefficients + 2 * pair)
         cos_coef = tl.load(coefficients + 2 * pair + 1)
 
@@ -99,11 +97,11 @@ if triton is not None:
             token_weight = tl.where(valid, token_weight, 0.0)
             grad_weight = tl.where(valid, grad_weight, 0.0)
 
-        s_row = student + row * tl.load(student_strides + 3 * pair) + tokens[:, None] * tl.load(student_strides + 3 * pair + 1)
-        t_row = teacher + row * tl.load(teacher_strides + 3 * pair) + tokens[:, None] * tl.load(teacher_strides + 3 * pair + 1)
-        s_step = tl.load(student_strides + 3 * pair + 2)
-        t_step = tl.load(teacher_strides + 3 * pair + 2)
-        g_row = grad_ptr + tl.load(grad_offsets + pair) + (row * L + tokens[:, None]) * hidden
+        s_row = student + row * tl.load(entry + 2) + tokens[:, None] * tl.load(entry + 3)
+        t_row = teacher + row * tl.load(entry + 5) + tokens[:, None] * tl.load(entry + 6)
+        s_step = tl.load(entry + 4)
+        t_step = tl.load(entry + 7)
+        g_row = grad_ptr + tl.load(entry + 9) + (row * L + tokens[:, None]) * hidden
         cols = tl.arange(0, BLOCK_H)
 
         if H_CHUNKS == 1:
@@ -167,6 +165,14 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _pair_table(student, teacher, grad_offsets, device):
+    """One row per pair: student address, teacher address, student strides (3), teacher strides (3),
+    hidden size, gradient offset. One host-to-device copy for all of them."""
+    rows = [[s.data_ptr(), t.data_ptr(), *s.stride(), *t.stride(), s.shape[2], offset]
+            for s, t, offset in zip(student, teacher, grad_offsets)]
+    return torch.tensor(rows, dtype=torch.int64).to(device)
+
+
 def _launch(student, teacher, valid, row_scale, grad_row_scale, coefficients, use_mse, use_cosine, compute_grad):
     pairs = len(student)
     n, length = student[0].shape[:2]
@@ -177,18 +183,13 @@ def _launch(student, teacher, valid, row_scale, grad_row_scale, coefficients, us
     block_l = max(1, min(triton.next_power_of_2(length), TILE_ELEMENTS // block_h))
     token_blocks = triton.cdiv(length, block_l)
 
-    def table(rows):
-        return torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
-
     sizes = [n * length * h for h in hidden]
     offsets = [sum(sizes[:p]) for p in range(pairs)]
     grad_flat = torch.empty(sum(sizes) if compute_grad else 1, dtype=student[0].dtype, device=device)
     partial = torch.empty(n, pairs, token_blocks, dtype=row_scale.dtype, device=device)
     grid = (n * token_blocks, pairs)
     _align_loss_kernel[grid](
-        table([s.data_ptr() for s in student]), table([t.data_ptr() for t in teacher]),
-        table([list(s.stride()) for s in student]), table([list(t.stride()) for t in teacher]),
-        table(hidden), table(offsets), coefficients, row_scale, grad_row_scale,
+        _pair_table(student, teacher, offsets, device), coefficients, row_scale, grad_row_scale,
         valid if valid is not None else row_scale, grad_flat, partial,
         length, token_blocks,
         HAS_MASK=valid is not None, USE_MSE=use_mse, USE_COSINE=use_cosine, COMPUTE_GRAD=compute_grad,
@@ -215,9 +216,9 @@ def _torch_path(student, teacher, valid, row_scale, grad_row_scale, coefficients
     grads = [] if compute_grad else None
     for (mse_coef, cos_coef), s, t in zip(coefficients.tolist(), student, teacher):
         s_acc, t_acc = s.to(acc), t.to(acc)
-        diff = s_acc - t_acc
         token_loss = torch.zeros_like(token_weight)
         if use_mse:
+            diff = s_acc - t_acc
             token_loss = torch.linalg.vector_norm(diff, dim=-1).square_().mul_(mse_coef)
         if use_cosine:
             s_norm = torch.linalg.vector_norm(s_acc, dim=-1)
@@ -263,7 +264,7 @@ class _AlignLossFunction(torch.autograd.Function):
         if ctx.reduction == "none":
             scale = grad_loss.to(grads[0].dtype)[:, None, None]
             grads = [g * scale for g in grads]
-        elif not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+        elif not torch.equal(grad_loss, torch.ones_like(grad_loss)):  # one host sync saves a full pass
             grads = [g * grad_loss.to(g.dtype) for g in grads]
         return (None,) * 6 + tuple(grads)
 
