@@ -92,6 +92,15 @@ def test_hidden_wider_than_one_block(monkeypatch, seed, backend):
             assert_matches(student, teacher, mask, cosine_weight=cosine_weight)
 
 
+@pytest.mark.parametrize("hidden", [align_module.MAX_BLOCK_H, align_module.MAX_BLOCK_H + 1], ids=["one", "two"])
+def test_largest_block_and_one_past_it(hidden):
+    torch.manual_seed(6)
+    student, teacher = make_pairs(2, 3, hidden, pairs=2)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    with use_backend("triton"):
+        assert_matches(student, teacher, mask, cosine_weight=0.5)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_mask_and_pairs_of_different_widths(backend):
     torch.manual_seed(1)
