@@ -59,6 +59,8 @@ class SAGELossConfig:
             value = getattr(self, name)
             if value is not None and not _is_count(value):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        if self.layer_map is not None:
+            self._check_layer_map()
         if self.beta == 0:
             return
         if self.mse_weight == 0 and self.cosine_weight == 0:
@@ -70,8 +72,6 @@ class SAGELossConfig:
             if self.num_student_layers is None or self.num_teacher_layers is None:
                 raise ValueError("layer_map is None, so num_student_layers and num_teacher_layers are needed for "
                                  "the default evenly spaced map")
-        else:
-            self._check_layer_map()
         if self.layer_weights is not None:
             self._check_layer_weights()
 
@@ -151,7 +151,9 @@ class SAGELoss(nn.Module):
 
         cfg = self.config
         student_logits = _field(student_outputs, "logits", "student_outputs")
+        # a cached teacher may be stored in another dtype or on another device than the student runs in
         teacher_logits = _field(teacher_outputs, "logits", "teacher_outputs").detach()
+        teacher_logits = teacher_logits.to(device=student_logits.device, dtype=student_logits.dtype)
         kd, kd_per_example = kd_loss(student_logits, teacher_logits, labels, temperature=cfg.temperature,
                                      alpha=cfg.alpha, ignore_index=cfg.ignore_index, return_per_example=True)
         if cfg.beta == 0:
@@ -195,5 +197,5 @@ class SAGELoss(nn.Module):
                 state = self.projections[str(s_index)](state)
             teacher_state = teacher_hidden[t_index].detach()
             student_states.append(state)
-            teacher_states.append(teacher_state.to(state.dtype))
+            teacher_states.append(teacher_state.to(device=state.device, dtype=state.dtype))
         return student_states, teacher_states

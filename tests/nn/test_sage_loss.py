@@ -163,6 +163,19 @@ def test_same_hidden_size_aligns_without_projection():
     assert h_s[1].grad is None and h_s[0].grad is not None and h_s[2].grad is not None
 
 
+def test_half_precision_student_with_float32_cached_teacher():
+    torch.manual_seed(0)
+    h_s = [torch.randn(3, 4, 8, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    h_t = {2: torch.randn(3, 4, 8)}
+    logits = torch.randn(3, 5, dtype=torch.bfloat16, requires_grad=True)
+    loss_module = SAGELoss(SAGELossConfig(beta=1.0, cosine_weight=1.0, layer_map={2: 2}))
+    out = loss_module({"logits": logits, "hidden_states": h_s}, {"logits": torch.randn(3, 5), "hidden_states": h_t},
+                      labels=torch.tensor([1, -100, 4]))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.per_example.dtype == torch.float32
+    assert h_s[2].grad.dtype == torch.bfloat16 and logits.grad is not None
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(alpha=1.5), "alpha"),
     (dict(temperature=0.0), "temperature"),
@@ -172,6 +185,7 @@ def test_same_hidden_size_aligns_without_projection():
     (dict(layer_map={5: 1}), "student index 5 is out of range"),
     (dict(layer_map={1: 9}), "teacher index 9 is out of range"),
     (dict(layer_map={}), "non-empty"),
+    (dict(beta=0.0, layer_map={1: -2}), "non-negative"),
     (dict(layer_weights={2: -1.0}), "layer_weights[2]"),
     (dict(layer_weights={7: 1.0}), "not in the layer map"),
     (dict(teacher_hidden_size=None), "given together"),
