@@ -64,14 +64,6 @@ def _import_umap():
     return umap
 
 
-def _import_cupy():
-    try:
-        import cupy
-    except ImportError as error:
-        raise ImportError("the analysis on CUDA needs cupy: pip install 'sage-fast[gpu]'") from error
-    return cupy
-
-
 class LossRegionAnalyzer:
     """Find high-loss regions of the student's embedding map and draw anchor/partner pairs there.
 
@@ -222,11 +214,15 @@ class LossRegionAnalyzer:
                 stacklevel=4,
             )
             return None
-        cupy = _import_cupy()
+        from . import _gpu
+
+        cupy = _gpu.import_cupy()
         reducer = UMAP(output_type="cupy", **self._umap_arguments())
-        graph = (cupy.from_dlpack(indices), cupy.from_dlpack(distances))
-        embedding = reducer.fit_transform(cupy.from_dlpack(x), knn_graph=graph)
-        return reducer, torch.from_dlpack(cupy.ascontiguousarray(embedding, dtype=cupy.float32))
+        # cuML takes (indices, distances) with the point itself first, like umap-learn.
+        graph = (_gpu.as_cupy(indices), _gpu.as_cupy(distances))
+        with _gpu.cuda_errors_explained("cuML UMAP"):
+            embedding = reducer.fit_transform(_gpu.as_cupy(x), knn_graph=graph)
+        return reducer, _gpu.as_torch(cupy.ascontiguousarray(embedding, dtype=cupy.float32))
 
     # ---------------------------------------------------------------------------------- sampling
     def _check_fitted(self) -> None:
