@@ -41,6 +41,7 @@ _TILE_ELEMS_INTERPRETER = 16384
 # Rows of the plain-torch path are processed in chunks of about this many elements, so that the
 # temporaries stay small (and in cache) instead of growing with the batch.
 _TORCH_CHUNK_ELEMS = 1 << 18
+_TORCH_MIN_CHUNK_ELEMS = 1 << 14
 # Rows this narrow go through the plain-torch path transposed (classes along dimension 0).
 _TORCH_TRANSPOSE_MAX_C = 16
 # Tests set this to fill the outputs with NaN before the launch, so that unwritten elements show up.
@@ -220,7 +221,10 @@ def _forward_torch(student, teacher, labels, temperature, alpha, ignore_index, c
     def rows_view(x, start, stop):
         return x[start:stop].t() if transposed else x[start:stop]
 
-    chunk = max(1, min(n_rows, _TORCH_CHUNK_ELEMS // n_classes))
+    # a quarter of the batch per chunk bounds the temporaries to a fraction of the gradient, but
+    # chunks stay large enough that per-op overhead does not dominate narrow rows
+    chunk = min(_TORCH_CHUNK_ELEMS // n_classes, max(-(-n_rows // 4), _TORCH_MIN_CHUNK_ELEMS // n_classes))
+    chunk = max(1, min(n_rows, chunk))
     buffer_shape = (n_classes, chunk) if transposed else (chunk, n_classes)
     buffers = [torch.empty(buffer_shape, dtype=acc, device=device) for _ in range(3)]
     # the gradient is built straight in the output when that is already a plain working buffer
