@@ -253,3 +253,20 @@ def test_bad_input_raises_naming_the_argument(index, monkeypatch):
     monkeypatch.setattr(kd_module, "_forward_torch", no_launch)
     with pytest.raises(ValueError, match=name):
         call()
+
+
+@pytest.mark.parametrize("n_classes", [3, 40], ids=["transposed", "rows"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_torch_path_in_several_chunks(n_classes, dtype, temperature, monkeypatch):
+    torch.manual_seed(0)
+    monkeypatch.setattr(kd_module, "_TORCH_CHUNK_ELEMS", 4 * n_classes)
+    monkeypatch.setattr(kd_module, "_TORCH_MIN_CHUNK_ELEMS", 1)
+    student, teacher, labels = make_inputs(11, n_classes, dtype=dtype, ignored=(5,))
+    kw = dict(temperature=temperature, alpha=0.4)
+    loss, grad = run("torch", student, teacher, labels, **kw)
+    ref_loss, ref_grad = reference(student, teacher, labels, **kw)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss.double(), ref_loss, **tol)
+    tol = tol if dtype == torch.float64 else dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(grad.double(), ref_grad, **tol)
