@@ -147,3 +147,35 @@ def test_cli_reports_bad_data_without_traceback(tmp_path, capsys, args, message)
     assert code == 2
     assert err.startswith("sage-fast teacher: ") and message in err
     assert "Traceback" not in err
+
+
+def test_glue_uses_validation_as_test_and_carves_validation(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({"question": datasets.Value("string"), "sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["entailment", "not_entailment"])})
+
+    def part(n, tag):
+        return datasets.Dataset.from_dict({"question": [f"{tag} q{i}" for i in range(n)],
+                                           "sentence": [f"{tag} s{i}" for i in range(n)],
+                                           "label": [i % 2 for i in range(n)]}, features=features)
+
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append(a) or
+                        datasets.DatasetDict(train=part(50, "train"), validation=part(7, "dev")))
+    data = load_task("qnli")
+    assert calls == [("glue", "qnli")]
+    assert data.label_names == ["entailment", "not_entailment"] and data.is_pair_task
+    assert (len(data.train), len(data.validation), len(data.test)) == (45, 5, 7)
+    assert data.test.texts[0] == "dev q0" and data.test.text_pairs[0] == "dev s0"
+    assert not set(data.train.texts) & set(data.validation.texts)
+
+
+def test_glue_offline_is_a_clear_usage_error(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match="--train-file"):
+        load_task("sst2")
