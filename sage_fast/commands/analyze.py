@@ -65,13 +65,14 @@ def run(args) -> int:
     mode_run.load(state)
     mode_run.refresh_profile()
     analyzer, _ = mode_run.fit_analyzer(config.seed)
-    anchors, _, _ = analyzer.sample_pairs(args.anchors or config.synthetic_per_round,
+    anchors, partners, lam = analyzer.sample_pairs(args.anchors or config.synthetic_per_round,
                                           torch.Generator(device=setup.device).manual_seed(config.seed))
     from ..plot import loss_map
 
     output = Path(args.output) if args.output else path.parent / "loss_map_analyze.png"
     output.parent.mkdir(parents=True, exist_ok=True)
-    written = loss_map(analyzer, output, anchors=anchors)
+    written = loss_map(analyzer, output, synthetic=(anchors, partners, lam), anchors=anchors,
+                       title=f"{state['mode']} student after {state['global_step']} steps (refreshed profile)")
     losses = mode_run.profile.loss
     print(f"{state['mode']} student after {state['global_step']} steps: {mode_run.n_train} training examples, "
           f"mean loss {float(losses.mean()):.4f}, region-score threshold {float(analyzer.threshold_):.4f}")

@@ -148,6 +148,13 @@ class DistillConfig:
                 "otherwise each round would push out examples it has just made")
         if self.eval_file is not None and self.train_file is None:
             raise ConfigError("eval-file was given without train-file; give both, or neither to use --task")
+        if not isinstance(self.student, str) or not self.student:
+            raise bad("student", "a model folder, hub id, config file or 'from-teacher:K'", self.student)
+        if self.student.startswith("from-teacher"):
+            _, _, k = self.student.partition(":")
+            if not (k.isdigit() and int(k) >= 1):
+                raise bad("student", "'from-teacher:K' with K a positive integer (every K-th teacher layer)",
+                          self.student)
         for name in ("text_column", "label_column"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise bad(name, "a column name", getattr(self, name))

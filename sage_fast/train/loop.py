@@ -412,7 +412,9 @@ class ModeRun:
                 from ..plot import loss_map
 
                 png = str(loss_map(analyzer, self.out_dir / f"loss_map_round{self.analysis_round:03d}.png",
-                                   anchors=anchors))
+                                   synthetic=(anchors, partners, lam), anchors=anchors,
+                                   title=f"{self.mode}: round {self.analysis_round}, step {self.global_step}, "
+                                         f"{int(seen.numel())} examples, {int(m)} synthetic"))
             except ImportError as err:  # matplotlib is optional: the run goes on without the picture
                 self.log(f"no loss map: {err}")
         self.metrics.log(kind="analysis", mode=self.mode, round=self.analysis_round, step=self.global_step,
@@ -493,7 +495,9 @@ class ModeRun:
         if self.mode == "kd":
             return False
         if self.config.analysis_every is not None:
-            return not end_of_epoch and self.global_step % self.config.analysis_every == 0
+            # No round after the last step: nothing would train on what it makes.
+            return (not end_of_epoch and self.global_step % self.config.analysis_every == 0
+                    and self.global_step < self.total_steps)
         return end_of_epoch and self.global_step < self.total_steps
 
     def train(self) -> dict:

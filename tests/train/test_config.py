@@ -55,6 +55,7 @@ def test_compare_drops_the_main_mode_and_none():
     ({"lam_low": 0.8, "lam_high": 0.2}, "lam-low"),
     ({"eval_file": "x.csv"}, "train-file"),
     ({"bogus": 1}, "bogus"),
+    ({"student": "from-teacher:0"}, "student"),
 ])
 def test_impossible_settings_name_the_setting(flags, word):
     with pytest.raises(ConfigError, match=word):
