@@ -255,7 +255,11 @@ class VectorInterface(nn.Module):
     def folded_student_table(self) -> torch.Tensor:
         """``E_t A^T + b`` (or ``E_t`` for an identity adapter): the student's table over the teacher's vocabulary."""
         table = self.teacher_embeddings.weight
-        return self.adapter(table.float()).to(table.dtype) if isinstance(self.adapter, nn.Linear) else table.clone()
+        if not isinstance(self.adapter, nn.Linear):
+            return table.clone()
+        # fold in fp32 whatever the training dtype, so the exported table is as exact as it can be
+        weight, bias = self.adapter.weight.float(), self.adapter.bias.float()
+        return torch.nn.functional.linear(table.float(), weight, bias)
 
 
 def export_student(interface: VectorInterface, tokenizer, out_dir, student=None) -> Path:
