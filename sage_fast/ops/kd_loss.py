@@ -54,7 +54,9 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
 
 if triton is not None:
-    _NEG = -1.0e30  # stands in for -inf on masked lanes; exp(_NEG - m) is exactly 0
+    # stands in for -inf on masked lanes (exp(_NEG - m) is exactly 0); a constexpr, as compiled
+    # kernels may only read constexpr globals
+    _NEG = tl.constexpr(-1.0e30)
 
     @triton.jit
     def _kd_loss_kernel(
