@@ -27,7 +27,7 @@ import struct
 import torch
 
 from .. import _checks
-from .._backend import interpreter_enabled, use_triton
+from .._backend import use_triton
 
 __all__ = ["kd_loss", "kd_loss_reference"]
 
