@@ -8,6 +8,10 @@ if os.environ.pop("TRITON_INTERPRET", None) == "1":
 sys.path.insert(0, os.path.dirname(__file__))
 
 import harness  # noqa: E402
+import torch  # noqa: E402
+
+if harness.DEVICE.type == "cpu":
+    torch.set_num_threads(int(os.environ.get("SAGE_FAST_BENCH_THREADS", "1")))
 
 
 def pytest_terminal_summary(terminalreporter):

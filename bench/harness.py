@@ -8,8 +8,9 @@ share of the measured copy bandwidth, and peak memory against the baseline.
 
 On CUDA, times are CUDA-event medians from ``triton.testing.do_bench`` after warm-up; peak memory
 is ``torch.cuda.max_memory_allocated`` above what was allocated before the call. On CPU, times are
-wall-clock medians; peak memory is the high-water mark of torch's allocations during the call, from
-the profiler's memory events. CPU numbers are only meaningful as ratios within one run.
+medians of the calling thread's CPU time with one intra-op thread (``SAGE_FAST_BENCH_THREADS``
+overrides; then wall-clock); peak memory is the high-water mark of torch's allocator during the
+call, from the profiler's memory events. CPU numbers are only meaningful as ratios within one run.
 """
 from __future__ import annotations
 
@@ -74,11 +75,14 @@ def time_call(fn, *, warmup: int = 3, rep: int | None = None) -> float:
     for _ in range(warmup):
         fn()
     rep = rep or int(os.environ.get("SAGE_FAST_BENCH_REPS", "7"))
+    # With one intra-op thread (bench/conftest.py sets it on CPU) the work runs on this thread, and
+    # its CPU time is what other processes on a shared machine cannot inflate.
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     times = []
     for _ in range(rep):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
@@ -91,16 +95,27 @@ def peak_memory(fn) -> int:
         fn()
         sync()
         return torch.cuda.max_memory_allocated() - before
+    import json
+    import tempfile
+
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
-    current = high = 0
-    for _, delta in deltas:
-        current += delta
-        high = max(high, current)
-    return high
+    # The "[memory]" events carry the allocator's running total; their maximum, less the total
+    # before the first event, is the high-water mark. (Summing per-op memory by start time does not
+    # work: parent ops such as autograd nodes report their children's frees at their own start.)
+    with tempfile.NamedTemporaryFile(suffix=".json") as trace:
+        prof.export_chrome_trace(trace.name)
+        with open(trace.name) as fh:
+            events = json.load(fh).get("traceEvents", [])
+    totals = [(e["ts"], e["args"]["Total Allocated"], e["args"]["Bytes"]) for e in events
+              if e.get("name") == "[memory]" and "Total Allocated" in e.get("args", {})]
+    if not totals:
+        return 0
+    totals.sort()
+    start = totals[0][1] - totals[0][2]
+    return max(t for _, t, _ in totals) - start
 
 
 def measure(benchmark, group: str, name: str, fn, *, bytes_moved: float | None = None, flops: float | None = None,
@@ -121,10 +136,7 @@ def measure(benchmark, group: str, name: str, fn, *, bytes_moved: float | None =
     call()  # compile / autotune / first-touch before anything is timed
     benchmark.group = group
     benchmark.pedantic(call, rounds=int(os.environ.get("SAGE_FAST_BENCH_REPS", "7")), iterations=1, warmup_rounds=1)
-    stats = getattr(benchmark, "stats", None)
-    seconds = stats.stats.median if stats is not None else time_call(call)
-    if DEVICE.type == "cuda":
-        seconds = time_call(fn)
+    seconds = time_call(fn if DEVICE.type == "cuda" else call)
     peak = peak_memory(call) if memory else None
     result = Result(group, name, seconds, bytes_moved, flops, peak, baseline, extra)
     RESULTS.append(result)
