@@ -41,8 +41,9 @@ from .. import _checks
 MODES = ("interpolate", "inverse")
 LAM_DISTRIBUTIONS = ("uniform", "beta")
 KNN_METHODS = ("auto", "exact", "approximate")
-#: From ``bench/test_bench_regions.py`` on CPU: below this many points the exact torch graph is as
-#: fast as pynndescent; above it NN-descent wins and the UMAP it feeds is as good.
+#: From ``bench/test_bench_regions.py`` on CPU (d=384, k=15): at N=400 the exact torch graph took
+#: 0.4x the time of pynndescent, at N=20000 pynndescent took 0.34x the time of the exact graph and the
+#: whole round 0.8x. The crossover lies between; this threshold sits between the two sizes measured.
 AUTO_APPROXIMATE_MIN_SAMPLES = 8192
 #: Keys of ``umap_kwargs`` the analyzer sets itself.
 RESERVED_UMAP_KWARGS = ("n_neighbors", "n_components", "metric", "precomputed_knn", "random_state")
