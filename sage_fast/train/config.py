@@ -42,6 +42,8 @@ class DistillConfig:
                                "MiniLM-L6 fine-tuned on the task (cached after the first run)")
     student: str = _opt("from-teacher:3", "student: a hub id, a local folder, a config.json, or 'from-teacher:K' "
                         "(every K-th teacher layer, weights copied from the teacher)")
+    teacher_epochs: float = _opt(3.0, "epochs of fine-tuning when the teacher is made here (--teacher unset)")
+    teacher_lr: float = _opt(2e-4, "learning rate of that fine-tuning")
     # --- data ---
     task: str = _opt("rotten_tomatoes", "built-in task; ignored when --train-file is given", choices=TASKS)
     train_file: str | None = _opt(None, "CSV or JSONL file with training rows (replaces --task)")
@@ -51,7 +53,7 @@ class DistillConfig:
     text_pair_column: str | None = _opt(None, "column holding the second text of a pair task (files only)")
     label_column: str = _opt("label", "column holding the integer label (files only)")
     train_limit: int | None = _opt(1000, "use at most this many training examples (0 or unset: all)")
-    eval_limit: int | None = _opt(None, "use at most this many validation and test examples each (unset: all)")
+    eval_limit: int | None = _opt(600, "use at most this many validation and test examples each (0 or unset: all)")
     max_length: int = _opt(48, "tokens per example, padding and truncating")
     # --- method ---
     mode: str = _opt("sage", "sage: synthesise where the loss is high; kd: plain distillation, no synthesis; "
@@ -134,6 +136,8 @@ class DistillConfig:
         number("temperature", 0.0, math.inf, lo_open=True, hi_open=True)
         number("beta", 0.0, math.inf, hi_open=True)
         number("lr", 0.0, math.inf, lo_open=True, hi_open=True)
+        number("teacher_lr", 0.0, math.inf, lo_open=True, hi_open=True)
+        number("teacher_epochs", 0.0, math.inf, lo_open=True, hi_open=True)
         number("weight_decay", 0.0, math.inf, hi_open=True)
         number("warmup_ratio", 0.0, 1.0, hi_open=True)
         number("quantile", 0.0, 1.0, lo_open=True, hi_open=True)

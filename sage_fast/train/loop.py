@@ -113,7 +113,8 @@ def build_setup(config: DistillConfig, log=print) -> Setup:
         from .teacher import TeacherSettings
 
         folder = fine_tune_teacher(DEFAULT_TEACHER_BASE, data, device=device, progress=config.progress, log=log,
-                                   settings=TeacherSettings(max_length=config.max_length, seed=config.seed))
+                                   settings=TeacherSettings(epochs=config.teacher_epochs, lr=config.teacher_lr,
+                                                            max_length=config.max_length, seed=config.seed))
         teacher_name = str(folder)
         teacher_metrics = read_teacher_metrics(folder)
     else:
@@ -594,7 +595,7 @@ def run(config: DistillConfig, *, resume: bool = False, log=print) -> dict:
     for mode in [config.mode, *config.compare]:
         mode_run = ModeRun(setup, mode, out_dir / mode, log=log)
         if resume and mode_run.checkpoint_path.exists():
-            mode_run.load(ckpt.load(mode_run.checkpoint_path, map_location=setup.device))
+            mode_run.load(ckpt.load(mode_run.checkpoint_path))  # on the CPU: RNG states must stay there
             log(f"[{mode}] resuming at step {mode_run.global_step}/{mode_run.total_steps}")
         rows.append(mode_run.train())
         trained[mode] = str(mode_run.trained_dir)
