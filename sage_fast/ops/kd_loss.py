@@ -62,7 +62,7 @@ if triton is not None:
     def _kd_loss_kernel(
         student_ptr, teacher_ptr, labels_ptr, loss_ptr, grad_ptr,
         n_rows, n_classes, stride_student, stride_teacher, stride_grad,
-        temperature, temperature_lo, alpha, alpha_lo, ignore_index,
+        temperature, temperature_lo, alpha, alpha_lo, grad_scale, grad_scale_lo, ignore_index,
         USE_KL: tl.constexpr, HAS_LABELS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
         ACC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
@@ -131,7 +131,10 @@ if triton is not None:
 
         if COMPUTE_GRAD:
             grad_rows = grad_ptr + rows64[:, None] * stride_grad
-            kd_grad_weight = kd_weight * temp
+            # the reduction's scale (1/N for "mean") is folded in, so backward need not touch the gradient
+            gscale = tl.cast(grad_scale, ACC) + tl.cast(grad_scale_lo, ACC)
+            kd_grad_weight = kd_weight * temp * gscale
+            ce_grad_weight = ce_weight * gscale
             for start in range(0, n_classes, BLOCK_C):
                 c = start + cols
                 mask = row_ok[:, None] & (c[None, :] < n_classes)
@@ -145,7 +148,7 @@ if triton is not None:
                 if HAS_LABELS:
                     p = tl.exp(tl.where(mask, s, _NEG) - lse_s[:, None])
                     hit = c[None, :] == y[:, None]
-                    g += tl.where(y_ok[:, None], ce_weight * (p - tl.where(hit, 1.0, 0.0)), 0.0)
+                    g += tl.where(y_ok[:, None], ce_grad_weight * (p - tl.where(hit, 1.0, 0.0)), 0.0)
                 tl.store(grad_rows + c[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
@@ -179,7 +182,7 @@ def _launch_config(n_rows: int, n_classes: int, device: torch.device) -> tuple[i
     return block_rows, block_c, num_warps
 
 
-def _forward_triton(student, teacher, labels, temperature, alpha, ignore_index, compute_grad):
+def _forward_triton(student, teacher, labels, temperature, alpha, ignore_index, compute_grad, grad_scale):
     n_rows, n_classes = student.shape
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
     per_row = torch.empty(n_rows, dtype=acc, device=student.device)
@@ -195,7 +198,7 @@ def _forward_triton(student, teacher, labels, temperature, alpha, ignore_index, 
     _kd_loss_kernel[grid](
         student, teacher, labels if has_labels else student, per_row, grad if compute_grad else per_row,
         n_rows, n_classes, student.stride(0), teacher.stride(0), grad.stride(0) if compute_grad else 0,
-        *_float32_pair(temperature), *_float32_pair(alpha), int(ignore_index),
+        *_float32_pair(temperature), *_float32_pair(alpha), *_float32_pair(grad_scale), int(ignore_index),
         USE_KL=use_kl, HAS_LABELS=has_labels, COMPUTE_GRAD=compute_grad,
         ACC=tl.float64 if acc == torch.float64 else tl.float32,
         BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps,
@@ -203,7 +206,7 @@ def _forward_triton(student, teacher, labels, temperature, alpha, ignore_index, 
     return per_row, grad
 
 
-def _forward_torch(student, teacher, labels, temperature, alpha, ignore_index, compute_grad):
+def _forward_torch(student, teacher, labels, temperature, alpha, ignore_index, compute_grad, grad_scale):
     """The kernel's algorithm in plain torch: chunks of rows through a few reused buffers (so the
     temporaries stay cache-sized however large the batch is), one exp per element for each softmax,
     and the gradient written in the same sweep. Narrow rows are handled transposed, classes along
@@ -231,7 +234,7 @@ def _forward_torch(student, teacher, labels, temperature, alpha, ignore_index, c
     buffers = [torch.empty(buffer_shape, dtype=acc, device=device) for _ in range(3)]
     # the gradient is built straight in the output when that is already a plain working buffer
     grad_in_place = compute_grad and grad.dtype == acc and not transposed
-    kw = dict(temperature=temperature, alpha=alpha, ignore_index=ignore_index, dim=dim)
+    kw = dict(temperature=temperature, alpha=alpha, ignore_index=ignore_index, dim=dim, grad_scale=grad_scale)
     for start in range(0, n_rows, chunk):
         stop = min(start + chunk, n_rows)
         part = slice(0, stop - start)
@@ -247,15 +250,16 @@ def _forward_torch(student, teacher, labels, temperature, alpha, ignore_index, c
     return per_row, grad
 
 
-def _torch_chunk(s, t, labels, buf_s, buf_t, g, *, temperature, alpha, ignore_index, dim):
-    """Per-row losses of one chunk (classes along ``dim``); the gradient goes into ``g`` if given."""
+def _torch_chunk(s, t, labels, buf_s, buf_t, g, *, temperature, alpha, ignore_index, dim, grad_scale):
+    """Per-row losses of one chunk (classes along ``dim``); the gradient, times ``grad_scale``, goes
+    into ``g`` if given."""
     acc = buf_s.dtype
     use_kl = alpha > 0.0
     has_labels = labels is not None and alpha < 1.0
     # at T == 1 the cross-entropy softmax is the KL one: reuse it
     shared_softmax = use_kl and temperature == 1.0
     inv_t = 1.0 / temperature
-    kd_grad_weight = alpha * temperature
+    kd_grad_weight = alpha * temperature * grad_scale
     ce_weight = 1.0 - alpha
     loss = torch.zeros(s.shape[1 - dim], dtype=acc, device=s.device)
     # (s - max s) / T == s/T - max(s/T) since T > 0; the mixed-dtype subtraction runs in acc
@@ -290,7 +294,7 @@ def _torch_chunk(s, t, labels, buf_s, buf_t, g, *, temperature, alpha, ignore_in
         s_y = s.gather(dim, safe_y).to(acc)
         loss.add_((z.log() + max_s - s_y).squeeze(dim).mul_(keep), alpha=ce_weight)
         if g is not None:
-            ce_scale = keep.to(acc).mul_(ce_weight).unsqueeze(dim)
+            ce_scale = keep.to(acc).mul_(ce_weight * grad_scale).unsqueeze(dim)
             if shared_softmax:  # one sweep for both terms: p_s * (alpha*T + (1-alpha)*keep)
                 g.addcmul_(w, (ce_scale + kd_grad_weight) / z)
             else:
@@ -302,22 +306,39 @@ def _torch_chunk(s, t, labels, buf_s, buf_t, g, *, temperature, alpha, ignore_in
 
 
 class _KDLossFunction(torch.autograd.Function):
-    """Returns the per-row losses; the gradient dl_i/ds is computed in forward and kept."""
+    """Returns ``(loss, per_row)``; the gradient of ``loss`` is computed in forward and kept.
+
+    The reduction happens here so that its scale is folded into the stored gradient: for "mean" and
+    "sum", backward with an incoming gradient of 1 (the usual ``loss.backward()``) hands the stored
+    gradient over without touching it, one host sync instead of a read and write of ``[N, C]``.
+    """
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, temperature, alpha, ignore_index, triton_path):
+    def forward(ctx, student, teacher, labels, temperature, alpha, ignore_index, triton_path, reduction):
         compute_grad = ctx.needs_input_grad[0]
+        n_rows = student.shape[0]
+        grad_scale = 1.0 / n_rows if reduction == "mean" else 1.0
         forward = _forward_triton if triton_path else _forward_torch
-        per_row, grad = forward(student, teacher, labels, temperature, alpha, ignore_index, compute_grad)
+        per_row, grad = forward(student, teacher, labels, temperature, alpha, ignore_index, compute_grad, grad_scale)
+        ctx.reduction = reduction
         if compute_grad:
             ctx.save_for_backward(grad)
-        return per_row
+        ctx.mark_non_differentiable(per_row)
+        if reduction == "none":
+            loss = per_row.clone()
+        else:
+            loss = per_row.sum() / (n_rows if reduction == "mean" else 1)
+        return loss, per_row
 
     @staticmethod
-    def backward(ctx, grad_per_row):
+    def backward(ctx, grad_loss, _grad_per_row):
         (grad,) = ctx.saved_tensors
-        # out of place: backward may run more than once on a retained graph
-        return grad * grad_per_row.to(grad.dtype).unsqueeze(1), None, None, None, None, None, None
+        if ctx.reduction == "none":
+            grad = grad * grad_loss.to(grad.dtype).unsqueeze(1)
+        elif not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+            # out of place: backward may run more than once on a retained graph
+            grad = grad * grad_loss.to(grad.dtype)
+        return grad, None, None, None, None, None, None, None
 
 
 def _check(student_logits, teacher_logits, labels, temperature, alpha, ignore_index, reduction):
@@ -388,13 +409,8 @@ def kd_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, alp
     if labels is not None and not labels.is_contiguous():
         labels = labels.contiguous()
     triton_path = use_triton(student.device)
-    per_row = _KDLossFunction.apply(student, teacher, labels, temperature, alpha, ignore_index, triton_path)
-    if reduction == "mean":
-        loss = per_row.mean()
-    elif reduction == "sum":
-        loss = per_row.sum()
-    else:
-        loss = per_row
+    loss, per_row = _KDLossFunction.apply(student, teacher, labels, temperature, alpha, ignore_index, triton_path,
+                                          reduction)
     if not return_per_example:
         return loss
     return loss, per_row.detach().float()
