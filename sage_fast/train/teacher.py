@@ -62,7 +62,7 @@ def teacher_key(base: str, data: TaskData, settings: TeacherSettings) -> str:
 
     resolved = resolve_model_path(base)
     payload = json.dumps({"base": resolved, "data": data.fingerprint(), "settings": asdict(settings)}, sort_keys=True)
-    stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in Path(resolved).name or "model")
+    stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(base).name or "model")
     return f"{stem}-{data.task}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 
 
