@@ -42,7 +42,7 @@ class DistillConfig:
                                "MiniLM-L6 fine-tuned on the task (cached after the first run)")
     student: str = _opt("from-teacher:3", "student: a hub id, a local folder, a config.json, or 'from-teacher:K' "
                         "(every K-th teacher layer, weights copied from the teacher)")
-    teacher_epochs: float = _opt(3.0, "epochs of fine-tuning when the teacher is made here (--teacher unset)")
+    teacher_epochs: float = _opt(2.0, "epochs of fine-tuning when the teacher is made here (--teacher unset)")
     teacher_lr: float = _opt(2e-4, "learning rate of that fine-tuning")
     # --- data ---
     task: str = _opt("rotten_tomatoes", "built-in task; ignored when --train-file is given", choices=TASKS)
