@@ -50,8 +50,8 @@ def loss_map(analyzer, path, synthetic=None, *, anchors=None, title: str | None 
 
     ``synthetic``: ``None``; an ``(anchors, partners, lam)`` triple as returned by
     ``sample_pairs`` (placed with ``synthetic_positions``); or an ``[M, 2]`` array of map positions.
-    ``anchors``: indices of points to mark (for example the anchors drawn). ``title`` defaults to a
-    line with N, k and the quantile.
+    ``anchors``: indices of points to mark (for example the anchors drawn). A line with N, k and the
+    quantile always ends the title; ``title``, if given, goes above it.
     """
     from .regions.analyzer import NotFittedError
 
@@ -96,9 +96,10 @@ def loss_map(analyzer, path, synthetic=None, *, anchors=None, title: str | None 
     if synthetic_xy is not None and synthetic_xy.size:
         axes.scatter(synthetic_xy[:, 0], synthetic_xy[:, 1], s=2 * marker_size + 6, marker="x", c="black",
                      linewidths=0.8, label=f"synthetic ({synthetic_xy.shape[0]})")
-    if title is None:
-        title = f"Loss map: N={n}, k={analyzer.n_neighbors}, anchors from the top {1 - analyzer.quantile:.0%} (q={analyzer.quantile:g})"
-    axes.set_title(title, fontsize=10)
+    # the numbers that define the map are always shown; a caller's title goes above them
+    summary = (f"N={n}, k={analyzer.n_neighbors}, anchors from the top {1 - analyzer.quantile:.0%} "
+               f"(q={analyzer.quantile:g})")
+    axes.set_title(f"Loss map: {summary}" if title is None else f"{title}\n{summary}", fontsize=10)
     axes.set_xlabel("map 1")
     axes.set_ylabel("map 2")
     axes.legend(loc="best", fontsize=8, markerscale=1.5)
