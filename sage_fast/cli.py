@@ -21,6 +21,17 @@ class UsageError(Exception):
     """A problem with what the user asked for: printed as one paragraph, exit code 2."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only when it says something: not for unset (None) values or off switches, and
+    not a second time when the help text already states its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sage-fast",
@@ -30,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, summary in COMMANDS.items():
         module = importlib.import_module(f"sage_fast.commands.{name}")
         p = sub.add_parser(name, help=summary, description=(module.__doc__ or summary).strip(),
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser

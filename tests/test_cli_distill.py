@@ -2,6 +2,7 @@
 import csv
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -125,3 +126,18 @@ def test_bad_input_exits_2_with_one_paragraph(tiny, tmp_path, capsys):
 def test_analyze_without_a_checkpoint(tmp_path, capsys):
     assert main(["analyze", str(tmp_path)]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_help_shows_each_default_once_and_no_unset_ones(capsys):
+    from sage_fast.cli import COMMANDS
+
+    for command in COMMANDS:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "(default: None)" not in text and "(default: False)" not in text, command
+        assert not re.search(r"\(default:[^)]*\) \(default:", text), command
+    with pytest.raises(SystemExit):
+        main(["teacher", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--batch-size BATCH_SIZE examples per optimiser step (default: 32)" in text
