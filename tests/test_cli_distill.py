@@ -94,12 +94,14 @@ def bad_cases(tiny, tmp):
     truncated.write_text("text,label\n" + "a fine movie,1\n" * 30 + '"an unterminated')
     unknown_labels = write_csv(tmp / "eval.csv", [("good", 1), ("bad", 7)])
     three = make_teacher(tmp / "teacher3", 3)
+    three_labels = write_csv(tmp / "three.csv", [(f"text number {i}", i % 3) for i in range(60)])
     return {
         "missing column": (["--text-column", "review"], "review"),
         "empty dataset": (["--train-file", str(empty)], "no examples"),
         "truncated file": (["--train-file", str(truncated)], "truncated"),
         "labels outside the label set": (["--eval-file", str(unknown_labels)], "never occur"),
         "teacher with other label count": (["--teacher", str(three)], "labels"),
+        "two-label teacher, three-label data": (["--train-file", str(three_labels)], "2 labels"),
         "missing model": (["--teacher", str(tmp / "nowhere")], "nowhere"),
         "max_length below 2": (["--max-length", "1"], "max-length"),
         "pool smaller than a round": (["--pool-size", "8"], "pool-size"),

@@ -91,7 +91,10 @@ def _teacher_label_count(name_or_path: str) -> int | None:
     config = json.loads(config_file.read_text())
     if not any("ForSequenceClassification" in a for a in config.get("architectures") or []):
         return None
-    return len(config["id2label"]) if "id2label" in config else config.get("num_labels")
+    if "id2label" in config:
+        return len(config["id2label"])
+    # Recent transformers leave the label count out of config.json when it is the default (2).
+    return int(config.get("num_labels", 2))
 
 
 def build_setup(config: DistillConfig, log=print) -> Setup:
