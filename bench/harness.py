@@ -174,7 +174,8 @@ def table() -> str:
     if not RESULTS:
         return ""
     lines = [f"device: {DEVICE}" + (f", copy bandwidth {copy_bandwidth() / 1e9:.0f} GB/s" if DEVICE.type == "cuda" else "")]
-    header = f"{'group':<34} {'impl':<18} {'median':>10} {'speedup':>8} {'GB/s':>8} {'%copy':>6} {'peak MB':>9} {'mem x':>6}"
+    width = max(len(r.group) for r in RESULTS)
+    header = f"{'group':<{width}} {'impl':<14} {'median':>10} {'speedup':>8} {'GB/s':>8} {'%copy':>6} {'peak MB':>9} {'mem x':>6}"
     lines += [header, "-" * len(header)]
     groups: dict[str, list[Result]] = {}
     for r in RESULTS:
@@ -189,7 +190,7 @@ def table() -> str:
             peak = f"{r.peak_bytes / 2**20:9.1f}" if r.peak_bytes is not None else f"{'':>9}"
             mem = (f"{r.peak_bytes / base.peak_bytes:6.2f}" if r.peak_bytes is not None and base.peak_bytes
                    else f"{'':>6}")
-            lines.append(f"{group:<34} {r.name:<18} {_fmt_time(r.seconds):>10} {speedup:8.2f} {gbps} {share} {peak} {mem}")
+            lines.append(f"{group:<{width}} {r.name:<14} {_fmt_time(r.seconds):>10} {speedup:8.2f} {gbps} {share} {peak} {mem}")
     return "\n".join(lines)
 
 
