@@ -11,9 +11,34 @@ SAMPLE_TEXTS = ["a warm, funny and beautifully acted film.", "tedious and far to
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("checkpoint", help="a training checkpoint folder")
+    parser.add_argument("checkpoint", help="a trained student folder (runs/<stamp>/<mode>/trained, as printed at the "
+                                           "end of sage-fast distill), or the run or mode folder that holds it")
     parser.add_argument("--out", required=True, help="folder to write the exported model into")
     parser.add_argument("--max-length", type=int, default=64, help="tokens per sentence in the check")
+
+
+def find_trained(path):
+    """The folder with the saved interface: ``path`` itself, ``path/trained`` (a mode folder), or
+    ``path/<main mode>/trained`` (a run folder); otherwise a usage error saying what to give."""
+    import json
+    from pathlib import Path
+
+    from ..cli import UsageError
+    from ..train.models import INTERFACE_FILE
+
+    path = Path(path)
+    candidates = [path, path / "trained"]
+    if (path / "config.json").is_file():
+        try:
+            mode = json.loads((path / "config.json").read_text()).get("mode", "sage")
+        except ValueError:
+            mode = "sage"
+        candidates.append(path / str(mode) / "trained")
+    for folder in candidates:
+        if (folder / INTERFACE_FILE).is_file():
+            return folder
+    raise UsageError(f"{path} is not a trained student: give the folder sage-fast distill printed after "
+                     "'next: sage-fast export' (runs/<stamp>/<mode>/trained), or the run or mode folder holding it")
 
 
 def run(args) -> int:
@@ -25,7 +50,7 @@ def run(args) -> int:
     from ..train.models import export_student, load_interface
 
     transformers = require_transformers()
-    interface, tokenizer = load_interface(args.checkpoint)
+    interface, tokenizer = load_interface(find_trained(args.checkpoint))
     interface.eval()
     out = export_student(interface, tokenizer, Path(args.out))
     batch = tokenizer(SAMPLE_TEXTS, padding="longest", truncation=True, max_length=args.max_length, return_tensors="pt")

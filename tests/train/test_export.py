@@ -63,6 +63,19 @@ def test_checkpoint_round_trip_and_export_command(tmp_path, tokenizer, capsys, t
 def test_export_of_a_folder_that_is_not_a_checkpoint(tmp_path, capsys):
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "not a saved training checkpoint" in err and "Traceback" not in err
+    assert "not a trained student" in err and "<mode>/trained" in err and "Traceback" not in err
     with pytest.raises(ModelError):
         load_interface(tmp_path)
+
+
+def test_export_finds_the_trained_folder_of_a_run_or_mode_folder(tmp_path, tokenizer, capsys):
+    import json
+
+    teacher, student = tiny_pair(tokenizer.vocab_size)
+    run = tmp_path / "run"
+    save_interface(VectorInterface(teacher, student), run / "kd" / "trained", tokenizer=tokenizer)
+    run.joinpath("config.json").write_text(json.dumps({"mode": "kd"}))
+    for given in (run, run / "kd"):
+        assert main(["export", str(given), "--out", str(tmp_path / given.name)]) == 0
+        assert (tmp_path / given.name / "config.json").is_file()
+    capsys.readouterr()
