@@ -46,12 +46,13 @@ class DistillConfig:
     teacher_lr: float = _opt(2e-4, "learning rate of that fine-tuning")
     # --- data ---
     task: str = _opt("rotten_tomatoes", "built-in task; ignored when --train-file is given", choices=TASKS)
-    train_file: str | None = _opt(None, "CSV or JSONL file with training rows (replaces --task)")
-    eval_file: str | None = _opt(None, "CSV or JSONL file with evaluation rows (validation and test); without it "
-                                 "part of --train-file is held out")
+    train_file: str | None = _opt(None, "training rows: a .csv, .tsv or .jsonl file, optionally .gz/.bz2 "
+                                  "(replaces --task)")
+    eval_file: str | None = _opt(None, "test rows, same format and columns as --train-file (validation is then "
+                                 "carved from --train-file); without it part of --train-file is held out for both")
     text_column: str = _opt("text", "column holding the text (files only)")
     text_pair_column: str | None = _opt(None, "column holding the second text of a pair task (files only)")
-    label_column: str = _opt("label", "column holding the integer label (files only)")
+    label_column: str = _opt("label", "column holding the label, integer or string (files only)")
     train_limit: int | None = _opt(1000, "use at most this many training examples (0 or unset: all)")
     eval_limit: int | None = _opt(600, "use at most this many validation and test examples each (0 or unset: all)")
     max_length: int = _opt(48, "tokens per example, padding and truncating")
