@@ -138,10 +138,30 @@ def cubins_found() -> list[Path]:
     return sorted({p for folder in cubin_dirs() if folder.is_dir() for p in folder.glob("*.cubin")})
 
 
-@functools.lru_cache(maxsize=None)
+class KernelUnavailable(RuntimeError):
+    """Neither a prebuilt cubin nor an NVRTC build of the kernel could be loaded on this device."""
+
+
+# (stem, device) -> why the module could not be loaded, so a failed NVRTC build is not retried per call
+_load_failures: dict[tuple[str, int], KernelUnavailable] = {}
+
+
 def load_module(stem: str, device_index: int):
     """``cupy.RawModule`` for ``kernels/<stem>.cu`` on one device: the prebuilt cubin if one fits and
-    loads, else an NVRTC build of the source."""
+    loads, else an NVRTC build of the source. Raises ``KernelUnavailable`` when neither works (for
+    example no cubin for this GPU and no NVRTC library beside cupy)."""
+    failure = _load_failures.get((stem, device_index))
+    if failure is not None:
+        raise failure
+    try:
+        return _load_module(stem, device_index)
+    except KernelUnavailable as err:
+        _load_failures[(stem, device_index)] = err
+        raise
+
+
+@functools.lru_cache(maxsize=None)
+def _load_module(stem: str, device_index: int):
     cupy = import_cupy()
     capability = torch.cuda.get_device_capability(device_index)
     cubin = find_cubin(stem, capability)
@@ -156,12 +176,16 @@ def load_module(stem: str, device_index: int):
                 pass  # e.g. a cubin from a toolkit newer than the driver: compile instead
         source = find_kernel_source(stem)
         if source is None:
-            raise RuntimeError(f"no cubin for sm_{capability[0]}{capability[1]} and no source {stem}.cu found "
+            raise KernelUnavailable(f"no cubin for sm_{capability[0]}{capability[1]} and no source {stem}.cu found "
                                f"(looked in {[str(d) for d in cubin_dirs() + kernel_source_dirs()]}); set "
                                "SAGE_FAST_CUBIN_DIR or SAGE_FAST_KERNEL_DIR")
-        with cuda_errors_explained(f"compiling {source.name} with NVRTC"):
-            module = cupy.RawModule(code=source.read_text(), options=("-std=c++17", f"-I{source.parent}"))
-            module.get_function(_probe_function(stem))
+        try:
+            with cuda_errors_explained(f"compiling {source.name} with NVRTC"):
+                module = cupy.RawModule(code=source.read_text(), options=("-std=c++17", f"-I{source.parent}"))
+                module.get_function(_probe_function(stem))
+        except Exception as err:  # a missing libnvrtc is a RuntimeError, a compile error cupy's CompileException
+            where = f"the cubin {cubin} did not load and " if cubin is not None else ""
+            raise KernelUnavailable(f"{where}compiling {source} with NVRTC failed: {type(err).__name__}: {err}") from err
         return module
 
 

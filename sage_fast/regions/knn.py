@@ -27,6 +27,7 @@ Paths:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -247,8 +248,16 @@ def knn_graph(x: torch.Tensor, k: int, *, metric: str = "euclidean", block_rows:
     if plan.path == "fused":
         from . import _gpu
 
-        squared_d, idx = _gpu.fused_knn(xf, k)
-        return _finish(squared_d, metric), idx
+        try:
+            squared_d, idx = _gpu.fused_knn(xf, k)
+            return _finish(squared_d, metric), idx
+        except _gpu.KernelUnavailable as err:
+            if path == "fused":
+                raise
+            # no cubin fits and NVRTC is missing or fails: the GEMM path gives the same graph
+            warnings.warn(f"the fused kNN kernel is unavailable, using the GEMM path: {err}", RuntimeWarning,
+                          stacklevel=2)
+            plan = plan_knn(n, dim, k, device=x.device, block_rows=block_rows, path="gemm")
     return _knn_gemm(xf, k, metric, plan)
 
 
