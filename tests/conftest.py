@@ -21,3 +21,14 @@ def seed(request):
 @pytest.fixture
 def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def cuda_by_default():
+    """Tensors made without an explicit device land on the GPU when there is one, so that tests written
+    for CPU tensors (the interpreter in CI) exercise the compiled kernels on a GPU machine."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    with torch.device("cuda"):
+        yield

@@ -12,15 +12,18 @@ align_module = importlib.import_module("sage_fast.ops.align_loss")
 
 BACKENDS = ["triton", "torch"]
 
+# on a GPU machine the tensors below are CUDA tensors, so "triton" runs the compiled kernel
+pytestmark = pytest.mark.usefixtures("cuda_by_default")
 
-def make_pairs(n, length, hidden, pairs=1, dtype=torch.float32, requires_grad=True, device="cpu"):
+
+def make_pairs(n, length, hidden, pairs=1, dtype=torch.float32, requires_grad=True, device=None):
     hidden = [hidden] * pairs if isinstance(hidden, int) else hidden
     student = [torch.randn(n, length, h, dtype=dtype, device=device).requires_grad_(requires_grad) for h in hidden]
     teacher = [torch.randn(n, length, h, dtype=dtype, device=device) for h in hidden]
     return student, teacher
 
 
-def make_mask(n, length, fully_masked_rows=(), device="cpu"):
+def make_mask(n, length, fully_masked_rows=(), device=None):
     mask = (torch.rand(n, length, device=device) > 0.3).long()
     mask[:, 0] = 1
     for row in fully_masked_rows:

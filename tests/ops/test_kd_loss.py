@@ -11,6 +11,9 @@ kd_module = importlib.import_module("sage_fast.ops.kd_loss")
 
 BACKENDS = ("triton", "torch")
 
+# on a GPU machine the tensors below are CUDA tensors, so "triton" runs the compiled kernel
+pytestmark = pytest.mark.usefixtures("cuda_by_default")
+
 
 def make_inputs(n, c, *, dtype=torch.float32, scale=3.0, ignored=(), labels=True):
     student = (torch.randn(n, c, dtype=torch.float64) * scale).to(dtype)
@@ -237,8 +240,8 @@ def bad_calls():
         ("ignore_index", lambda: kd_loss(s, t, y, ignore_index=1.5)),
     ]
     if torch.cuda.is_available():
-        cases.append(("teacher_logits", lambda: kd_loss(s.cuda(), t, y)))
-        cases.append(("labels", lambda: kd_loss(s, t, y.cuda())))
+        cases.append(("teacher_logits", lambda: kd_loss(s.cuda(), t.cpu(), y.cpu())))
+        cases.append(("labels", lambda: kd_loss(s.cpu(), t.cpu(), y.cuda())))
     return cases
 
 
