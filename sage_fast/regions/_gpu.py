@@ -103,6 +103,13 @@ def cubin_dirs() -> list[Path]:
     if os.environ.get("SAGE_FAST_CUBIN_DIR"):
         dirs.append(Path(os.environ["SAGE_FAST_CUBIN_DIR"]))
     dirs.append(_PACKAGE_DIR / "_cubins")
+    # An editable install (scikit-build-core) imports the package from the source tree but installs the
+    # CMake-built cubins into site-packages; the package's __path__ lists both folders.
+    package = importlib.import_module("sage_fast")
+    for entry in getattr(package, "__path__", []):
+        folder = Path(entry).resolve() / "_cubins"
+        if folder not in dirs:
+            dirs.append(folder)
     return dirs
 
 
