@@ -94,6 +94,20 @@ def read_teacher_metrics(folder) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _device(device) -> torch.device:
+    """``device`` as a torch device (None: CUDA when visible), refused when torch cannot use it."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
+    if chosen.type == "cuda" and (not torch.cuda.is_available() or (chosen.index or 0) >= torch.cuda.device_count()):
+        raise ModelError(f"device {device} was asked for but torch sees {torch.cuda.device_count()} CUDA device(s); "
+                         "use --device cpu, or leave it unset to take CUDA when it is there")
+    return chosen
+
+
 def fine_tune_teacher(base: str, data: TaskData, *, settings: TeacherSettings | None = None, cache_dir=None,
                       device=None, force: bool = False, progress: bool = True, log=print) -> Path:
     """Fine-tune ``base`` on ``data.train`` (or reuse the cached result) and return its folder."""
@@ -107,7 +121,7 @@ def fine_tune_teacher(base: str, data: TaskData, *, settings: TeacherSettings | 
     if not force and (folder / METRICS_FILE).is_file() and (folder / "config.json").is_file():
         log(f"teacher cache hit: {folder}")
         return folder
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(device)
     torch.manual_seed(settings.seed)
     tokenizer = load_tokenizer(base)
     model = load_classifier(base, data.num_labels).to(device).train()

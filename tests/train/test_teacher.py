@@ -82,6 +82,11 @@ def test_teacher_command(tmp_path, tiny_base, capsys):
     assert main(args[:2] + [str(tmp_path / "nope")] + args[3:]) == 2
     err = capsys.readouterr().err
     assert "folder at" in err and "Traceback" not in err
+    for device in ("gpu0", f"cuda:{torch.cuda.device_count()}"):
+        assert main(args + ["--device", device, "--force"]) == 2
+        err = capsys.readouterr().err
+        assert "--device cpu" in err or "cpu, cuda or cuda:N" in err, err
+        assert "Traceback" not in err
 
 
 @pytest.mark.slow
