@@ -128,6 +128,11 @@ def test_bad_input_exits_2_with_one_paragraph(tiny, tmp_path, capsys):
 def test_analyze_without_a_checkpoint(tmp_path, capsys):
     assert main(["analyze", str(tmp_path)]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+    damaged = tmp_path / "checkpoint.pt"
+    damaged.write_bytes(b"PK\x03\x04 not a whole checkpoint")
+    assert main(["analyze", str(damaged)]) == 2
+    err = capsys.readouterr().err
+    assert "not a readable checkpoint" in err and "written by sage-fast distill" in err and "Traceback" not in err
 
 
 def test_help_shows_each_default_once_and_no_unset_ones(capsys):

@@ -52,7 +52,8 @@ def run(args) -> int:
     try:
         state = checkpoint.load(path)
     except checkpoint.CheckpointError as err:
-        raise UsageError(str(err)) from None
+        raise UsageError(f"{err}; it may be damaged (an interrupted copy) or from another program: give a "
+                         "checkpoint.pt written by sage-fast distill, or run the distillation again") from None
     config = DistillConfig.from_dict(state["config"], source=str(path))
     config.progress = False
     if args.device is not None:
