@@ -148,3 +148,19 @@ def test_help_shows_each_default_once_and_no_unset_ones(capsys):
         main(["teacher", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--batch-size BATCH_SIZE examples per optimiser step (default: 32)" in text
+
+
+def test_ctrl_c_before_training_says_how_to_resume(tiny, tmp_path, capsys, monkeypatch):
+    from sage_fast.train import loop
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(loop, "build_setup", ctrl_c)
+    assert main(base_args(tiny, out) + ["--compare", "none"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"sage-fast distill --resume --output-dir {out}" in err
+    monkeypatch.undo()
+    assert main(["distill", "--resume", "--output-dir", str(out)]) == 0
+    assert (out / "results.json").is_file()

@@ -79,6 +79,7 @@ def resolve_config(args) -> DistillConfig:
 
 def run(args) -> int:
     import sys
+    from pathlib import Path
 
     from ..cli import UsageError
     from ..train import checkpoint
@@ -91,6 +92,15 @@ def run(args) -> int:
         raise UsageError(f"{err}; delete it to start over, or pass another --output-dir") from None
     except TrainingInterrupted as stop:
         print(f"\nsage-fast distill: {stop}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        # Before the first checkpoint (data, teacher, teacher outputs) or at a second Ctrl-C.
+        out = config.output_dir
+        if out and (Path(out) / "config.json").is_file():
+            hint = f"continue with: sage-fast distill --resume --output-dir {out}"
+        else:
+            hint = "nothing was saved yet; run the same command again"
+        print(f"\nsage-fast distill: interrupted; {hint}", file=sys.stderr)
         return 130
     print()
     print(summary["table"])
