@@ -469,7 +469,8 @@ class ModeRun:
 
         seen = self.profile.seen.nonzero().squeeze(1)
         analyzer = LossRegionAnalyzer(
-            n_neighbors=max(2, min(self.config.n_neighbors, seen.numel() - 1)), quantile=self.config.quantile,
+            # UMAP needs n_neighbors + 2 points at least: a large setting is capped to the data.
+            n_neighbors=max(2, min(self.config.n_neighbors, seen.numel() - 2)), quantile=self.config.quantile,
             lam_range=(self.config.lam_low, self.config.lam_high), random_state=round_seed,
             device=self.setup.device)
         return analyzer.fit(self.profile.embedding[seen], self.profile.loss[seen]), seen

@@ -101,3 +101,9 @@ def test_kd_mode_never_synthesises_and_teacher_outputs_are_cached(tiny, tmp_path
     state = checkpoint.load(tmp_path / "kd" / "kd")
     assert state["done"] and state["pool"]["size"] == 0
 
+
+
+def test_n_neighbors_larger_than_the_data_is_capped(tiny, tmp_path):
+    summary = loop.run(tiny_config(tiny, tmp_path / "big_k", epochs=1, max_steps=7, n_neighbors=10_000),
+                       log=lambda *a: None)
+    assert summary["modes"][0]["analysis_rounds"] >= 1
