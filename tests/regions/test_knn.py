@@ -291,7 +291,8 @@ def test_cubin_lookup_order_and_architecture(tmp_path, monkeypatch):
     (env_dir / "knn_topk.sm_90.cubin").write_bytes(b"")
     monkeypatch.setenv("SAGE_FAST_CUBIN_DIR", str(env_dir))
     assert _gpu.find_cubin("knn_topk", (9, 0)).parent == env_dir
-    assert len(_gpu.cubins_found()) == 3
+    # an install built with nvcc has its own cubins in site-packages too: count only these
+    assert len([p for p in _gpu.cubins_found() if tmp_path in p.parents]) == 3
 
 
 def test_kernel_source_found_beside_the_package():
