@@ -8,9 +8,10 @@ share of the measured copy bandwidth, and peak memory against the baseline.
 
 On CUDA, times are CUDA-event medians from ``triton.testing.do_bench`` after warm-up; peak memory
 is ``torch.cuda.max_memory_allocated`` above what was allocated before the call. On CPU, times are
-medians of the calling thread's CPU time with one intra-op thread (``SAGE_FAST_BENCH_THREADS``
-overrides; then wall-clock); peak memory is the high-water mark of torch's allocator during the
-call, from the profiler's memory events. CPU numbers are only meaningful as ratios within one run.
+medians of the process's CPU time (the work of all its threads, which load from other processes
+cannot inflate; ``SAGE_FAST_BENCH_CLOCK=wall`` for wall-clock), with one torch intra-op thread
+(``SAGE_FAST_BENCH_THREADS`` overrides); peak memory is the high-water mark of torch's allocator
+during the call, from the profiler's memory events. CPU numbers are only meaningful as ratios within one run.
 """
 from __future__ import annotations
 
@@ -75,15 +76,19 @@ def time_call(fn, *, warmup: int = 3, rep: int | None = None) -> float:
     for _ in range(warmup):
         fn()
     rep = rep or int(os.environ.get("SAGE_FAST_BENCH_REPS", "7"))
-    # With one intra-op thread (bench/conftest.py sets it on CPU) the work runs on this thread, and
-    # its CPU time is what other processes on a shared machine cannot inflate.
-    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    clock = _cpu_clock()
     times = []
     for _ in range(rep):
         start = clock()
         fn()
         times.append(clock() - start)
     return statistics.median(times)
+
+
+def _cpu_clock():
+    """This process's CPU time (all its threads: torch's, numba's), which other processes on a shared
+    machine cannot inflate; with ``SAGE_FAST_BENCH_CLOCK=wall``, wall-clock time."""
+    return time.perf_counter if os.environ.get("SAGE_FAST_BENCH_CLOCK") == "wall" else time.process_time
 
 
 def peak_memory(fn) -> int:
@@ -133,10 +138,20 @@ def measure(benchmark, group: str, name: str, fn, *, bytes_moved: float | None =
         fn()
         sync()
 
+    # On CPU the rounds pytest-benchmark runs are the samples (each also timed on the CPU clock), so
+    # a slow stage such as a UMAP fit runs no more often than the rounds asked for.
+    clock = _cpu_clock()
+    samples = []
+
+    def timed_call():
+        start = clock()
+        call()
+        samples.append(clock() - start)
+
     call()  # compile / autotune / first-touch before anything is timed
     benchmark.group = group
-    benchmark.pedantic(call, rounds=int(os.environ.get("SAGE_FAST_BENCH_REPS", "7")), iterations=1, warmup_rounds=1)
-    seconds = time_call(fn if DEVICE.type == "cuda" else call)
+    benchmark.pedantic(timed_call, rounds=int(os.environ.get("SAGE_FAST_BENCH_REPS", "7")), iterations=1)
+    seconds = time_call(fn) if DEVICE.type == "cuda" else statistics.median(samples)
     peak = peak_memory(call) if memory else None
     result = Result(group, name, seconds, bytes_moved, flops, peak, baseline, extra)
     RESULTS.append(result)
