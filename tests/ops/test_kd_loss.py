@@ -102,18 +102,23 @@ def test_reductions_and_per_example(backend, reduction, seed):
     torch.testing.assert_close(g, ref_g, rtol=1e-10, atol=1e-12)
 
 
+def assert_finite_and_close(backend, student, teacher, labels, kw, *, loss_tol, grad_tol):
+    """Loss and gradient are finite everywhere and match the float64 reference within (rtol, atol)."""
+    loss, grad = run(backend, student, teacher, labels, **kw)
+    ref_loss, ref_grad = reference(student, teacher, labels, **kw)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=loss_tol[0], atol=loss_tol[1])
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=grad_tol[0], atol=grad_tol[1])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("temperature", [0.5, 20.0])
 def test_huge_logits_stay_finite(backend, temperature, seed):
     student, teacher, labels = make_inputs(6, 300, scale=1e4)
     student[0, 7] = 1e4  # a dominant logit: softmax is one-hot at T=0.5
     teacher[1, :] = -1e4
-    kw = dict(temperature=temperature, alpha=0.3)
-    loss, grad = run(backend, student, teacher, labels, **kw)
-    ref_loss, ref_grad = reference(student, teacher, labels, **kw)
-    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-4, atol=1e-2)
-    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-5)
+    assert_finite_and_close(backend, student, teacher, labels, dict(temperature=temperature, alpha=0.3),
+                            loss_tol=(1e-4, 1e-2), grad_tol=(1e-4, 1e-5))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -185,11 +190,8 @@ def test_poisoned_outputs_are_all_written(backend, monkeypatch, seed):
     monkeypatch.setattr(kd_module, "_POISON_OUTPUTS", True)
     for shape in [(1, 3), (33, 2), (5, 4100)]:
         student, teacher, labels = make_inputs(*shape, ignored=(0,))
-        loss, grad = run(backend, student, teacher, labels, alpha=0.3)
-        ref_loss, ref_grad = reference(student, teacher, labels, alpha=0.3)
-        assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
-        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+        assert_finite_and_close(backend, student, teacher, labels, dict(alpha=0.3),
+                                loss_tol=(1e-5, 1e-5), grad_tol=(1e-4, 1e-6))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
