@@ -12,8 +12,10 @@ import contextvars
 import importlib.util
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 BACKENDS = ("auto", "triton", "torch")
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("sage_fast_backend", default=None)
@@ -53,6 +55,8 @@ def use_backend(name: str):
 
 
 def decide(device: torch.device | str) -> Decision:
+    import torch  # here, not at import: `sage-fast --help` should not wait for torch
+
     device = torch.device(device)
     requested = requested_backend()
     if requested == "torch":

@@ -5,8 +5,6 @@ import importlib
 import importlib.metadata
 import platform
 
-import torch
-
 from .. import __version__
 from .._backend import decide, interpreter_enabled
 
@@ -23,6 +21,8 @@ def _version(dist: str) -> str:
 
 
 def report() -> str:
+    import torch
+
     lines = [f"sage_fast {__version__}  (python {platform.python_version()}, {platform.machine()})", "", "packages:"]
     lines += [f"  {name:<14} {_version(name)}" for name in PACKAGES]
     devices = ["cpu"]
