@@ -84,11 +84,17 @@ class ErrorProfile:
             if value.device != self.device:
                 raise ValueError(f"{name} must be on the profile's device {self.device}, got {value.device}")
         ids = ids.to(self.device, torch.int64)
-        low, high = int(ids.min()), int(ids.max())
+        # every data check in one device round trip: this runs at each training step
+        low, high, losses_ok, embeddings_ok = torch.stack([
+            ids.min().double(), ids.max().double(),
+            torch.isfinite(losses).all().double(), torch.isfinite(embeddings).all().double(),
+        ]).tolist()
         if low < 0 or high >= self.num_examples:
-            raise ValueError(f"ids must lie in [0, {self.num_examples}), got values in [{low}, {high}]")
-        _checks.finite("losses", losses)
-        _checks.finite("embeddings", embeddings)
+            raise ValueError(f"ids must lie in [0, {self.num_examples}), got values in [{int(low)}, {int(high)}]")
+        if not losses_ok:
+            _checks.finite("losses", losses)
+        if not embeddings_ok:
+            _checks.finite("embeddings", embeddings)
         return ids
 
     @torch.no_grad()
