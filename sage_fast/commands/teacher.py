@@ -22,7 +22,7 @@ def add_arguments(parser) -> None:
     group.add_argument("--max-length", type=int, default=64, help="tokens per example, special tokens included")
     group.add_argument("--seed", type=int, default=0, help="training seed")
     group.add_argument("--cache-dir", default=None, help="folder for cached teachers (default: <cache>/teachers)")
-    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    group.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     group.add_argument("--force", action="store_true", help="train again even when the cache holds this teacher")
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -42,14 +42,6 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during training: a checkpoint was written; the message says how to resume."""
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ModelError("device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def default_cache_dir() -> Path:
     from ..assets import cache_root
 
@@ -100,9 +92,9 @@ def _teacher_label_count(name_or_path: str) -> int | None:
 def build_setup(config: DistillConfig, log=print) -> Setup:
     from .data import encode, load_task
     from .models import VectorInterface, load_classifier, load_tokenizer
-    from .teacher import fine_tune_teacher, read_teacher_metrics
+    from .teacher import fine_tune_teacher, read_teacher_metrics, resolve_device
 
-    device = pick_device(config.device)
+    device = resolve_device(config.device)
     task = config.task if config.train_file is None else Path(config.train_file).name.split(".")[0]
     data = load_task(task, train_file=config.train_file, eval_file=config.eval_file,
                      text_column=config.text_column, text_pair_column=config.text_pair_column,

@@ -94,9 +94,9 @@ def read_teacher_metrics(folder) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _device(device) -> torch.device:
-    """``device`` as a torch device (None: CUDA when visible), refused when torch cannot use it."""
-    if device is None:
+def resolve_device(device) -> torch.device:
+    """``device`` as a torch device (None or "auto": CUDA when visible), refused when torch cannot use it."""
+    if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         chosen = torch.device(device)
@@ -104,7 +104,7 @@ def _device(device) -> torch.device:
         raise ModelError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
     if chosen.type == "cuda" and (not torch.cuda.is_available() or (chosen.index or 0) >= torch.cuda.device_count()):
         raise ModelError(f"device {device} was asked for but torch sees {torch.cuda.device_count()} CUDA device(s); "
-                         "use --device cpu, or leave it unset to take CUDA when it is there")
+                         "use --device cpu, or auto (the default) to take CUDA when it is there")
     return chosen
 
 
@@ -121,7 +121,7 @@ def fine_tune_teacher(base: str, data: TaskData, *, settings: TeacherSettings | 
     if not force and (folder / METRICS_FILE).is_file() and (folder / "config.json").is_file():
         log(f"teacher cache hit: {folder}")
         return folder
-    device = _device(device)
+    device = resolve_device(device)
     torch.manual_seed(settings.seed)
     tokenizer = load_tokenizer(base)
     model = load_classifier(base, data.num_labels).to(device).train()
