@@ -66,3 +66,42 @@ def choice(name: str, value, options: Iterable) -> None:
     options = tuple(options)
     if value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
+
+
+def integer(name: str, value, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    """An ``int`` that is not a ``bool`` (``True`` is an ``int`` to Python, never a count to us)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        lo = "-inf" if minimum is None else minimum
+        hi = "inf" if maximum is None else maximum
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value}")
+    return value
+
+
+# ------------------------------------------------------------------------------ value checks
+# Checks of tensor *values* (finiteness, label ranges, mask values) need the values on the host: on
+# CUDA that is a device synchronisation per call, which a training step must not pay. So they run
+# where they are free (CPU tensors) and, on CUDA, only when asked: SAGE_FAST_CHECK_VALUES=1 or
+# ``sage_fast.check_values(True)``. Shape, dtype and device checks always run: they cost nothing.
+_VALUE_CHECKS: bool | None = None  # None: follow the environment variable
+
+
+def check_values(enabled: bool | None) -> None:
+    """Turn value checks on CUDA tensors on (``True``), off (``False``), or back to the environment
+    variable ``SAGE_FAST_CHECK_VALUES`` (``None``). CPU tensors are always checked."""
+    global _VALUE_CHECKS
+    if enabled is not None and not isinstance(enabled, bool):
+        raise ValueError(f"enabled must be True, False or None, got {enabled!r}")
+    _VALUE_CHECKS = enabled
+
+
+def values_checked(value: torch.Tensor) -> bool:
+    """Whether value checks run for ``value``: always on the CPU, on other devices when asked."""
+    if value.device.type == "cpu":
+        return True
+    if _VALUE_CHECKS is not None:
+        return _VALUE_CHECKS
+    import os
+
+    return os.environ.get("SAGE_FAST_CHECK_VALUES", "") not in ("", "0")
