@@ -6,6 +6,8 @@ import importlib
 import os
 import sys
 
+from .errors import UsageError
+
 # Each command lives in sage_fast/commands/<name>.py with add_arguments(parser) and run(args) -> int.
 COMMANDS = {
     "info": "versions, devices, and which implementation each op runs",
@@ -15,10 +17,6 @@ COMMANDS = {
     "distill": "distil a teacher into a student with SAGE, with KD / random baselines",
     "analyze": "loss map of a trained student (checkpoint or run folder)",
 }
-
-
-class UsageError(Exception):
-    """A problem with what the user asked for: printed as one paragraph, exit code 2."""
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -13,7 +13,8 @@ from sage_fast.cli import main  # noqa: E402
 @pytest.mark.slow
 def test_real_minilm_distill_sage_against_kd_then_export(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["distill", "--train-limit", "256", "--eval-limit", "96", "--teacher-epochs", "1", "--max-length", "32",
+    args = ["distill", "--max-train-examples", "256", "--max-eval-examples", "96", "--teacher-epochs", "1",
+            "--max-length", "32",
             "--epochs", "2", "--batch-size", "32", "--synthetic-per-round", "64", "--pool-size", "128",
             "--n-neighbors", "10", "--compare", "kd", "--device", "cpu", "--no-progress",
             "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache")]
@@ -31,7 +32,7 @@ def test_real_minilm_distill_sage_against_kd_then_export(tmp_path, capsys):
         assert 0.0 <= run["accuracy"] <= 1.0 and run["real_examples"] > 0
     assert list((out / "sage").glob("loss_map_round*.png"))
     config = json.loads((out / "config.json").read_text())
-    assert config["train_limit"] == 256 and config["mode"] == "sage"
+    assert config["max_train_examples"] == 256 and config["mode"] == "sage"
 
     exported = tmp_path / "student"
     assert main(["export", results["trained"]["sage"], "--out", str(exported)]) == 0

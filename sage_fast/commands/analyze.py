@@ -12,7 +12,7 @@ def add_arguments(parser) -> None:
                         help="a run folder (from sage-fast distill), one of its mode folders, or a checkpoint.pt")
     parser.add_argument("--output", metavar="PNG", default=None,
                         help="where to write the picture (default: loss_map_analyze.png beside the checkpoint)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+    parser.add_argument("--device", default=None,
                         help="where to run the pass and the analysis (default: the run's own setting)")
     parser.add_argument("--anchors", type=int, default=None,
                         help="anchors to mark on the map (default: the run's synthetic-per-round)")

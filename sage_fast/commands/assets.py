@@ -13,7 +13,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from ..assets import AssetError, ensure_assets, format_table
-    from ..cli import UsageError
+    from ..errors import UsageError
 
     try:
         statuses = ensure_assets(mpnet=args.mpnet, install=not args.check)

@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 import typing
 
-from ..train.config import DistillConfig
+from ..train.config import RENAMED, DistillConfig
 
 
 def _flag(name: str) -> str:
@@ -42,6 +42,9 @@ def add_arguments(parser) -> None:
         if "choices" in field.metadata:
             kwargs["choices"] = field.metadata["choices"]
         parser.add_argument(_flag(field.name), **kwargs)
+    for old, new in RENAMED.items():  # older flag names, still read, no longer shown
+        parser.add_argument(_flag(old), dest=new, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+                            type=int if new.startswith("max_") else float)
     parser.add_argument("--config", dest="config_file", default=None, metavar="FILE",
                         help="YAML or JSON file of settings (keys as above, with - or _); flags given here win")
     parser.add_argument("--resume", action="store_true",
@@ -55,8 +58,8 @@ RESUMABLE_CHANGES = {"epochs", "max_steps", "device", "progress", "compare", "ca
 def resolve_config(args) -> DistillConfig:
     from pathlib import Path
 
-    from ..cli import UsageError
-    from ..train.config import ConfigError, read_config_file, resolve
+    from ..errors import UsageError
+    from ..train.config import ConfigError, canonical, read_config_file, resolve
 
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig) if hasattr(args, f.name)}
     if not args.resume:
@@ -69,7 +72,7 @@ def resolve_config(args) -> DistillConfig:
     base = DistillConfig().updated(read_config_file(saved), source=str(saved))
     changes = dict(read_config_file(args.config_file)) if args.config_file else {}
     changes.update(flags)
-    changes = {k.replace("-", "_"): v for k, v in changes.items()}
+    changes = canonical(changes)
     fixed = sorted(k for k, v in changes.items() if k not in RESUMABLE_CHANGES and getattr(base, k, v) != v)
     if fixed:
         raise ConfigError(f"--resume cannot change {', '.join(fixed)} of a run (only "
@@ -81,7 +84,7 @@ def run(args) -> int:
     import sys
     from pathlib import Path
 
-    from ..cli import UsageError
+    from ..errors import UsageError
     from ..train import checkpoint
     from ..train.loop import TrainingInterrupted, run as run_distillation
 

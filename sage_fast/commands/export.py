@@ -23,7 +23,7 @@ def find_trained(path):
     import json
     from pathlib import Path
 
-    from ..cli import UsageError
+    from ..errors import UsageError
     from ..train.models import INTERFACE_FILE
 
     path = Path(path)

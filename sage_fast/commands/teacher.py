@@ -6,6 +6,9 @@ classification head is added. The result lands in $SAGE_FAST_CACHE/teachers/<key
 With the defaults (2,000 rotten-tomatoes snippets, one epoch) it takes a few minutes on two CPU cores."""
 from __future__ import annotations
 
+import argparse
+
+from ..devices import DEVICE_HELP
 from ..train.data import add_data_arguments
 
 
@@ -18,25 +21,31 @@ def add_arguments(parser) -> None:
     group.add_argument("--batch-size", type=int, default=32, help="examples per optimiser step")
     group.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate")
     group.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    group.add_argument("--warmup-fraction", type=float, default=0.1, help="share of steps with linear warm-up")
-    group.add_argument("--max-length", type=int, default=64, help="tokens per example, special tokens included")
+    group.add_argument("--warmup-ratio", type=float, default=0.1, help="share of the steps spent warming up the "
+                                                                        "learning rate")
+    group.add_argument("--warmup-fraction", type=float, dest="warmup_ratio", default=argparse.SUPPRESS,
+                       help=argparse.SUPPRESS)  # older name
+    group.add_argument("--max-length", type=int, default=48, help="tokens per example, padding and truncating")
     group.add_argument("--seed", type=int, default=0, help="training seed")
     group.add_argument("--cache-dir", default=None, help="folder for cached teachers (default: <cache>/teachers)")
-    group.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    group.add_argument("--device", default="auto", help=DEVICE_HELP)
     group.add_argument("--force", action="store_true", help="train again even when the cache holds this teacher")
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:
+    from ..devices import resolve_device
     from ..train.data import data_from_args
+
+    device = resolve_device(args.device)  # before the data is read, and also on a cache hit
     from ..train.teacher import TeacherSettings, fine_tune_teacher, read_teacher_metrics
 
     data = data_from_args(args)
     print(data.summary())
     settings = TeacherSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                               weight_decay=args.weight_decay, warmup_fraction=args.warmup_fraction,
+                               weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
                                max_length=args.max_length, seed=args.seed)
-    folder = fine_tune_teacher(args.base, data, settings=settings, cache_dir=args.cache_dir, device=args.device,
+    folder = fine_tune_teacher(args.base, data, settings=settings, cache_dir=args.cache_dir, device=device,
                                force=args.force, progress=not args.no_progress)
     metrics = read_teacher_metrics(folder)
     if metrics:

@@ -3,7 +3,7 @@ teacher fine-tuning and export. Importing this package is cheap; transformers an
 imported by the functions that need them."""
 from __future__ import annotations
 
-from ..cli import UsageError
+from ..errors import UsageError
 
 
 class DataError(UsageError):

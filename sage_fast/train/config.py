@@ -17,12 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..cli import UsageError
+from ..devices import DEVICE_HELP, DeviceError, check_device
+from ..errors import UsageError
 
 MODES = ("sage", "kd", "random")
 TASKS = ("rotten_tomatoes", "sst2", "qnli")
-DEVICES = ("auto", "cpu", "cuda")
 POOL_POLICIES = ("fifo", "reservoir")
+# Settings known by an older name: still read from config files, saved runs (--resume) and flags.
+RENAMED = {"train_limit": "max_train_examples", "eval_limit": "max_eval_examples", "warmup_fraction": "warmup_ratio"}
 
 
 class ConfigError(UsageError, ValueError):
@@ -53,8 +55,10 @@ class DistillConfig:
     text_column: str = _opt("text", "column holding the text (files only)")
     text_pair_column: str | None = _opt(None, "column holding the second text of a pair task (files only)")
     label_column: str = _opt("label", "column holding the label, integer or string (files only)")
-    train_limit: int | None = _opt(1000, "use at most this many training examples (0 or unset: all)")
-    eval_limit: int | None = _opt(600, "use at most this many validation and test examples each (0 or unset: all)")
+    max_train_examples: int | None = _opt(1000, "keep a random subset of this many training examples, fixed "
+                                          "seed (0 or unset: all)")
+    max_eval_examples: int | None = _opt(600, "keep a random subset of this many validation and test examples "
+                                         "each (0 or unset: all)")
     max_length: int = _opt(48, "tokens per example, padding and truncating")
     # --- method ---
     mode: str = _opt("sage", "sage: synthesise where the loss is high; kd: plain distillation, no synthesis; "
@@ -86,7 +90,7 @@ class DistillConfig:
     lam_high: float = _opt(0.7, "upper bound of the interpolation weight lam")
     noise_std: float = _opt(0.0, "Gaussian noise added to synthetic vectors")
     # --- run ---
-    device: str = _opt("auto", "auto: CUDA when visible, else CPU", choices=DEVICES)
+    device: str = _opt("auto", DEVICE_HELP)
     seed: int = _opt(0, "seed for data order, initialisation, analysis and synthesis")
     output_dir: str | None = _opt(None, "where results, checkpoints and plots go (unset: runs/<timestamp>)")
     cache_dir: str | None = _opt(None, "where teacher outputs are cached (unset: $SAGE_FAST_CACHE/teacher_outputs, "
@@ -116,9 +120,13 @@ class DistillConfig:
                 raise bad(name, f"in {interval}", value)
             setattr(self, name, float(value))
 
-        for name, options in (("mode", MODES), ("task", TASKS), ("device", DEVICES), ("pool_policy", POOL_POLICIES)):
+        for name, options in (("mode", MODES), ("task", TASKS), ("pool_policy", POOL_POLICIES)):
             if getattr(self, name) not in options:
                 raise bad(name, f"one of {', '.join(options)}", getattr(self, name))
+        try:
+            check_device(self.device)
+        except DeviceError as err:
+            raise ConfigError(str(err)) from None
         self.compare = parse_compare(self.compare)
         if self.mode in self.compare:
             self.compare = [m for m in self.compare if m != self.mode]
@@ -127,7 +135,7 @@ class DistillConfig:
             positive_int(name)
         for name in ("max_steps", "analysis_every"):
             positive_int(name, allow_none=True)
-        for name in ("train_limit", "eval_limit"):
+        for name in ("max_train_examples", "max_eval_examples"):
             positive_int(name, allow_none=True, allow_zero=True)
         positive_int("synthetic_per_batch", allow_zero=True)
         positive_int("seed", allow_zero=True)
@@ -176,7 +184,7 @@ class DistillConfig:
     def updated(self, values: dict[str, Any], *, source: str = "config") -> "DistillConfig":
         """A copy with ``values`` applied; unknown keys are an error naming where they came from."""
         known = {f.name for f in dataclasses.fields(self)}
-        values = {k.replace("-", "_"): v for k, v in values.items()}
+        values = canonical(values)
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"{source} has unknown setting(s) {', '.join(unknown)}; "
@@ -191,6 +199,15 @@ class DistillConfig:
         data = self.to_dict()
         (directory / "config.json").write_text(json.dumps(data, indent=2) + "\n")
         (directory / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def canonical(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with keys as setting names: ``-`` read as ``_``, older names as their new ones."""
+    out = {}
+    for key, value in values.items():
+        key = str(key).replace("-", "_")
+        out[RENAMED.get(key, key)] = value
+    return out
 
 
 def parse_compare(value) -> list[str]:

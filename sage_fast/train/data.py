@@ -358,16 +358,17 @@ def add_data_arguments(parser, *, max_train_examples=None, max_eval_examples=Non
     group.add_argument("--text-pair-column", default=None, help="column holding the second text of a pair task")
     group.add_argument("--label-column", default="label", help="column holding the label (string or integer)")
     group.add_argument("--max-train-examples", type=int, default=max_train_examples,
-                       help="keep a random subset of this many training examples (fixed seed)")
+                       help="keep a random subset of this many training examples, fixed seed (0: all)")
     group.add_argument("--max-eval-examples", type=int, default=max_eval_examples,
-                       help="keep a random subset of this many validation and test examples each")
+                       help="keep a random subset of this many validation and test examples each (0: all)")
     group.add_argument("--data-seed", type=int, default=0, help="seed for the subsets and carved splits")
 
 
 def data_from_args(args) -> TaskData:
     return load_task(args.task, train_file=args.train_file, eval_file=args.eval_file, text_column=args.text_column,
                      text_pair_column=args.text_pair_column, label_column=args.label_column,
-                     max_train_examples=args.max_train_examples, max_eval_examples=args.max_eval_examples,
+                     max_train_examples=args.max_train_examples or None,
+                     max_eval_examples=args.max_eval_examples or None,
                      seed=args.data_seed)
 
 

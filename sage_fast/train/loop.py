@@ -98,8 +98,8 @@ def build_setup(config: DistillConfig, log=print) -> Setup:
     task = config.task if config.train_file is None else Path(config.train_file).name.split(".")[0]
     data = load_task(task, train_file=config.train_file, eval_file=config.eval_file,
                      text_column=config.text_column, text_pair_column=config.text_pair_column,
-                     label_column=config.label_column, max_train_examples=config.train_limit or None,
-                     max_eval_examples=config.eval_limit or None, seed=config.seed)
+                     label_column=config.label_column, max_train_examples=config.max_train_examples or None,
+                     max_eval_examples=config.max_eval_examples or None, seed=config.seed)
     if data.num_labels < 2:
         raise DataError(f"the training data has a single label ({data.label_names}); a classifier needs at least two")
     log(f"data: {data.summary()}")

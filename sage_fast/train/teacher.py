@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..devices import resolve_device
 from . import ModelError
 from .data import Split, TaskData, encode
 
@@ -34,8 +35,8 @@ class TeacherSettings:
     batch_size: int = 32
     lr: float = 1e-4
     weight_decay: float = 0.01
-    warmup_fraction: float = 0.1
-    max_length: int = 64
+    warmup_ratio: float = 0.1
+    max_length: int = 48
     seed: int = 0
 
     def check(self) -> None:
@@ -45,8 +46,8 @@ class TeacherSettings:
             raise ModelError(f"batch_size must be at least 1, got {self.batch_size}")
         if not self.lr > 0:
             raise ModelError(f"lr must be positive, got {self.lr}")
-        if not 0 <= self.warmup_fraction < 1:
-            raise ModelError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ModelError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_length < 2:
             raise ModelError(f"max_length must be at least 2, got {self.max_length}")
 
@@ -61,7 +62,10 @@ def teacher_key(base: str, data: TaskData, settings: TeacherSettings) -> str:
     from .models import resolve_model_path
 
     resolved = resolve_model_path(base)
-    payload = json.dumps({"base": resolved, "data": data.fingerprint(), "settings": asdict(settings)}, sort_keys=True)
+    values = asdict(settings)
+    # The key names the warm-up share by its older name, so teachers cached before the rename stay hits.
+    values["warmup_fraction"] = values.pop("warmup_ratio")
+    payload = json.dumps({"base": resolved, "data": data.fingerprint(), "settings": values}, sort_keys=True)
     stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(base).name or "model")
     return f"{stem}-{data.task}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 
@@ -94,20 +98,6 @@ def read_teacher_metrics(folder) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def resolve_device(device) -> torch.device:
-    """``device`` as a torch device (None or "auto": CUDA when visible), refused when torch cannot use it."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        chosen = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ModelError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
-    if chosen.type == "cuda" and (not torch.cuda.is_available() or (chosen.index or 0) >= torch.cuda.device_count()):
-        raise ModelError(f"device {device} was asked for but torch sees {torch.cuda.device_count()} CUDA device(s); "
-                         "use --device cpu, or auto (the default) to take CUDA when it is there")
-    return chosen
-
-
 def fine_tune_teacher(base: str, data: TaskData, *, settings: TeacherSettings | None = None, cache_dir=None,
                       device=None, force: bool = False, progress: bool = True, log=print) -> Path:
     """Fine-tune ``base`` on ``data.train`` (or reuse the cached result) and return its folder."""
@@ -129,7 +119,7 @@ def fine_tune_teacher(base: str, data: TaskData, *, settings: TeacherSettings | 
 
     steps_per_epoch = math.ceil(len(data.train) / settings.batch_size)
     total_steps = max(1, math.ceil(settings.epochs * steps_per_epoch))
-    warmup = int(settings.warmup_fraction * total_steps)
+    warmup = int(settings.warmup_ratio * total_steps)
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         (no_decay if parameter.dim() < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(parameter)

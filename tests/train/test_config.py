@@ -29,7 +29,7 @@ def test_json_file_and_dash_names(tmp_path):
 
 
 def test_round_trip(tmp_path):
-    config = resolve({"seed": 7, "compare": "random", "train_limit": 50, "beta": 0.5})
+    config = resolve({"seed": 7, "compare": "random", "max_train_examples": 50, "beta": 0.5})
     config.save(tmp_path)
     for name in ("config.json", "config.yaml"):
         assert resolve({}, tmp_path / name) == config
@@ -56,6 +56,9 @@ def test_compare_drops_the_main_mode_and_none():
     ({"eval_file": "x.csv"}, "train-file"),
     ({"bogus": 1}, "bogus"),
     ({"student": "from-teacher:0"}, "student"),
+    ({"device": "gpu0"}, "device"),
+    ({"device": "cuda:"}, "device"),
+    ({"device": 1}, "device"),
 ])
 def test_impossible_settings_name_the_setting(flags, word):
     with pytest.raises(ConfigError, match=word):
@@ -77,3 +80,18 @@ def test_bad_files(tmp_path):
     unknown.write_text("learning_rate: 1\n")
     with pytest.raises(ConfigError, match="learning_rate"):
         resolve({}, unknown)
+
+
+def test_older_setting_names_still_read(tmp_path):
+    """Runs saved (and config files written) before the one vocabulary keep working."""
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"train_limit": 50, "eval-limit": 20, "warmup_fraction": 0.2}))
+    config = resolve({}, path)
+    assert (config.max_train_examples, config.max_eval_examples, config.warmup_ratio) == (50, 20, 0.2)
+    assert "train_limit" not in config.to_dict()
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:1"])
+def test_every_device_name_is_accepted_here(device):
+    # Whether the device exists is decided when the run starts (sage_fast.devices.resolve_device).
+    assert resolve({"device": device}).device == device

@@ -85,7 +85,7 @@ def test_teacher_command(tmp_path, tiny_base, capsys):
     for device in ("gpu0", f"cuda:{torch.cuda.device_count()}"):
         assert main(args + ["--device", device, "--force"]) == 2
         err = capsys.readouterr().err
-        assert "--device cpu" in err or "cpu, cuda or cuda:N" in err, err
+        assert "--device cpu" in err or "cpu, cuda, or cuda:N" in err, err
         assert "Traceback" not in err
 
 
