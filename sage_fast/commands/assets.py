@@ -12,12 +12,15 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..assets import AssetError, ensure_assets, format_table
+    from ..assets import AssetError, ensure_assets
+    from ..train.metrics import format_table
     from ..errors import UsageError
 
     try:
         statuses = ensure_assets(mpnet=args.mpnet, install=not args.check)
     except AssetError as err:
         raise UsageError(str(err)) from None
-    print(format_table(statuses))
+    rows = [{"name": s.name, "ok": "yes" if s.ok else "NO", "detail": s.detail, "where": s.where} for s in statuses]
+    print(format_table(rows, [("name", "asset", "{}"), ("ok", "ok", "{}"), ("detail", "detail", "{}"),
+                              ("where", "where", "{}")]))
     return 0 if all(s.ok for s in statuses) else 1

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._checks import integer
 from ..devices import DEVICE_HELP, DeviceError, check_device
 from ..errors import UsageError
+from .data import TASKS
 
 MODES = ("sage", "kd", "random")
-TASKS = ("rotten_tomatoes", "sst2", "qnli")
 POOL_POLICIES = ("fifo", "reservoir")
 # Settings known by an older name: still read from config files, saved runs (--resume) and flags.
 RENAMED = {"train_limit": "max_train_examples", "eval_limit": "max_eval_examples", "warmup_fraction": "warmup_ratio"}
@@ -103,12 +104,14 @@ class DistillConfig:
         def bad(name: str, expected: str, got) -> ConfigError:
             return ConfigError(f"{name.replace('_', '-')} must be {expected}, got {got!r}")
 
-        def positive_int(name: str, allow_none: bool = False, allow_zero: bool = False):
+        def positive_int(name: str, allow_none: bool = False, allow_zero: bool = False, minimum: int = 1):
             value = getattr(self, name)
             if value is None and allow_none:
                 return
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
-                raise bad(name, "a non-negative integer" if allow_zero else "a positive integer", value)
+            try:
+                integer(name.replace("_", "-"), value, minimum=0 if allow_zero else minimum)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
 
         def number(name: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
             value = getattr(self, name)
@@ -139,8 +142,7 @@ class DistillConfig:
             positive_int(name, allow_none=True, allow_zero=True)
         positive_int("synthetic_per_batch", allow_zero=True)
         positive_int("seed", allow_zero=True)
-        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2:
-            raise bad("max_length", "an integer of at least 2 (room for the special tokens)", self.max_length)
+        positive_int("max_length", minimum=2)  # room for the special tokens
         number("alpha", 0.0, 1.0)
         number("temperature", 0.0, math.inf, lo_open=True, hi_open=True)
         number("beta", 0.0, math.inf, hi_open=True)

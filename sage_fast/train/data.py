@@ -27,11 +27,12 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .._checks import integer
+from ..assets import ROTTEN_TOMATOES_LABELS, AssetError, read_rotten_tomatoes
 from . import DataError
 
 TASKS = ("rotten_tomatoes", "sst2", "qnli")
 GLUE_COLUMNS = {"sst2": ("sentence", None), "qnli": ("question", "sentence")}
-ROTTEN_TOMATOES_LABELS = {"rotten": 0, "fresh": 1}
 VALIDATION_FRACTION = 0.1
 MAX_CARVED_VALIDATION = 2000
 
@@ -90,10 +91,14 @@ class TaskData:
 
 
 def _subsample(split: Split, limit: int | None, seed: int, what: str) -> Split:
-    if limit is None or limit >= len(split):
+    if limit is None:
         return split
-    if limit < 1:
-        raise DataError(f"{what} must be at least 1, got {limit}")
+    try:
+        integer(what, limit, minimum=1)
+    except ValueError as err:
+        raise DataError(str(err)) from None
+    if limit >= len(split):
+        return split
     keep = sorted(random.Random(seed).sample(range(len(split)), limit))
     return split.subset(keep)
 
@@ -129,44 +134,23 @@ def movie_bucket(movie_name: str) -> str:
     return "test" if bucket == 9 else "validation" if bucket == 8 else "train"
 
 
-def load_rotten_tomatoes_rows(path: Path | str) -> list[tuple[str, int, str]]:
-    """(text, label, movie_name) rows with category fresh/rotten, duplicate (text, label) dropped."""
-    rows, seen = [], set()
+def load_rotten_tomatoes_rows(path: Path | str | None = None) -> list[tuple[str, int, str]]:
+    """(text, label, movie_name) rows of the packaged corpus (see ``sage_fast.assets``), or a DataError."""
     try:
-        with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            missing = {"category", "text", "movie_name"} - set(reader.fieldnames or [])
-            if missing:
-                raise DataError(f"{path} lacks the column(s) {sorted(missing)}; it has {reader.fieldnames}")
-            for record in reader:
-                label = ROTTEN_TOMATOES_LABELS.get(record["category"])
-                if label is None or (record["text"], label) in seen:
-                    continue
-                seen.add((record["text"], label))
-                rows.append((record["text"], label, record["movie_name"] or ""))
-    except (OSError, EOFError, csv.Error, UnicodeDecodeError) as err:
-        raise DataError(f"cannot read {path}: {err}. Reinstall it with `sage-fast assets`") from None
-    if not rows:
-        raise DataError(f"{path} holds no fresh/rotten rows")
-    return rows
+        return read_rotten_tomatoes(path)
+    except AssetError as err:
+        raise DataError(str(err)) from None
 
 
 def load_rotten_tomatoes(*, path: Path | str | None = None, max_train_examples=None, max_eval_examples=None,
                          seed: int = 0) -> TaskData:
-    if path is None:
-        from ..assets import AssetError, rotten_tomatoes_path
-
-        try:
-            path = rotten_tomatoes_path()
-        except AssetError as err:
-            raise DataError(str(err)) from None
     grouped = {"train": ([], []), "validation": ([], []), "test": ([], [])}
     for text, label, movie in load_rotten_tomatoes_rows(path):
         texts, labels = grouped[movie_bucket(movie)]
         texts.append(text)
         labels.append(label)
     splits = {name: Split(texts, labels) for name, (texts, labels) in grouped.items()}
-    return _finish("rotten_tomatoes", splits["train"], splits["validation"], splits["test"], ["rotten", "fresh"],
+    return _finish("rotten_tomatoes", splits["train"], splits["validation"], splits["test"], sorted(ROTTEN_TOMATOES_LABELS, key=ROTTEN_TOMATOES_LABELS.get),
                    max_train_examples, max_eval_examples, seed)
 
 
@@ -334,8 +318,10 @@ def encode(split: Split, tokenizer, max_length: int = 64) -> dict:
     ``labels`` and ``ids`` as LongTensors ``[n]``. Pairs are encoded as pairs."""
     import torch
 
-    if not isinstance(max_length, int) or max_length < 2:
-        raise DataError(f"max_length must be an integer of at least 2 (room for the special tokens), got {max_length!r}")
+    try:
+        integer("max_length", max_length, minimum=2)  # room for the special tokens
+    except ValueError as err:
+        raise DataError(str(err)) from None
     if len(split) == 0:
         raise DataError("cannot encode an empty split")
     encoded = tokenizer(split.texts, split.text_pairs, padding="longest", truncation=True, max_length=max_length,

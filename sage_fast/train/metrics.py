@@ -69,7 +69,8 @@ class Timer:
 
 
 def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    """``columns``: (key, header, format) — format like ``'{:.2%}'``; a missing value prints as '-'."""
+    """``columns``: (key, header, format) — format like ``'{:.2%}'``; a missing value prints as '-'.
+    The first column and columns of text are aligned left, columns of numbers right."""
     cells = [[header for _, header, _ in columns]]
     for row in rows:
         line = []
@@ -78,9 +79,12 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
             line.append("-" if value is None else fmt.format(value))
         cells.append(line)
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    left = [i == 0 or all(isinstance(row.get(key), (str, type(None))) for row in rows)
+            for i, (key, _, _) in enumerate(columns)]
     out = []
     for n, r in enumerate(cells):
-        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        out.append("  ".join(c.ljust(w) if left[i] else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(r, widths))).rstrip())
         if n == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)

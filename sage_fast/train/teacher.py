@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .._checks import in_range, integer
 from ..devices import resolve_device
 from . import ModelError
 from .data import Split, TaskData, encode
@@ -40,16 +41,16 @@ class TeacherSettings:
     seed: int = 0
 
     def check(self) -> None:
-        if not self.epochs > 0:
-            raise ModelError(f"epochs must be positive, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ModelError(f"batch_size must be at least 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise ModelError(f"lr must be positive, got {self.lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ModelError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.max_length < 2:
-            raise ModelError(f"max_length must be at least 2, got {self.max_length}")
+        try:
+            in_range("epochs", self.epochs, 0, math.inf, lo_open=True, hi_open=True)
+            integer("batch_size", self.batch_size, minimum=1)
+            in_range("lr", self.lr, 0, math.inf, lo_open=True, hi_open=True)
+            in_range("weight_decay", self.weight_decay, 0, math.inf, hi_open=True)
+            in_range("warmup_ratio", self.warmup_ratio, 0, 1, hi_open=True)
+            integer("max_length", self.max_length, minimum=2)  # room for the special tokens
+            integer("seed", self.seed, minimum=0)
+        except ValueError as err:
+            raise ModelError(str(err)) from None
 
 
 def teachers_root(cache_dir=None) -> Path:
