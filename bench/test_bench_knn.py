@@ -63,8 +63,8 @@ def test_knn_graph(benchmark, points, impl):
             pytest.skip(f"the fused kernel needs d <= {knn.FUSED_MAX_DIM}")
         from sage_fast.regions import _gpu
 
-        if impl == "fused" and not _gpu.fused_knn_available()[0]:
-            pytest.skip(_gpu.fused_knn_available()[1])
+        if impl == "fused" and not _gpu.fused_knn_loadable()[0]:
+            pytest.skip(_gpu.fused_knn_loadable()[1])
 
         def fn():
             return knn_graph(x, K, path=impl)

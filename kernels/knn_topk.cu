@@ -1,10 +1,12 @@
 // Fused exact kNN: squared Euclidean distances and top-k selection in one pass, nothing N x N stored.
 //
 // Grid (ceil(N / THREADS), splits). Each thread owns one query row: the row lives in registers
-// (padded with zeros to D, a multiple of 4), its sorted list of the K best (distance, index) pairs too.
+// (padded with zeros to D, the smallest built width that holds it: 2, 4, 8, 16, 32, 64 or 128, so a
+// 2-D map costs 2 lanes per point, not 32), its sorted list of the K best (distance, index) pairs too.
 // The block streams the database rows of its split [split_begin, split_end) through shared memory,
-// TILE rows at a time; every thread reads the same tile row at once (a broadcast, no bank conflicts)
-// and accumulates (q - x)^2 directly, so near neighbours keep full fp32 precision.
+// kTileRows<D> rows at a time (4 KB per tile for narrow rows, so a narrow map is not dominated by
+// barriers); every thread reads the same tile row at once (a broadcast, no bank conflicts) and
+// accumulates (q - x)^2 directly, so near neighbours keep full fp32 precision.
 // The query itself is skipped by index. With one split the lists are the answer; with several,
 // knn_merge_k* merges each row's per-split lists (the extra splits keep the GPU busy when N is small).
 //
@@ -14,12 +16,43 @@
 namespace {
 
 constexpr int THREADS = 128;
-constexpr int TILE = 32;
+
+// Rows per shared-memory tile: 32 rows for wide vectors, more for narrow ones (at most 4 KB of them).
+// (A variable template, not a function: NVRTC and nvcc accept it in device code without flags.)
+template <int D>
+constexpr int kTileRows = D >= 32 ? 32 : 1024 / D;
+
+// Squared distance from the query held in registers to one tile row in shared memory.
+template <int D>
+__device__ __forceinline__ float squared_distance_to(const float (&q)[D], const float* row) {
+    float acc = 0.0f;
+    if constexpr (D % 4 == 0) {
+        const float4* t = reinterpret_cast<const float4*>(row);
+#pragma unroll
+        for (int j4 = 0; j4 < D / 4; ++j4) {
+            const float4 v = t[j4];
+            const float d0 = q[4 * j4] - v.x, d1 = q[4 * j4 + 1] - v.y;
+            const float d2 = q[4 * j4 + 2] - v.z, d3 = q[4 * j4 + 3] - v.w;
+            acc = fmaf(d0, d0, acc);
+            acc = fmaf(d1, d1, acc);
+            acc = fmaf(d2, d2, acc);
+            acc = fmaf(d3, d3, acc);
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < D; ++j) {
+            const float d = q[j] - row[j];
+            acc = fmaf(d, d, acc);
+        }
+    }
+    return acc;
+}
 
 template <int K, int D>
 __device__ void topk_rows(const float* __restrict__ x, int n, int dim, int cols_per_split,
                           float* __restrict__ out_dist, long long* __restrict__ out_idx) {
-    static_assert(D % 4 == 0, "D must be a multiple of 4");
+    static_assert(D % 4 == 0 || D < 4, "D must be a multiple of 4, or 1..3");
+    constexpr int TILE = kTileRows<D>;
     __shared__ __align__(16) float tile[TILE][D];
 
     const int query = blockIdx.x * THREADS + threadIdx.x;
@@ -46,18 +79,7 @@ __device__ void topk_rows(const float* __restrict__ x, int n, int dim, int cols_
         const int rows = min(TILE, end - tile_begin);
         if (active) {
             for (int row = 0; row < rows; ++row) {
-                const float4* t = reinterpret_cast<const float4*>(tile[row]);
-                float acc = 0.0f;
-#pragma unroll
-                for (int j4 = 0; j4 < D / 4; ++j4) {
-                    const float4 v = t[j4];
-                    const float d0 = q[4 * j4] - v.x, d1 = q[4 * j4 + 1] - v.y;
-                    const float d2 = q[4 * j4 + 2] - v.z, d3 = q[4 * j4 + 3] - v.w;
-                    acc = fmaf(d0, d0, acc);
-                    acc = fmaf(d1, d1, acc);
-                    acc = fmaf(d2, d2, acc);
-                    acc = fmaf(d3, d3, acc);
-                }
+                const float acc = squared_distance_to<D>(q, tile[row]);
                 const int col = tile_begin + row;
                 if (col != query) knn::insert(best_dist, best_idx, acc, col);
             }
@@ -106,8 +128,11 @@ __device__ void merge_rows(const float* __restrict__ part_dist, const long long*
 // C names, so that a prebuilt cubin and an NVRTC build expose the same symbols:
 // knn_topk_k{K}_d{D}(x [n, dim] fp32, n, dim, cols_per_split, out_dist [splits, n, K], out_idx [splits, n, K])
 // knn_merge_k{K}(part_dist, part_idx, n, splits, out_dist [n, K], out_idx [n, K])
+// __launch_bounds__(THREADS, 1): the query and its list must stay in registers; with no minimum of
+// resident blocks ptxas may trade registers for occupancy and spill (it did: k=32, d=4 spilled at 96
+// registers), and tests/kernels/test_cuda_codegen.py fails on any spill.
 #define KNN_TOPK(K, D)                                                                                        \
-    extern "C" __global__ void __launch_bounds__(THREADS) knn_topk_k##K##_d##D(                              \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1) knn_topk_k##K##_d##D(                           \
         const float* __restrict__ x, int n, int dim, int cols_per_split, float* __restrict__ out_dist,         \
         long long* __restrict__ out_idx) {                                                                    \
         topk_rows<K, D>(x, n, dim, cols_per_split, out_dist, out_idx);                                        \
@@ -119,15 +144,19 @@ __device__ void merge_rows(const float* __restrict__ part_dist, const long long*
         merge_rows<K>(part_dist, part_idx, n, splits, out_dist, out_idx);                                     \
     }
 
-KNN_TOPK(8, 32)
-KNN_TOPK(8, 64)
-KNN_TOPK(8, 128)
-KNN_TOPK(16, 32)
-KNN_TOPK(16, 64)
-KNN_TOPK(16, 128)
-KNN_TOPK(32, 32)
-KNN_TOPK(32, 64)
-KNN_TOPK(32, 128)
+// Every (K, D) pair that sage_fast/regions/_gpu.py can ask for (LIST_SIZES x PADDED_DIMS);
+// tests/kernels/test_cuda_codegen.py checks that the two lists agree.
+#define KNN_TOPK_ALL_D(K) \
+    KNN_TOPK(K, 2)        \
+    KNN_TOPK(K, 4)        \
+    KNN_TOPK(K, 8)        \
+    KNN_TOPK(K, 16)       \
+    KNN_TOPK(K, 32)       \
+    KNN_TOPK(K, 64)       \
+    KNN_TOPK(K, 128)
+KNN_TOPK_ALL_D(8)
+KNN_TOPK_ALL_D(16)
+KNN_TOPK_ALL_D(32)
 KNN_MERGE(8)
 KNN_MERGE(16)
 KNN_MERGE(32)

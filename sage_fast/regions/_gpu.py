@@ -203,9 +203,20 @@ def _probe_function(stem: str) -> str:
 # ---------------------------------------------------------------- fused kNN
 
 LIST_SIZES = (8, 16, 32)
-PADDED_DIMS = (32, 64, 128)
+# Widths the kernel is built for (kernels/knn_topk.cu): a row is zero-padded to the next one, so a 2-D
+# map pays for 2 lanes, not 32.
+PADDED_DIMS = (2, 4, 8, 16, 32, 64, 128)
 THREADS = 128  # must match kernels/knn_topk.cu
 MIN_COLS_PER_SPLIT = 256
+
+
+def kernel_variant(dim: int, k: int) -> tuple[int, int]:
+    """``(list_size, padded_dim)``: the built kernel ``knn_topk_k{list_size}_d{padded_dim}`` for ``d``
+    and ``k``: the smallest list and width that hold them."""
+    if not (1 <= k <= LIST_SIZES[-1] and 1 <= dim <= PADDED_DIMS[-1]):
+        raise ValueError(f"the fused kNN kernel handles 1 <= k <= {LIST_SIZES[-1]} and 1 <= d <= {PADDED_DIMS[-1]}, "
+                         f"got k={k}, d={dim}")
+    return next(s for s in LIST_SIZES if s >= k), next(s for s in PADDED_DIMS if s >= dim)
 
 
 def fused_knn_available() -> tuple[bool, str]:
@@ -219,6 +230,21 @@ def fused_knn_available() -> tuple[bool, str]:
     return True, "cupy and the knn_topk kernel are available"
 
 
+def fused_knn_loadable(device_index: int | None = None) -> tuple[bool, str]:
+    """Like ``fused_knn_available``, and also loads the kernel module on the device (a cubin, or an
+    NVRTC build: seconds the first time, cached after), so that a missing NVRTC library or a cubin the
+    driver refuses is reported here rather than at the first launch. For tests and ``sage-fast info``."""
+    ok, why = fused_knn_available()
+    if not ok:
+        return ok, why
+    index = torch.cuda.current_device() if device_index is None else device_index
+    try:
+        load_module("knn_topk", index)
+    except (KernelUnavailable, ImportError) as err:
+        return False, f"the knn_topk kernel does not load on cuda:{index}: {err}"
+    return True, f"the knn_topk kernel loads on cuda:{index}"
+
+
 def fused_knn(xf: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared distances ``[N, k]`` and indices ``[N, k]`` of each row's k nearest other rows, from the
     fused kernel. ``xf`` is a contiguous fp32 CUDA tensor with ``d <= 128`` and ``k <= 32``."""
@@ -229,8 +255,7 @@ def fused_knn(xf: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     if xf.dtype != torch.float32 or not xf.is_contiguous() or xf.device.type != "cuda":
         raise ValueError("xf must be a contiguous float32 CUDA tensor")
     cupy = import_cupy()
-    list_size = next(s for s in LIST_SIZES if s >= k)
-    padded_dim = next(s for s in PADDED_DIMS if s >= dim)
+    list_size, padded_dim = kernel_variant(dim, k)
     device = xf.device.index if xf.device.index is not None else torch.cuda.current_device()
     module = load_module("knn_topk", device)
 
