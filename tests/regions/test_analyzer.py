@@ -222,6 +222,31 @@ def test_approximate_knn_drops_the_point_itself(data, monkeypatch):
     torch.testing.assert_close(distances, exact_distances)
 
 
+
+@pytest.mark.slow  # pynndescent's numba compilation: 40-75 s on two CPU cores, about 1 s once compiled
+def test_real_pynndescent_graph_is_close_to_exact(data):
+    """The real NN-descent path (what ``knn="auto"`` takes on the CPU above 8,192 points), on a small
+    planted set: the point itself is dropped, every reported distance is the true distance of the
+    reported neighbour, rows are sorted, and the graph recovers nearly all exact neighbours."""
+    pytest.importorskip("pynndescent")
+    embeddings = data[0]
+    n = embeddings.shape[0]
+    distances, indices = _approximate_knn(embeddings, K, random_state=0)
+    assert distances.shape == (n, K) and indices.shape == (n, K)
+    assert indices.dtype == torch.int64 and distances.dtype == torch.float32
+    assert not (indices == torch.arange(n).unsqueeze(1)).any()
+    assert ((indices >= 0) & (indices < n)).all()
+    assert (indices.sort(dim=1).values.diff(dim=1) != 0).all(), "a neighbour is listed twice"
+    assert (distances.diff(dim=1) >= 0).all()
+    true = (embeddings.double()[indices] - embeddings.double()[:, None, :]).norm(dim=2)
+    torch.testing.assert_close(distances.double(), true, rtol=1e-5, atol=1e-5)
+    _, exact = knn_graph(embeddings, K)
+    recall = sum(len(set(a) & set(b)) for a, b in zip(indices.tolist(), exact.tolist())) / exact.numel()
+    assert recall >= 0.95, f"NN-descent recall {recall:.3f} against the exact graph"
+    # seeded: the same graph again
+    again = _approximate_knn(embeddings, K, random_state=0)[1]
+    assert torch.equal(indices, again)
+
 def test_auto_knn_is_exact_on_small_inputs_and_on_cuda():
     analyzer = LossRegionAnalyzer()
     assert analyzer.knn_method(500, torch.device("cpu")) == "exact"
