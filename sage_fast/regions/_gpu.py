@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
-GPU_EXTRA_HINT = "pip install 'sage-fast[gpu]'"
+GPU_EXTRA_HINT = "pip install 'sage-fast[gpu]' (CUDA 12) or 'sage-fast[gpu-cu13]' (CUDA 13)"
 
 
 # ------------------------------------------------------------------------- cupy

@@ -218,7 +218,10 @@ class LossRegionAnalyzer:
         from . import _gpu
 
         cupy = _gpu.import_cupy()
-        reducer = UMAP(output_type="cupy", **self._umap_arguments())
+        # build_algo="brute_force_knn": "auto" picks NN-descent above 50,000 rows when no random_state is
+        # set, whose builds may stage the data in host memory and are not deterministic. The kNN graph is
+        # given, so brute force costs nothing here and keeps everything on the device.
+        reducer = UMAP(output_type="cupy", **{"build_algo": "brute_force_knn", **self._umap_arguments()})
         # cuML takes (indices, distances) with the point itself first, like umap-learn.
         graph = (_gpu.as_cupy(indices), _gpu.as_cupy(distances))
         with _gpu.cuda_errors_explained("cuML UMAP"):

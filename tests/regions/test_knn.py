@@ -320,3 +320,44 @@ def test_without_a_gpu_cuda_plans_fall_back_and_report_why():
         plan_knn(1000, 64, 15, device="cuda", path="fused")
     with pytest.raises(ValueError, match="needs d <= 128"):
         plan_knn(1000, 768, 15, device="cuda", path="fused")
+
+
+def test_cuml_umap_gets_the_graph_and_brute_force_build(monkeypatch):
+    """cuML's UMAP is given our kNN graph and build_algo="brute_force_knn" (so it never switches to
+    NN-descent, which may stage the data on the host); checked with a stand-in cuML, without a GPU."""
+    import sys
+    import types
+
+    from sage_fast.regions import _gpu
+    from sage_fast.regions.analyzer import LossRegionAnalyzer
+
+    seen = {}
+
+    class FakeUMAP:
+        def __init__(self, **kwargs):
+            seen["kwargs"] = kwargs
+
+        def fit_transform(self, x, knn_graph=None):
+            seen["graph"] = knn_graph
+            return x[:, :2]
+
+    manifold = types.ModuleType("cuml.manifold")
+    manifold.UMAP = FakeUMAP
+    cuml = types.ModuleType("cuml")
+    cuml.manifold = manifold
+    monkeypatch.setitem(sys.modules, "cuml", cuml)
+    monkeypatch.setitem(sys.modules, "cuml.manifold", manifold)
+    fake_cupy = types.SimpleNamespace(float32=torch.float32, ascontiguousarray=lambda a, dtype: a.to(dtype).contiguous())
+    monkeypatch.setattr(_gpu, "import_cupy", lambda: fake_cupy)
+    monkeypatch.setattr(_gpu, "as_cupy", lambda t: t)
+    monkeypatch.setattr(_gpu, "as_torch", lambda a: a)
+
+    x = torch.randn(30, 5)
+    analyzer = LossRegionAnalyzer(n_neighbors=4, random_state=0, umap_kwargs={"n_epochs": 10})
+    analyzer.knn_distances_, analyzer.knn_indices_ = knn_graph(x, 4)
+    indices, distances = analyzer._graph_with_self()
+    reducer, embedding = analyzer._umap_cuml(x, indices, distances)
+    assert seen["kwargs"]["build_algo"] == "brute_force_knn"
+    assert seen["kwargs"]["n_neighbors"] == 4 and seen["kwargs"]["random_state"] == 0
+    assert seen["graph"][0] is indices and seen["graph"][1] is distances
+    assert embedding.shape == (30, 2)
