@@ -36,6 +36,7 @@ options=None) -> Sm90Kernel``:
 ``Sm90Kernel`` fields: ``name``, ``ptx``, ``sass`` (text; empty if no cuobjdump), ``ld_global`` and
 ``st_global`` (``{bits: count}`` over the ``ld.global``/``st.global`` instructions in the PTX),
 ``ld_global_bits`` / ``st_global_bits`` (their widest, 0 if none; 128 = ``v4.b32`` / ``v2.b64``),
+``cp_async`` (``{bits: count}`` of ``cp.async`` global-to-shared copies, how pipelined tiles load),
 ``n_regs`` and ``n_spills`` (registers per thread and local-memory bytes per thread, as the CUDA driver
 reports them to Triton: ``n_spills`` counts spill and stack bytes), ``ptx_instructions``,
 ``sass_instructions`` (SASS without NOPs; 0 if no cuobjdump), ``shared`` (bytes), ``num_warps``,
@@ -73,7 +74,7 @@ import pytest
 # Seconds one compilation may take before the helper process is declared stuck.
 COMPILE_TIMEOUT_S = 600
 
-__all__ = ["compile_sm90", "Sm90Kernel", "parse_global_access_bits", "count_ptx_instructions",
+__all__ = ["compile_sm90", "Sm90Kernel", "parse_global_access_bits", "parse_cp_async_bits", "count_ptx_instructions",
            "count_sass_instructions"]
 
 
@@ -102,6 +103,20 @@ def parse_global_access_bits(ptx: str) -> tuple[Counter, Counter]:
             continue
         (loads if m.group(1) == "ld" else stores)[vec * width] += 1
     return loads, stores
+
+
+_CP_ASYNC = re.compile(r"^\s*(?:@!?%\w+\s+)?cp\.async\.\w+\.shared\.global\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)")
+
+
+def parse_cp_async_bits(ptx: str) -> Counter:
+    """``{bits: count}`` of ``cp.async`` global-to-shared copies (how pipelined GEMM tiles are loaded):
+    ``cp.async.cg.shared.global [dst], [src], 16`` is 128 bits."""
+    sizes = Counter()
+    for line in ptx.splitlines():
+        m = _CP_ASYNC.match(line)
+        if m:
+            sizes[8 * int(m.group(1), 0)] += 1
+    return sizes
 
 
 def _ptx_opcodes(ptx: str):
@@ -140,6 +155,7 @@ class Sm90Kernel:
     sass: str = field(repr=False)
     ld_global: dict
     st_global: dict
+    cp_async: dict
     n_regs: int
     n_spills: int
     shared: int
@@ -413,6 +429,7 @@ def compile_sm90(kernel, args: dict, constexprs: dict | None = None, *, num_warp
     loads, stores = parse_global_access_bits(answer["ptx"])
     return Sm90Kernel(
         name=answer["name"], ptx=answer["ptx"], sass=answer["sass"], ld_global=dict(loads), st_global=dict(stores),
+        cp_async=dict(parse_cp_async_bits(answer["ptx"])),
         n_regs=answer["n_regs"], n_spills=answer["n_spills"], shared=answer["shared"], num_warps=int(num_warps),
         ptx_instructions=count_ptx_instructions(answer["ptx"]), sass_instructions=count_sass_instructions(answer["sass"]))
 

@@ -4,7 +4,8 @@ import pytest
 import triton
 import triton.language as tl
 
-from sm90 import compile_sm90, count_ptx_instructions, count_sass_instructions, parse_global_access_bits
+from sm90 import (compile_sm90, count_ptx_instructions, count_sass_instructions, parse_cp_async_bits,
+                  parse_global_access_bits)
 
 
 @triton.jit
@@ -43,6 +44,8 @@ def test_parse_global_access_bits():
     assert stores == {64: 1}
     assert count_ptx_instructions(ptx) == 6
     assert count_ptx_instructions(ptx, r"^ld\.global") == 4
+    cp = "\tcp.async.cg.shared.global [ %r25 + 0 ], [ %rd13 + 0 ], 0x10, %r26;\n\tcp.async.ca.shared.global [%r1], [%rd2], 4;"
+    assert parse_cp_async_bits(cp) == {128: 1, 32: 1}
 
 
 def test_count_sass_instructions():
