@@ -47,9 +47,11 @@ def run(args) -> int:
     import torch
 
     from ..train import require_transformers
+    from ..train.config import check_folder
     from ..train.models import export_student, load_interface
 
     transformers = require_transformers()
+    check_folder("--out", args.out)
     interface, tokenizer = load_interface(find_trained(args.checkpoint))
     interface.eval()
     out = export_student(interface, tokenizer, Path(args.out))

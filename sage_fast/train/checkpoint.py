@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import UsageError
+
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
 
@@ -52,11 +54,21 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-class CheckpointError(ValueError):
-    pass
+class CheckpointError(UsageError, ValueError):
+    """A checkpoint that is missing, unreadable, or not one sage-fast wrote; the message says which."""
 
 
-def load(path: str | Path, map_location="cpu") -> dict:
+# What every checkpoint of the training driver holds, whatever its mode, with the type each entry
+# must have. A dict lacking one (another program's file, a hand-edited one) is refused when loaded,
+# not with a KeyError in the middle of a resume.
+REQUIRED = {"mode": str, "config": dict, "global_step": int, "epoch": int, "step_in_epoch": int,
+            "total_steps": int, "done": bool, "examples_seen": dict, "student": dict, "adapter": dict, "loss": dict,
+            "optimizer": dict, "scheduler": dict, "rng": dict, "metrics": list, "timer": dict}
+
+
+def load(path: str | Path, map_location="cpu", required: dict[str, type] | None = None) -> dict:
+    """The checkpoint at ``path`` (a file, or a folder holding ``checkpoint.pt``), checked to hold
+    every ``required`` entry (default ``REQUIRED``) with its type; a CheckpointError otherwise."""
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
@@ -68,6 +80,14 @@ def load(path: str | Path, map_location="cpu") -> dict:
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path} is not a sage-fast checkpoint of format {FORMAT_VERSION}")
+    required = REQUIRED if required is None else required
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a whole sage-fast checkpoint: it lacks {', '.join(missing)}")
+    wrong = [f"{key} ({type(state[key]).__name__}, expected {kind.__name__})" for key, kind in required.items()
+             if not isinstance(state[key], kind) or (kind is int and isinstance(state[key], bool))]
+    if wrong:
+        raise CheckpointError(f"{path} is not a whole sage-fast checkpoint: wrong entries {', '.join(wrong)}")
     return state
 
 

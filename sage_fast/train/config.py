@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,7 @@ class DistillConfig:
                 raise bad(name, f"in {interval}", value)
             setattr(self, name, float(value))
 
+        self._check_types()
         for name, options in (("mode", MODES), ("task", TASKS), ("pool_policy", POOL_POLICIES)):
             if getattr(self, name) not in options:
                 raise bad(name, f"one of {', '.join(options)}", getattr(self, name))
@@ -173,7 +175,27 @@ class DistillConfig:
         for name in ("text_column", "label_column"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise bad(name, "a column name", getattr(self, name))
+        check_folder("output-dir", self.output_dir or "runs")
+        if self.cache_dir:
+            check_folder("cache-dir", self.cache_dir)
         return self
+
+    def _check_types(self) -> None:
+        """Text settings must be text and switches true or false: a config file can hold anything,
+        and ``train_file: 5`` would otherwise fail deep inside the run. Numbers are checked with
+        their ranges in ``validate``."""
+        hints = typing.get_type_hints(type(self))
+        for item in dataclasses.fields(self):
+            value, hint = getattr(self, item.name), hints[item.name]
+            optional = type(None) in typing.get_args(hint)
+            if value is None and optional:
+                continue
+            if hint in (str, str | None) and not isinstance(value, str):
+                kind = "text or unset" if optional else "text"
+                raise ConfigError(f"{item.name.replace('_', '-')} must be {kind}, got {value!r} "
+                                  f"({type(value).__name__})")
+            if hint is bool and not isinstance(value, bool):
+                raise ConfigError(f"{item.name.replace('_', '-')} must be true or false, got {value!r}")
 
     # ---------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -201,6 +223,19 @@ class DistillConfig:
         data = self.to_dict()
         (directory / "config.json").write_text(json.dumps(data, indent=2) + "\n")
         (directory / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def check_folder(flag: str, path) -> Path:
+    """``path`` as a Path, or a ConfigError when it (or a folder it would be made in) is a file."""
+    path = Path(path)
+    for place in (path, *path.parents):
+        if place.exists():
+            if not place.is_dir():
+                where = "" if place == path else f" (within {flag} {path})"
+                raise ConfigError(f"{flag} {place} is a file, not a folder{where}; give a folder, or a path where "
+                                  "one can be made")
+            break
+    return path
 
 
 def canonical(values: dict[str, Any]) -> dict[str, Any]:

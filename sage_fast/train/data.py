@@ -123,6 +123,12 @@ def _finish(task, train, validation, test, label_names, max_train_examples, max_
     for name, split in data.splits().items():
         if len(split) == 0:
             raise DataError(f"the {name} split of {task} is empty; check the data files and the split settings")
+    kept = sorted(set(data.train.labels))
+    if len(kept) < 2:
+        # A classifier of one label learns nothing and scores 1.0 on data of that label.
+        raise DataError(f"all {len(data.train)} training examples of {task} kept have the label "
+                        f"{label_names[kept[0]]!r}; a classifier needs at least two labels among them "
+                        "(keep more with --max-train-examples)")
     return data
 
 
@@ -184,11 +190,13 @@ def load_glue(task: str, *, max_train_examples=None, max_eval_examples=None, see
 # --- CSV / JSONL files ---------------------------------------------------------------------------
 
 def _open_text(path: Path):
+    # utf-8-sig: spreadsheet programs start a UTF-8 file with a byte-order mark, which plain utf-8
+    # would keep as part of the first column's name; without a mark the two read the same.
     if path.suffix == ".bz2":
-        return bz2.open(path, "rt", encoding="utf-8", newline="")
+        return bz2.open(path, "rt", encoding="utf-8-sig", newline="")
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
 
 
 def _format_of(path: Path) -> str:
@@ -203,11 +211,16 @@ def _format_of(path: Path) -> str:
 
 def read_records(path: Path | str) -> list[dict]:
     """Rows of a CSV/TSV (with a header) or JSONL file, as dicts."""
+    return _read_records(path)[0]
+
+
+def _read_records(path: Path | str) -> tuple[list[dict], list[int]]:
+    """(records, the file line each ends on): messages about a row name the line to look at."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} does not exist or is not a file")
     kind = _format_of(path)
-    records = []
+    records, lines = [], []
     try:
         with _open_text(path) as f:
             if kind == "jsonl":
@@ -222,6 +235,7 @@ def read_records(path: Path | str) -> list[dict]:
                     if not isinstance(record, dict):
                         raise DataError(f"{path} line {number} is a JSON {type(record).__name__}, expected an object")
                     records.append(record)
+                    lines.append(number)
             else:
                 reader = csv.DictReader(f, delimiter="," if kind == "csv" else "\t", strict=True)
                 header = reader.fieldnames or []
@@ -230,26 +244,32 @@ def read_records(path: Path | str) -> list[dict]:
                         raise DataError(f"{path} line {reader.line_num} has {'more' if None in record else 'fewer'} "
                                         f"fields than the header {header}; the file may be truncated or malformed")
                     records.append(record)
+                    lines.append(reader.line_num)
     except DataError:
         raise
     except (OSError, EOFError, csv.Error, UnicodeDecodeError) as err:
         raise DataError(f"cannot read {path}: {err}. The file may be truncated or not {kind.upper()}") from None
     if not records:
         raise DataError(f"{path} holds no examples")
-    return records
+    return records, lines
 
 
-def _columns(records: list[dict], path, text_column, text_pair_column, label_column):
+def _columns(path, text_column, text_pair_column, label_column):
+    records, lines = _read_records(path)
     available = list(records[0].keys())
     for name in (text_column, text_pair_column, label_column):
         if name is not None and name not in available:
             raise DataError(f"{path} has no column {name!r}; its columns are {available}. "
                             "Choose columns with --text-column / --text-pair-column / --label-column")
     texts, pairs, labels = [], [] if text_pair_column else None, []
-    for number, record in enumerate(records, 1):
+    for number, (record, line) in enumerate(zip(records, lines), 1):
         missing = [c for c in (text_column, text_pair_column, label_column) if c is not None and record.get(c) is None]
         if missing:
-            raise DataError(f"{path} example {number} has no value for {missing}")
+            raise DataError(f"{path} line {line} (example {number}) has no value for {missing}")
+        if not str(record[label_column]).strip():
+            # An empty cell would otherwise become a label of its own, '' beside the real ones.
+            raise DataError(f"{path} line {line} (example {number}) has an empty label in column {label_column!r}; "
+                            "fill it in or remove the row")
         texts.append(str(record[text_column]))
         if pairs is not None:
             pairs.append(str(record[text_pair_column]))
@@ -268,9 +288,11 @@ def _label_key(label):
 
 def load_files(train_file, eval_file=None, *, text_column="text", text_pair_column=None, label_column="label",
                task="custom", max_train_examples=None, max_eval_examples=None, seed: int = 0) -> TaskData:
-    train_records = read_records(train_file)
-    texts, pairs, raw_labels = _columns(train_records, train_file, text_column, text_pair_column, label_column)
+    texts, pairs, raw_labels = _columns(train_file, text_column, text_pair_column, label_column)
     label_names = sorted({str(label).strip() for label in raw_labels}, key=_label_key)
+    if len(label_names) < 2:
+        raise DataError(f"every example in {train_file} has the label {label_names[0]!r}; a classifier needs at "
+                        f"least two labels (is --label-column {label_column!r} the right column?)")
     index = {name: i for i, name in enumerate(label_names)}
     train = Split(texts, [index[str(label).strip()] for label in raw_labels], pairs)
     if eval_file is None:
@@ -284,8 +306,7 @@ def load_files(train_file, eval_file=None, *, text_column="text", text_pair_colu
         test = train.subset(sorted(order[n_eval:2 * n_eval]))
         train = train.subset(sorted(order[2 * n_eval:]))
     else:
-        eval_records = read_records(eval_file)
-        e_texts, e_pairs, e_raw = _columns(eval_records, eval_file, text_column, text_pair_column, label_column)
+        e_texts, e_pairs, e_raw = _columns(eval_file, text_column, text_pair_column, label_column)
         unknown = sorted({str(label).strip() for label in e_raw} - set(index), key=_label_key)
         if unknown:
             raise DataError(f"{eval_file} has labels {unknown[:10]} that never occur in {train_file} "
@@ -335,7 +356,7 @@ def encode(split: Split, tokenizer, max_length: int = 64) -> dict:
 def add_data_arguments(parser, *, max_train_examples=None, max_eval_examples=None) -> None:
     """The data options every training command shares."""
     group = parser.add_argument_group("data")
-    group.add_argument("--task", default="rotten_tomatoes",
+    group.add_argument("--task", default=None,
                        help=f"task to load: one of {', '.join(TASKS)} (offline default: rotten_tomatoes); "
                             "with --train-file, just a name for your data")
     group.add_argument("--train-file", help="your own training data: .csv, .tsv or .jsonl (optionally .gz/.bz2)")
@@ -351,7 +372,8 @@ def add_data_arguments(parser, *, max_train_examples=None, max_eval_examples=Non
 
 
 def data_from_args(args) -> TaskData:
-    return load_task(args.task, train_file=args.train_file, eval_file=args.eval_file, text_column=args.text_column,
+    task = args.task or (Path(args.train_file).name.split(".")[0] if args.train_file else "rotten_tomatoes")
+    return load_task(task, train_file=args.train_file, eval_file=args.eval_file, text_column=args.text_column,
                      text_pair_column=args.text_pair_column, label_column=args.label_column,
                      max_train_examples=args.max_train_examples or None,
                      max_eval_examples=args.max_eval_examples or None,

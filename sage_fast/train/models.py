@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -27,11 +28,17 @@ from torch import nn
 
 from . import ModelError, require_transformers
 
+try:
+    from safetensors import SafetensorError
+except ImportError:  # safetensors comes with transformers; without either nothing here loads weights
+    SafetensorError = None
+
 SHORT_NAMES = ("minilm", "mpnet")
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """``minilm`` / ``mpnet`` name the packaged offline models; anything else is a folder or hub id."""
+    """``minilm`` / ``mpnet`` name the packaged offline models; anything else is a folder or hub id.
+    A local folder's ``config.json``, when it has one, must be readable (else a ModelError)."""
     from .. import assets
 
     if name_or_path == "minilm":
@@ -44,7 +51,55 @@ def resolve_model_path(name_or_path: str) -> str:
         if not (path / "config.json").is_file():
             raise ModelError(f"the MPNet model is not in {path}; run `sage-fast assets --mpnet` to install it")
         return str(path)
+    if Path(name_or_path).is_dir():
+        read_model_config(name_or_path)
     return str(name_or_path)
+
+
+def read_model_config(folder) -> dict | None:
+    """The ``config.json`` of a local model folder as a dict, None when there is none; a ModelError
+    when it is not a JSON object (an interrupted copy, an empty file)."""
+    path = Path(folder) / "config.json" if Path(folder).is_dir() else Path(folder)
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        reason = "it is empty" if path.stat().st_size == 0 else f"{type(err).__name__}: {err}"
+        raise ModelError(f"{path} is not a readable model config ({reason}); the folder may be damaged or partly "
+                         "copied: copy or save the model again") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{path} must hold a JSON object (a model config), got a {type(config).__name__}")
+    return config
+
+
+def saved_label_count(name_or_path: str) -> int | None:
+    """The label count a saved classifier was trained with, or None when it has no task head (or is
+    not a local folder)."""
+    path = resolve_model_path(name_or_path)
+    config = read_model_config(path) if Path(path).is_dir() else None
+    if config is None or not any("ForSequenceClassification" in str(a) for a in config.get("architectures") or []):
+        return None
+    if isinstance(config.get("id2label"), dict):
+        return len(config["id2label"])
+    # Recent transformers leave the label count out of config.json when it is the default (2).
+    count = config.get("num_labels", 2)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ModelError(f"{name_or_path}/config.json has num_labels {count!r}; expected a positive integer")
+    return count
+
+
+# The files a tokenizer's vocabulary comes from, one of which a local folder must hold: without
+# them transformers builds a tokenizer of special tokens only, and every word becomes [UNK].
+VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
+                    "tokenizer.model", "sentencepiece.model", "source.spm")
+# Weight files that fail to parse raise these (safetensors, and torch.load for .bin files).
+_WEIGHT_ERRORS = (EOFError, RuntimeError, pickle.UnpicklingError) + ((SafetensorError,) if SafetensorError else ())
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _load(loader, name_or_path: str, what: str, **kwargs):
@@ -58,9 +113,12 @@ def _load(loader, name_or_path: str, what: str, **kwargs):
         return loader(path, local_files_only=True, **kwargs) if local else loader(path, **kwargs)
     except (OSError, ValueError) as err:
         where = f"the folder {path}" if local else f"the Hugging Face cache and hub for {path!r}"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"cannot load a {what} from {where} ({first}). Offline, use a local folder or `minilm`; "
-                         "run `sage-fast assets` to install the packaged models") from None
+        raise ModelError(f"cannot load a {what} from {where} ({_first_line(err)}). Offline, use a local folder or "
+                         "`minilm`; run `sage-fast assets` to install the packaged models") from None
+    except _WEIGHT_ERRORS as err:
+        raise ModelError(f"cannot load the weights of the {what} in {path} ({type(err).__name__}: "
+                         f"{_first_line(err)[:200]}); the weight file may be damaged, partly copied or of another "
+                         "architecture: copy or save the model again") from None
 
 
 def load_classifier(name_or_path: str, num_labels: int):
@@ -79,8 +137,19 @@ def load_classifier(name_or_path: str, num_labels: int):
 
 
 def load_tokenizer(name_or_path: str):
+    """The tokenizer of a model folder or hub id; a local folder without vocabulary files is refused."""
     transformers = require_transformers()
-    return _load(transformers.AutoTokenizer.from_pretrained, name_or_path, "tokenizer")
+    path = Path(resolve_model_path(name_or_path))
+    if path.is_dir() and not any((path / name).is_file() for name in VOCABULARY_FILES):
+        present = sorted(p.name for p in path.iterdir())
+        raise ModelError(f"{path} holds no tokenizer: none of {', '.join(VOCABULARY_FILES)} is there (it has "
+                         f"{', '.join(present[:12]) or 'nothing'}). Save the tokenizer of the model it came from "
+                         "beside it (tokenizer.save_pretrained(folder))")
+    tokenizer = _load(transformers.AutoTokenizer.from_pretrained, name_or_path, "tokenizer")
+    if tokenizer.vocab_size <= len(tokenizer.all_special_tokens):
+        raise ModelError(f"the tokenizer of {name_or_path} knows only its {tokenizer.vocab_size} special tokens, so "
+                         "every word would be unknown; its vocabulary file is missing or empty")
+    return tokenizer
 
 
 def encoder_layers(model) -> tuple[nn.Module, str, nn.ModuleList]:
@@ -137,6 +206,15 @@ def student_from_config(config_or_name, num_labels: int, **overrides):
     transformers = require_transformers()
     if isinstance(config_or_name, transformers.PretrainedConfig):
         config = copy.deepcopy(config_or_name)
+    elif Path(str(config_or_name)).is_file():  # a config.json of any name
+        values = read_model_config(config_or_name)
+        if "model_type" not in values:
+            raise ModelError(f"{config_or_name} has no model_type, so it is not a Hugging Face model config "
+                             "(write one with config.save_pretrained(folder) or config.to_json_file(path))")
+        try:
+            config = transformers.AutoConfig.for_model(**values)
+        except (ValueError, TypeError, KeyError) as err:
+            raise ModelError(f"{config_or_name} is not a usable model config ({_first_line(err)})") from None
     else:
         config = _load(transformers.AutoConfig.from_pretrained, config_or_name, "config")
     for key, value in overrides.items():
@@ -312,14 +390,33 @@ def save_interface(interface: VectorInterface, folder, *, teacher_path=None, tok
     return folder
 
 
+def read_interface_record(folder) -> dict:
+    """The ``sage_fast_interface.json`` of a trained folder, checked: a ModelError says what is wrong."""
+    record_file = Path(folder) / INTERFACE_FILE
+    if not record_file.is_file():
+        raise ModelError(f"{folder} is not a saved training checkpoint (it has no {INTERFACE_FILE})")
+    damaged = (f"{record_file} is damaged ({{}}); it is written at the end of training by sage-fast distill: "
+               "train again, or use another run's trained folder")
+    try:
+        record = json.loads(record_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ModelError(damaged.format(f"{type(err).__name__}: {err}")) from None
+    if not isinstance(record, dict):
+        raise ModelError(damaged.format(f"a JSON {type(record).__name__}, not an object"))
+    expected = {"teacher": str, "tokenizer": str, "adapter": str}
+    wrong = [key for key, kind in expected.items() if not isinstance(record.get(key), kind)]
+    if wrong:
+        raise ModelError(damaged.format(f"no text entry for {', '.join(wrong)}"))
+    if record["adapter"] not in ("linear", "identity"):
+        raise ModelError(damaged.format(f"adapter {record['adapter']!r} is neither 'linear' nor 'identity'"))
+    return record
+
+
 def load_interface(folder, device="cpu"):
     """(interface, tokenizer) from a folder written by ``save_interface``."""
     transformers = require_transformers()
     folder = Path(folder)
-    record_file = folder / INTERFACE_FILE
-    if not record_file.is_file():
-        raise ModelError(f"{folder} is not a saved training checkpoint (it has no {INTERFACE_FILE})")
-    record = json.loads(record_file.read_text())
+    record = read_interface_record(folder)
 
     def inside(entry: str) -> str:
         return str(folder / entry) if not Path(entry).is_absolute() else entry
@@ -332,9 +429,13 @@ def load_interface(folder, device="cpu"):
     if record["adapter"] == "linear":
         if not isinstance(interface.adapter, nn.Linear):
             raise ModelError(f"{folder} records a linear adapter but its models have equal widths")
-        interface.adapter.load_state_dict(torch.load(folder / "adapter.pt", map_location="cpu", weights_only=True))
+        try:
+            interface.adapter.load_state_dict(torch.load(folder / "adapter.pt", map_location="cpu", weights_only=True))
+        except (OSError, *_WEIGHT_ERRORS) as err:
+            raise ModelError(f"cannot load {folder / 'adapter.pt'} ({type(err).__name__}: {_first_line(err)[:200]}); "
+                             "it may be damaged: train again, or use another run's trained folder") from None
     return interface.to(device), tokenizer
 
 
-__all__ = ["INTERFACE_FILE", "VectorInterface", "load_interface", "save_interface", "encoder_layers", "export_student", "load_classifier", "load_tokenizer",
+__all__ = ["INTERFACE_FILE", "VOCABULARY_FILES", "VectorInterface", "read_model_config", "saved_label_count", "load_interface", "save_interface", "encoder_layers", "export_student", "load_classifier", "load_tokenizer",
            "resolve_model_path", "student_from_config", "student_from_pretrained", "student_from_teacher"]

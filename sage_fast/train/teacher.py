@@ -25,6 +25,7 @@ import torch
 from .._checks import in_range, integer
 from ..devices import resolve_device
 from . import ModelError
+from .config import check_folder
 from .data import Split, TaskData, encode
 
 METRICS_FILE = "sage_fast_teacher.json"
@@ -108,7 +109,7 @@ def fine_tune_teacher(base: str, data: TaskData, *, settings: TeacherSettings | 
 
     settings = settings or TeacherSettings()
     settings.check()
-    folder = teachers_root(cache_dir) / teacher_key(base, data, settings)
+    folder = check_folder("cache-dir", teachers_root(cache_dir)) / teacher_key(base, data, settings)
     if not force and (folder / METRICS_FILE).is_file() and (folder / "config.json").is_file():
         log(f"teacher cache hit: {folder}")
         return folder

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import save_atomic
+from .config import check_folder
 
 CACHE_FORMAT = 1
 
@@ -62,7 +63,7 @@ def load_or_compute(cache_dir: str | Path | None, key: str, make: Callable[[], d
     (outputs, whether they came from the cache). A damaged cache file is recomputed."""
     if cache_dir is None:
         return make(), False
-    path = Path(cache_dir) / f"teacher-{key}.pt"
+    path = check_folder("cache-dir", cache_dir) / f"teacher-{key}.pt"  # before the pass, not after
     if path.is_file():
         try:
             stored = torch.load(path, map_location="cpu", weights_only=True)

@@ -4,11 +4,22 @@ import pytest
 import torch
 
 from sage_fast.train import checkpoint
-from sage_fast.train.checkpoint import CheckpointError, load, save_atomic
+from sage_fast.train.checkpoint import CheckpointError, save_atomic
 
 
 def state(value):
     return {"format": checkpoint.FORMAT_VERSION, "weights": torch.full((3,), float(value))}
+
+
+def load(path):
+    """These tests are about writing and reading whole files, not about what the driver stores."""
+    return checkpoint.load(path, required={})
+
+
+def driver_state():
+    return {"format": checkpoint.FORMAT_VERSION, "mode": "kd", "config": {}, "global_step": 3, "epoch": 0,
+            "step_in_epoch": 3, "total_steps": 9, "done": False, "examples_seen": {}, "student": {}, "adapter": {},
+            "loss": {}, "optimizer": {}, "scheduler": {}, "rng": {}, "metrics": [], "timer": {}}
 
 
 def test_round_trip(tmp_path):
@@ -60,3 +71,25 @@ def test_rng_state_round_trip():
     checkpoint.set_rng_state(saved)
     b = (torch.rand(2), __import__("numpy").random.rand(), __import__("random").random())
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+def test_a_driver_checkpoint_has_every_entry(tmp_path):
+    path = save_atomic(driver_state(), tmp_path / "checkpoint.pt")
+    assert checkpoint.load(path)["global_step"] == 3
+
+
+@pytest.mark.parametrize("key", sorted(checkpoint.REQUIRED))
+def test_a_checkpoint_lacking_an_entry_is_refused(tmp_path, key):
+    damaged = driver_state()
+    del damaged[key]
+    path = save_atomic(damaged, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=f"lacks {key}$"):
+        checkpoint.load(path)
+
+
+@pytest.mark.parametrize("key, value", [("mode", 1), ("config", "x"), ("global_step", True), ("global_step", 2.5),
+                                        ("student", None)])
+def test_a_checkpoint_entry_of_the_wrong_type_is_refused(tmp_path, key, value):
+    path = save_atomic({**driver_state(), key: value}, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=f"wrong entries {key} "):
+        checkpoint.load(path)
