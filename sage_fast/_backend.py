@@ -4,12 +4,16 @@ CUDA tensors run the Triton kernels. CPU tensors run the plain-torch path, unles
 ``TRITON_INTERPRET=1`` is set, in which case the Triton kernels run through Triton's interpreter
 (this is how the kernels are tested on machines without a GPU). ``SAGE_FAST_BACKEND=torch`` or
 ``use_backend("torch")`` forces the plain-torch path everywhere, for comparisons.
+
+triton is optional: without it the package imports and CPU tensors take the plain-torch path, while
+an op on CUDA tensors raises an ``ImportError`` that names the package to install (a silent fall back
+to the slow path would hide a broken install), unless the plain-torch path is forced.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import importlib.util
+import functools
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -23,7 +27,7 @@ _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("sage_fast_
 
 @dataclass(frozen=True)
 class Decision:
-    backend: str  # "triton" or "torch"
+    backend: str  # "triton", "torch", or "unavailable" (CUDA tensors without triton)
     reason: str
 
 
@@ -31,8 +35,19 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """Whether triton imports here (an install that fails to import counts as absent)."""
+    try:
+        import triton  # noqa: F401 - imported only to learn whether it can be; the ops hold their own
+    except Exception:  # noqa: BLE001 - ImportError, or whatever a broken install raises
+        return False
+    return True
+
+
+MISSING_TRITON = ("sage_fast runs CUDA tensors through Triton kernels, and triton is not installed here: "
+                  "pip install triton (or force the plain-torch path with SAGE_FAST_BACKEND=torch or "
+                  "sage_fast.use_backend('torch'))")
 
 
 def requested_backend() -> str:
@@ -61,7 +76,7 @@ def decide(device: torch.device | str) -> Decision:
     requested = requested_backend()
     if requested == "torch":
         return Decision("torch", "plain-torch path forced")
-    runnable = triton_available() and (device.type == "cuda" or (device.type == "cpu" and interpreter_enabled()))
+    runnable = (device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())) and triton_available()
     if requested == "triton":
         if not runnable:
             raise ValueError(
@@ -73,7 +88,7 @@ def decide(device: torch.device | str) -> Decision:
     if device.type == "cuda":
         if runnable:
             return Decision("triton", "CUDA tensor: fused Triton kernel")
-        return Decision("torch", "CUDA tensor but triton is not installed (pip install triton)")
+        return Decision("unavailable", MISSING_TRITON)
     if runnable:
         return Decision("triton", "CPU tensor with TRITON_INTERPRET=1: Triton kernel in the interpreter")
     if device.type == "cpu":
@@ -82,4 +97,9 @@ def decide(device: torch.device | str) -> Decision:
 
 
 def use_triton(device: torch.device | str) -> bool:
-    return decide(device).backend == "triton"
+    """Whether an op on ``device`` runs its Triton kernel; raises ``ImportError`` for CUDA tensors
+    where triton is missing."""
+    decision = decide(device)
+    if decision.backend == "unavailable":
+        raise ImportError(decision.reason)
+    return decision.backend == "triton"
