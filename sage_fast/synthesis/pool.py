@@ -5,6 +5,11 @@ a mask, plus what the teacher said about it: logits, and the mapped hidden layer
 aligns hidden states. The pool holds at most ``capacity`` of them. When full, ``fifo`` overwrites the
 oldest; ``reservoir`` keeps a uniform sample of everything ever offered (Vitter's algorithm R), so
 early rounds are not forgotten entirely.
+
+Rows are padded sequences. New rows narrower than the pool (fewer tokens ``L``) are padded with
+zeros and mask 0; wider ones widen the pool the same way. Padding is masked out everywhere it is
+read (attention, the alignment term), so a training loop whose batches vary in width can keep
+one pool.
 """
 from __future__ import annotations
 
@@ -12,15 +17,22 @@ from collections.abc import Mapping
 
 import torch
 
+from .. import _checks
+
 POLICIES = ("fifo", "reservoir")
+
+
+def _pad_tokens(t: torch.Tensor, length: int) -> torch.Tensor:
+    """``t`` [M, L, ...] with zeros appended along the token axis up to ``length``."""
+    out = t.new_zeros((t.shape[0], length, *t.shape[2:]))
+    out[:, : t.shape[1]] = t
+    return out
 
 
 class SyntheticPool:
     def __init__(self, capacity: int, policy: str = "fifo"):
-        if not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
-        if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        _checks.integer("capacity", capacity, minimum=1)
+        _checks.choice("policy", policy, POLICIES)
         self.capacity = capacity
         self.policy = policy
         self.vectors: torch.Tensor | None = None   # [capacity, L, d]
@@ -54,12 +66,21 @@ class SyntheticPool:
                 raise ValueError(f"hidden[{layer}] must have shape [M, L, d_t] with M, L = {tuple(vectors.shape[:2])}, "
                                  f"got {tuple(value.shape)}")
         if self.vectors is not None:
-            if vectors.shape[1:] != self.vectors.shape[1:] or logits.shape[1:] != self.logits.shape[1:]:
+            if vectors.shape[2:] != self.vectors.shape[2:] or logits.shape[1:] != self.logits.shape[1:]:
                 raise ValueError(
-                    f"new examples have shape {tuple(vectors.shape[1:])} / {tuple(logits.shape[1:])}, the pool holds "
-                    f"{tuple(self.vectors.shape[1:])} / {tuple(self.logits.shape[1:])}")
+                    f"new examples have width {vectors.shape[2]} and {logits.shape[1]} logits, the pool holds width "
+                    f"{self.vectors.shape[2]} and {self.logits.shape[1]} logits")
             if set(int(k) for k in hidden) != set(self.hidden):
                 raise ValueError(f"hidden layers {sorted(hidden)} differ from the pool's {sorted(self.hidden)}")
+            for layer, value in hidden.items():
+                if value.shape[2:] != self.hidden[int(layer)].shape[2:]:
+                    raise ValueError(f"hidden[{layer}] has width {value.shape[2]}, the pool holds "
+                                     f"{self.hidden[int(layer)].shape[2]}")
+
+    def _widen(self, length: int) -> None:
+        """Pad every stored row with masked zeros up to ``length`` tokens."""
+        self.vectors, self.masks = _pad_tokens(self.vectors, length), _pad_tokens(self.masks, length)
+        self.hidden = {k: _pad_tokens(v, length) for k, v in self.hidden.items()}
 
     @torch.no_grad()
     def add(self, vectors: torch.Tensor, masks: torch.Tensor, logits: torch.Tensor,
@@ -69,6 +90,12 @@ class SyntheticPool:
         self._check(vectors, masks, logits, hidden)
         if self.vectors is None:
             self._allocate(vectors, masks, logits, hidden)
+        length = self.vectors.shape[1]
+        if vectors.shape[1] > length:
+            self._widen(vectors.shape[1])
+        elif vectors.shape[1] < length:
+            vectors, masks = _pad_tokens(vectors, length), _pad_tokens(masks, length)
+            hidden = {k: _pad_tokens(v, length) for k, v in hidden.items()}
         slots, rows = [], []
         for i in range(vectors.shape[0]):
             if self.size < self.capacity:
@@ -94,8 +121,10 @@ class SyntheticPool:
             self.hidden[int(layer)][slots_t] = value[rows_t].to(self.hidden[int(layer)])
 
     def sample(self, n: int, generator: torch.Generator | None = None):
-        """``min(n, len(self))`` examples drawn without replacement: (vectors, masks, logits, hidden)."""
-        if self.size == 0 or n <= 0:
+        """``min(n, len(self))`` examples drawn without replacement: (vectors, masks, logits, hidden),
+        or None when the pool is empty or ``n`` is 0. ``generator``: a CPU generator."""
+        _checks.integer("n", n, minimum=0)
+        if self.size == 0 or n == 0:
             return None
         n = min(n, self.size)
         index = torch.randperm(self.size, generator=generator)[:n].to(self.vectors.device)

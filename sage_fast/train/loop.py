@@ -1,22 +1,23 @@
-"""The SAGE training loop (see DESIGN.md, "The SAGE loop").
+"""The SAGE training driver (see DESIGN.md, "The SAGE loop"): step, evaluation, checkpoints.
 
 Per step: a batch of real examples, whose teacher outputs come from the on-disk cache, mixed with
-synthetic examples drawn from the bounded pool; ``SAGELoss`` on both; the real rows' per-example
-losses and pooled student embeddings fold into the ``ErrorProfile``. Every ``analysis_every`` steps
-(or at the end of each epoch but the last) an analysis round fits ``LossRegionAnalyzer`` on the
-examples seen so far, draws anchor/partner pairs (from high-loss regions in mode ``sage``, uniformly
-in mode ``random``), interpolates their teacher-embedded vectors, lets the teacher label the results
-through the same vector interface, and hands them to the pool. Mode ``kd`` never synthesises.
+synthetic rows from the synthesizer's pool; ``SAGELoss`` on both; the real rows' per-example losses
+and pooled student embeddings go to the synthesizer (``SAGESynthesizer.observe``). Every
+``analysis_every`` steps (or at the end of each epoch but the last) the synthesizer runs a round:
+the analysis on the rows seen so far, pairs from high-loss regions (mode ``sage``) or uniform ones
+(mode ``random``), interpolation, labels from the teacher through the vector interface, the pool.
+Mode ``kd`` has no synthesizer.
 
 Evaluation is on real text only: validation accuracy each epoch, test accuracy at the end. Each
 epoch ends with an atomic checkpoint; Ctrl-C stops at the end of the current step, writes a
 checkpoint and says how to resume. On CPU with a fixed seed, a resumed run gives the same final
 metrics as an uninterrupted one: data order depends only on (seed, epoch), and every random stream
-(torch's global one for dropout, the pool's and the analysis' generators) is checkpointed.
+(torch's global one for dropout, the synthesizer's generators) is checkpointed.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import signal
@@ -25,16 +26,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from . import DataError, ModelError
+from ..assets import cache_root
+from ..devices import resolve_device
+from ..nn import SAGELoss, SAGELossConfig
+from ..regions import pooled_embedding
+from ..synthesis import RoundRecord, SAGESynthesizer, SynthesisConfig
+from . import DataError, ModelError, require_transformers
 from . import checkpoint as ckpt
 from . import teacher_cache
 from .config import DistillConfig
+from .data import encode, load_task
 from .metrics import MetricsLog, Timer, format_table
-from .pool import SyntheticPool
+from .models import (VectorInterface, load_classifier, load_tokenizer, resolve_model_path, save_interface,
+                     student_from_config, student_from_teacher)
+from .teacher import TeacherSettings, fine_tune_teacher, read_teacher_metrics
 
 DEFAULT_TEACHER_BASE = "minilm"
-MIN_ANALYSIS_EXAMPLES = 8
 RESULTS_FILE = "results.json"
 
 
@@ -43,8 +52,6 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 def default_cache_dir() -> Path:
-    from ..assets import cache_root
-
     return cache_root() / "teacher_outputs"
 
 
@@ -74,8 +81,6 @@ def _check_teacher_labels(teacher, num_labels: int, name: str) -> None:
 
 def _teacher_label_count(name_or_path: str) -> int | None:
     """The label count a saved classifier was trained with, or None when it has no task head."""
-    from .models import resolve_model_path
-
     path = Path(resolve_model_path(name_or_path))
     config_file = path / "config.json" if path.is_dir() else None
     if config_file is None or not config_file.is_file():
@@ -90,10 +95,6 @@ def _teacher_label_count(name_or_path: str) -> int | None:
 
 
 def build_setup(config: DistillConfig, log=print) -> Setup:
-    from .data import encode, load_task
-    from .models import VectorInterface, load_classifier, load_tokenizer
-    from .teacher import fine_tune_teacher, read_teacher_metrics, resolve_device
-
     device = resolve_device(config.device)
     task = config.task if config.train_file is None else Path(config.train_file).name.split(".")[0]
     data = load_task(task, train_file=config.train_file, eval_file=config.eval_file,
@@ -105,8 +106,6 @@ def build_setup(config: DistillConfig, log=print) -> Setup:
     log(f"data: {data.summary()}")
     teacher_metrics = {}
     if config.teacher is None:
-        from .teacher import TeacherSettings
-
         folder = fine_tune_teacher(DEFAULT_TEACHER_BASE, data, device=device, progress=config.progress, log=log,
                                    settings=TeacherSettings(epochs=config.teacher_epochs, lr=config.teacher_lr,
                                                             max_length=config.max_length, seed=config.seed))
@@ -128,8 +127,6 @@ def build_setup(config: DistillConfig, log=print) -> Setup:
 
     torch.manual_seed(config.seed)
     student = build_student(config.student, teacher, data.num_labels).to(device)
-    from ..nn import SAGELossConfig
-
     layer_map = SAGELossConfig(num_student_layers=student.config.num_hidden_layers,
                                num_teacher_layers=teacher.config.num_hidden_layers).resolved_layer_map()
     teacher_layers = sorted(set(layer_map.values())) if config.beta > 0 else []
@@ -159,11 +156,8 @@ def build_setup(config: DistillConfig, log=print) -> Setup:
                  student, layer_map, teacher_metrics)
 
 
-
 def build_student(spec: str, teacher, num_labels: int):
     """``from-teacher:K``, a config file (``.json``), or a model folder / hub id."""
-    from .models import load_classifier, student_from_config, student_from_teacher
-
     if spec.startswith("from-teacher"):
         _, _, k = spec.partition(":")
         try:
@@ -182,9 +176,7 @@ def build_student(spec: str, teacher, num_labels: int):
     return load_classifier(spec, num_labels)
 
 
-def build_loss(config: DistillConfig, setup: Setup, student):
-    from ..nn import SAGELoss, SAGELossConfig
-
+def build_loss(config: DistillConfig, setup: Setup, student) -> SAGELoss:
     teacher = setup.teacher
     return SAGELoss(SAGELossConfig(
         alpha=config.alpha, temperature=config.temperature, beta=config.beta,
@@ -194,11 +186,29 @@ def build_loss(config: DistillConfig, setup: Setup, student):
     ))
 
 
-def _linear_schedule(optimizer, total_steps: int, warmup_ratio: float):
+def linear_schedule(optimizer, total_steps: int, warmup_ratio: float, *, done_steps: int = 0):
+    """Linear warm-up over ``int(warmup_ratio * total_steps)`` steps, then linear decay to 0, for an
+    optimizer that has taken ``done_steps`` steps (a resumed or stretched run).
+
+    This is transformers' ``get_linear_schedule_with_warmup`` one step ahead (``warmup + 1`` and
+    ``total_steps + 1`` steps, started at step 1): theirs gives step ``s`` the factor ``s / warmup``,
+    so the first step trains at a learning rate of 0; here step ``s`` gets ``(s + 1) / (warmup + 1)``
+    in the warm-up and ``(total - s) / (total - warmup)`` after it."""
+    transformers = require_transformers()  # imported on use: the driver's optional dependency
     warmup = int(warmup_ratio * total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: (step + 1) / (warmup + 1) if step < warmup
-        else max(0.0, (total_steps - step) / max(1, total_steps - warmup)))
+    for group in optimizer.param_groups:  # a scheduler started past step 0 needs the base rate
+        group.setdefault("initial_lr", group["lr"])
+    return transformers.get_linear_schedule_with_warmup(optimizer, warmup + 1, total_steps + 1,
+                                                        last_epoch=done_steps)
+
+
+def synthesis_config(config: DistillConfig, mode: str, device: torch.device) -> SynthesisConfig:
+    """The synthesizer's settings for ``mode`` (``sage`` or ``random``) from the driver's config."""
+    return SynthesisConfig(
+        mode=mode, synthetic_per_round=config.synthetic_per_round, pool_size=config.pool_size,
+        pool_policy=config.pool_policy, quantile=config.quantile, n_neighbors=config.n_neighbors,
+        lam_low=config.lam_low, lam_high=config.lam_high, noise_std=config.noise_std, seed=config.seed,
+        device=device)
 
 
 class _StopRequest:
@@ -230,98 +240,40 @@ def after_step(run: "ModeRun") -> None:
     """Called after every optimiser step; a seam for tests that simulate interruptions."""
 
 
-class ModeRun:
-    """One mode (sage, kd or random) trained from ``setup``, in ``out_dir``."""
+# ------------------------------------------------------------------------------------------ student
+class Student:
+    """The student behind the vector interface, with its loss, on the setup's data: everything a
+    mode computes without an optimizer (evaluation, a profile pass, the teacher's labels)."""
 
-    def __init__(self, setup: Setup, mode: str, out_dir: Path, log=print, read_only: bool = False):
-        import copy
-
-        from ..regions import ErrorProfile
-        from .models import VectorInterface
-
-        self.setup, self.config, self.mode, self.out_dir, self.log = setup, setup.config, mode, Path(out_dir), log
-        config, device = self.config, setup.device
-        ckpt.seed_everything(config.seed)
+    def __init__(self, setup: Setup):
+        self.setup, self.config, self.device = setup, setup.config, setup.device
         student = copy.deepcopy(setup.student_init)
-        self.interface = VectorInterface(setup.teacher, student).to(device)
-        self.loss_fn = build_loss(config, setup, student).to(device)
-        params = self.interface.trainable_parameters() + [p for p in self.loss_fn.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        self.n_train = setup.encoded["train"]["input_ids"].shape[0]
-        self.steps_per_epoch = math.ceil(self.n_train / config.batch_size)
-        self.total_steps = self.steps_per_epoch * config.epochs
-        if config.max_steps is not None:
-            self.total_steps = min(self.total_steps, config.max_steps)
-        self.scheduler = _linear_schedule(self.optimizer, self.total_steps, config.warmup_ratio)
-        self.profile = ErrorProfile(self.n_train, student.config.hidden_size, device)
-        self.pool = SyntheticPool(config.pool_size, config.pool_policy)
-        self.pool_generator = torch.Generator().manual_seed(config.seed + 1)
-        self.analysis_generator = torch.Generator(device=device).manual_seed(config.seed + 2)
-        self.epoch = 0            # completed epochs
-        self.step_in_epoch = 0    # completed steps of the current epoch
-        self.global_step = 0
-        self.analysis_round = 0
-        self.examples_seen = {"real": 0, "synthetic": 0}
-        self.timer = Timer()
-        self.done = False
-        self.read_only = read_only
-        self.metrics = MetricsLog(None if read_only else self.out_dir / "metrics.jsonl")
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+        self.interface = VectorInterface(setup.teacher, student).to(self.device)
+        self.loss_fn = build_loss(self.config, setup, student).to(self.device)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else contextlib.nullcontext())
+        self.n_train = setup.encoded["train"]["input_ids"].shape[0]
 
-    # ------------------------------------------------------------------ checkpoints
     @property
-    def checkpoint_path(self) -> Path:
-        return self.out_dir / ckpt.CHECKPOINT_NAME
+    def embedding_dim(self) -> int:
+        return self.interface.student.config.hidden_size
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """What the optimizer trains: the student, the adapter, the loss's projections."""
+        return self.interface.trainable_parameters() + [p for p in self.loss_fn.parameters() if p.requires_grad]
 
     def state_dict(self) -> dict:
-        return {
-            "format": ckpt.FORMAT_VERSION, "mode": self.mode, "config": self.config.to_dict(),
-            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-            "analysis_round": self.analysis_round, "examples_seen": dict(self.examples_seen), "done": self.done,
-            "student": self.interface.student.state_dict(), "adapter": self.interface.adapter.state_dict(),
-            "loss": self.loss_fn.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_state(),
-            "pool_generator": self.pool_generator.get_state(),
-            "analysis_generator": self.analysis_generator.get_state(),
-            "profile": self.profile.state_dict(), "pool": self.pool.state_dict(),
-            "metrics": self.metrics.records, "timer": dict(self.timer.seconds),
-            "total_steps": self.total_steps,
-        }
+        return {"student": self.interface.student.state_dict(), "adapter": self.interface.adapter.state_dict(),
+                "loss": self.loss_fn.state_dict()}
 
-    def save(self) -> Path:
-        return ckpt.save_atomic(self.state_dict(), self.checkpoint_path)
-
-    def load(self, state: dict) -> None:
-        if state["mode"] != self.mode:
-            raise ckpt.CheckpointError(f"{self.checkpoint_path} holds a {state['mode']!r} run, not {self.mode!r}")
-        device = self.setup.device
+    def load_state_dict(self, state: dict) -> None:
         self.interface.student.load_state_dict(state["student"])
         self.interface.adapter.load_state_dict(state["adapter"])
         self.loss_fn.load_state_dict(state["loss"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        saved_total = state["total_steps"]
-        self.scheduler.load_state_dict(state["scheduler"])
-        if saved_total != self.total_steps:  # more epochs or steps asked for: stretch the schedule
-            self.scheduler = _linear_schedule(self.optimizer, self.total_steps, self.config.warmup_ratio)
-            self.scheduler.last_epoch = state["global_step"] - 1
-            self.scheduler.step()
-        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
-        self.global_step, self.analysis_round = state["global_step"], state["analysis_round"]
-        self.examples_seen = dict(state["examples_seen"])
-        self.done = state["done"] and self.global_step >= self.total_steps
-        self.profile.load_state_dict({k: v.to(device) if torch.is_tensor(v) else v
-                                      for k, v in state["profile"].items()})
-        self.pool.load_state_dict(state["pool"], device=device)
-        self.pool_generator.set_state(state["pool_generator"])
-        self.analysis_generator.set_state(state["analysis_generator"])
-        ckpt.set_rng_state(state["rng"])
-        self.timer = Timer(state["timer"])
-        self.metrics = MetricsLog(None if self.read_only else self.out_dir / "metrics.jsonl", state["metrics"])
 
-    # ------------------------------------------------------------------ one step
-    def _real_batch(self, rows: torch.Tensor):
-        device = self.setup.device
+    def real_batch(self, rows: torch.Tensor) -> dict:
+        """Training rows ``rows`` with their cached teacher outputs, on the device."""
+        device = self.device
         enc = self.setup.encoded["train"]
         cached = self.setup.teacher_outputs["train"]
         batch = {
@@ -334,91 +286,16 @@ class ModeRun:
             batch["token_type_ids"] = enc["token_type_ids"][rows].to(device)
         return batch
 
-    def train_step(self, rows: torch.Tensor) -> float:
-        from ..regions import pooled_embedding
-
-        config = self.config
-        real = self._real_batch(rows)
-        vectors = self.interface.embed(real["input_ids"])
-        mask, logits, hidden = real["mask"], real["logits"], dict(real["hidden"])
-        labels = real["labels"]
-        token_types = real.get("token_type_ids")
-        n_real = vectors.shape[0]
-        synthetic = self.pool.sample(config.synthetic_per_batch, self.pool_generator) if self.mode != "kd" else None
-        if synthetic is not None:
-            s_vectors, s_mask, s_logits, s_hidden = synthetic
-            vectors = torch.cat([vectors, s_vectors.to(vectors.dtype)])
-            mask = torch.cat([mask, s_mask.to(mask.dtype)])
-            logits = torch.cat([logits, s_logits])
-            hidden = {k: torch.cat([v, s_hidden[k].to(v.dtype)]) for k, v in hidden.items()}
-            labels = torch.cat([labels, labels.new_full((s_vectors.shape[0],), self.loss_fn.config.ignore_index)])
-            if token_types is not None:  # synthetic rows were labelled with token type 0 throughout
-                token_types = torch.cat([token_types, token_types.new_zeros(s_mask.shape)])
-        width = int(mask.sum(1).max())  # trim padding shared by every row of this batch
-        vectors, mask = vectors[:, :width], mask[:, :width]
-        hidden = {k: v[:, :width].float() for k, v in hidden.items()}
-        if token_types is not None:
-            token_types = token_types[:, :width]
-        teacher_outputs = {"logits": logits, "hidden_states": hidden or None}
-
-        self.interface.train()
-        with self.autocast:
-            student_out = self.interface.student_forward(vectors, mask, output_hidden_states=True,
-                                                         token_type_ids=token_types)
-            result = self.loss_fn(student_out, teacher_outputs, labels=labels, attention_mask=mask)
-        result.loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], 1.0)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            embeddings = pooled_embedding(student_out.hidden_states[-1][:n_real].detach(), mask[:n_real])
-            self.profile.update(real["ids"], result.per_example[:n_real].detach().float(), embeddings)
-        self.examples_seen["real"] += n_real
-        self.examples_seen["synthetic"] += vectors.shape[0] - n_real
-        return float(result.loss.detach())
-
-    # ------------------------------------------------------------------ analysis and synthesis
-    def analysis_round_now(self) -> None:
-        from ..ops import interpolate
-
-        config, device = self.config, self.setup.device
-        if int(self.profile.seen.sum()) < MIN_ANALYSIS_EXAMPLES:
-            return
-        self.analysis_round += 1
-        with self.timer.measure("analysis"):
-            analyzer, seen = self.fit_analyzer(config.seed * 1000 + self.analysis_round)
-            sample = analyzer.sample_pairs if self.mode == "sage" else analyzer.sample_uniform_pairs
-            anchors, partners, lam = sample(config.synthetic_per_round, self.analysis_generator)
-        with self.timer.measure("synthesis"):
-            anchor_ids, partner_ids = seen[anchors], seen[partners]
-            rows, inverse = torch.unique(torch.cat([anchor_ids, partner_ids]), return_inverse=True)
-            enc = self.setup.encoded["train"]
-            cpu_rows = rows.cpu()
-            vectors = self.interface.embed(enc["input_ids"][cpu_rows].to(device))
-            mask = enc["attention_mask"][cpu_rows].to(device)
-            m = anchor_ids.shape[0]
-            out, out_mask = interpolate(vectors, mask, inverse[:m], inverse[m:], lam.float(),
-                                        noise_std=config.noise_std, seed=config.seed * 1000 + self.analysis_round)
-            logits, hidden = self._label(out, out_mask)
-            self.pool.add(out, out_mask, logits, hidden, generator=self.pool_generator)
-        png = None
-        with self.timer.measure("plot"):
-            try:
-                from ..plot import loss_map
-
-                png = str(loss_map(analyzer, self.out_dir / f"loss_map_round{self.analysis_round:03d}.png",
-                                   synthetic=(anchors, partners, lam), anchors=anchors,
-                                   title=f"{self.mode}: round {self.analysis_round}, step {self.global_step}, "
-                                         f"{int(seen.numel())} examples, {int(m)} synthetic"))
-            except ImportError as err:  # matplotlib is optional: the run goes on without the picture
-                self.log(f"no loss map: {err}")
-        self.metrics.log(kind="analysis", mode=self.mode, round=self.analysis_round, step=self.global_step,
-                         epoch=self.epoch, examples=int(seen.numel()), synthetic=int(m), pool=len(self.pool),
-                         threshold=float(analyzer.threshold_), png=png)
+    def vectors_of(self, ids: torch.Tensor):
+        """The synthesizer's view of real rows: teacher-space vectors ``[n, L, d_t]`` and masks."""
+        rows = ids.cpu()  # example ids are positions in the encoded training split
+        enc = self.setup.encoded["train"]
+        return (self.interface.embed(enc["input_ids"][rows].to(self.device)),
+                enc["attention_mask"][rows].to(self.device))
 
     @torch.no_grad()
-    def _label(self, vectors, mask):
+    def label(self, vectors: torch.Tensor, mask: torch.Tensor):
+        """The teacher's logits (float32) and cached hidden layers (float16) on synthetic vectors."""
         logits, hidden = [], {k: [] for k in self.setup.teacher_layers}
         step = self.config.eval_batch_size
         for start in range(0, vectors.shape[0], step):
@@ -431,16 +308,14 @@ class ModeRun:
         return torch.cat(logits), {k: torch.cat(v) for k, v in hidden.items()}
 
     @torch.no_grad()
-    def refresh_profile(self) -> None:
-        """Recompute every training example's loss and pooled embedding in one no-grad pass."""
-        from ..regions import pooled_embedding
-
+    def profile_batches(self):
+        """``(ids, per-example loss, pooled embedding)`` for every training row, one no-grad pass
+        in eval mode: what ``SAGESynthesizer.refresh`` takes."""
         n, step = self.n_train, self.config.eval_batch_size
         self.interface.eval()
-
-        def batches():
+        try:
             for start in range(0, n, step):
-                real = self._real_batch(torch.arange(start, min(n, start + step)))
+                real = self.real_batch(torch.arange(start, min(n, start + step)))
                 width = int(real["mask"].sum(1).max())
                 mask = real["mask"][:, :width]
                 types = real.get("token_type_ids")
@@ -452,26 +327,14 @@ class ModeRun:
                                "hidden_states": {k: v[:, :width].float() for k, v in real["hidden"].items()} or None}
                     result = self.loss_fn(out, teacher, labels=real["labels"], attention_mask=mask)
                 yield real["ids"], result.per_example.float(), pooled_embedding(out.hidden_states[-1], mask)
+        finally:
+            self.interface.train()
 
-        self.profile.refresh(batches())
-        self.interface.train()
-
-    def fit_analyzer(self, round_seed: int):
-        from ..regions.analyzer import LossRegionAnalyzer
-
-        seen = self.profile.seen.nonzero().squeeze(1)
-        analyzer = LossRegionAnalyzer(
-            # UMAP needs n_neighbors + 2 points at least: a large setting is capped to the data.
-            n_neighbors=max(2, min(self.config.n_neighbors, seen.numel() - 2)), quantile=self.config.quantile,
-            lam_range=(self.config.lam_low, self.config.lam_high), random_state=round_seed,
-            device=self.setup.device)
-        return analyzer.fit(self.profile.embedding[seen], self.profile.loss[seen]), seen
-
-    # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, split: str) -> float:
+        """Accuracy on a real split (validation or test)."""
         enc = self.setup.encoded[split]
-        device = self.setup.device
+        device = self.device
         self.interface.eval()
         correct = 0
         n = enc["input_ids"].shape[0]
@@ -487,9 +350,146 @@ class ModeRun:
         self.interface.train()
         return correct / n
 
+
+# ------------------------------------------------------------------------------------------ one mode
+class ModeRun:
+    """One mode (sage, kd or random) trained from ``setup``, in ``out_dir``."""
+
+    def __init__(self, setup: Setup, mode: str, out_dir: Path, log=print, read_only: bool = False):
+        self.setup, self.config, self.mode, self.out_dir, self.log = setup, setup.config, mode, Path(out_dir), log
+        config, device = self.config, setup.device
+        ckpt.seed_everything(config.seed)
+        self.model = Student(setup)
+        self.interface = self.model.interface
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.n_train = self.model.n_train
+        self.steps_per_epoch = math.ceil(self.n_train / config.batch_size)
+        self.total_steps = self.steps_per_epoch * config.epochs
+        if config.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.max_steps)
+        self.scheduler = linear_schedule(self.optimizer, self.total_steps, config.warmup_ratio)
+        self.synthesizer = None if mode == "kd" else SAGESynthesizer(
+            synthesis_config(config, mode, device), num_examples=self.n_train, embedding_dim=self.model.embedding_dim)
+        self.epoch = 0            # completed epochs
+        self.step_in_epoch = 0    # completed steps of the current epoch
+        self.global_step = 0
+        self.examples_seen = {"real": 0, "synthetic": 0}
+        self.timer = Timer()
+        self.done = False
+        self.read_only = read_only
+        self.metrics = MetricsLog(None if read_only else self.out_dir / "metrics.jsonl")
+
+    @property
+    def analysis_rounds(self) -> int:
+        return 0 if self.synthesizer is None else self.synthesizer.rounds
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / ckpt.CHECKPOINT_NAME
+
+    def state_dict(self) -> dict:
+        return {
+            "format": ckpt.FORMAT_VERSION, "mode": self.mode, "config": self.config.to_dict(),
+            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+            "examples_seen": dict(self.examples_seen), "done": self.done,
+            **self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_state(),
+            "synthesizer": None if self.synthesizer is None else self.synthesizer.state_dict(),
+            "metrics": self.metrics.records, "timer": dict(self.timer.seconds),
+            "total_steps": self.total_steps,
+        }
+
+    def save(self) -> Path:
+        return ckpt.save_atomic(self.state_dict(), self.checkpoint_path)
+
+    def load(self, state: dict) -> None:
+        if state["mode"] != self.mode:
+            raise ckpt.CheckpointError(f"{self.checkpoint_path} holds a {state['mode']!r} run, not {self.mode!r}")
+        state = _upgraded(state)
+        self.model.load_state_dict(state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["total_steps"] != self.total_steps:  # more epochs or steps asked for: stretch the schedule
+            self.scheduler = linear_schedule(self.optimizer, self.total_steps, self.config.warmup_ratio,
+                                             done_steps=state["global_step"])
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step = state["global_step"]
+        self.examples_seen = dict(state["examples_seen"])
+        self.done = state["done"] and self.global_step >= self.total_steps
+        if self.synthesizer is not None:
+            self.synthesizer.load_state_dict(state["synthesizer"])
+        ckpt.set_rng_state(state["rng"])
+        self.timer = Timer(state["timer"])
+        self.metrics = MetricsLog(None if self.read_only else self.out_dir / "metrics.jsonl", state["metrics"])
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, rows: torch.Tensor) -> float:
+        config = self.config
+        real = self.model.real_batch(rows)
+        vectors = self.interface.embed(real["input_ids"])
+        mask, logits, hidden = real["mask"], real["logits"], dict(real["hidden"])
+        labels = real["labels"]
+        token_types = real.get("token_type_ids")
+        n_real = vectors.shape[0]
+        synthetic = None if self.synthesizer is None else self.synthesizer.sample(config.synthetic_per_batch)
+        if synthetic is not None:
+            vectors = torch.cat([vectors, synthetic.vectors.to(vectors.dtype)])
+            mask = torch.cat([mask, synthetic.mask.to(mask.dtype)])
+            logits = torch.cat([logits, synthetic.logits])
+            hidden = {k: torch.cat([v, synthetic.hidden[k].to(v.dtype)]) for k, v in hidden.items()}
+            labels = torch.cat([labels, labels.new_full((len(synthetic),), self.model.loss_fn.config.ignore_index)])
+            if token_types is not None:  # synthetic rows were labelled with token type 0 throughout
+                token_types = torch.cat([token_types, token_types.new_zeros(synthetic.mask.shape)])
+        width = int(mask.sum(1).max())  # trim padding shared by every row of this batch
+        vectors, mask = vectors[:, :width], mask[:, :width]
+        hidden = {k: v[:, :width].float() for k, v in hidden.items()}
+        if token_types is not None:
+            token_types = token_types[:, :width]
+        teacher_outputs = {"logits": logits, "hidden_states": hidden or None}
+
+        self.interface.train()
+        with self.model.autocast:
+            student_out = self.interface.student_forward(vectors, mask, output_hidden_states=True,
+                                                         token_type_ids=token_types)
+            result = self.model.loss_fn(student_out, teacher_outputs, labels=labels, attention_mask=mask)
+        result.loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.synthesizer is not None:
+            with torch.no_grad():
+                embeddings = pooled_embedding(student_out.hidden_states[-1][:n_real].detach(), mask[:n_real])
+                self.synthesizer.observe(real["ids"], result.per_example[:n_real], embeddings)
+        self.examples_seen["real"] += n_real
+        self.examples_seen["synthetic"] += vectors.shape[0] - n_real
+        return float(result.loss.detach())
+
+    # ------------------------------------------------------------------ analysis and synthesis
+    def analysis_round_now(self) -> RoundRecord | None:
+        record = self.synthesizer.round(
+            self.model.vectors_of, self.model.label, step=self.global_step,
+            plot_path=lambda number: self.out_dir / f"loss_map_round{number:03d}.png")
+        if record is None:  # too few examples seen yet
+            return None
+        for category in ("analysis", "synthesis", "labelling", "plot"):
+            self.timer.seconds[category] = self.timer.seconds.get(category, 0.0) + getattr(record, f"{category}_seconds")
+        if record.plot_error:
+            self.log(f"no loss map: {record.plot_error}")
+        self.metrics.log(kind="analysis", mode=self.mode, round=record.round, step=self.global_step,
+                         epoch=self.epoch, examples=record.examples, synthetic=record.synthetic, pool=record.pool_size,
+                         threshold=record.threshold, png=record.png, analysis_seconds=record.analysis_seconds,
+                         synthesis_seconds=record.synthesis_seconds, labelling_seconds=record.labelling_seconds)
+        return record
+
+    @property
+    def pool_size(self) -> int:
+        return 0 if self.synthesizer is None else len(self.synthesizer.pool)
+
     # ------------------------------------------------------------------ the loop
     def _analysis_due(self, end_of_epoch: bool) -> bool:
-        if self.mode == "kd":
+        if self.synthesizer is None:
             return False
         if self.config.analysis_every is not None:
             # No round after the last step: nothing would train on what it makes.
@@ -498,8 +498,6 @@ class ModeRun:
         return end_of_epoch and self.global_step < self.total_steps
 
     def train(self) -> dict:
-        from tqdm.auto import tqdm
-
         config = self.config
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc=f"distill [{self.mode}]", unit="step",
                    disable=not config.progress)
@@ -516,9 +514,9 @@ class ModeRun:
                         self.global_step += 1
                         bar.update(1)
                         if self.global_step % config.log_every == 0 or self.global_step == 1:
-                            bar.set_postfix(loss=f"{loss:.4f}", pool=len(self.pool))
+                            bar.set_postfix(loss=f"{loss:.4f}", pool=self.pool_size)
                             self.metrics.log(kind="train", mode=self.mode, epoch=self.epoch, step=self.global_step,
-                                             loss=loss, lr=self.scheduler.get_last_lr()[0], pool=len(self.pool))
+                                             loss=loss, lr=self.scheduler.get_last_lr()[0], pool=self.pool_size)
                         if self._analysis_due(end_of_epoch=False):
                             self.analysis_round_now()
                         after_step(self)
@@ -529,7 +527,7 @@ class ModeRun:
                     epoch_finished = self.step_in_epoch >= self.steps_per_epoch or self.global_step >= self.total_steps
                     if epoch_finished and self._analysis_due(end_of_epoch=True):
                         self.analysis_round_now()
-                accuracy = self.evaluate("validation")
+                accuracy = self.model.evaluate("validation")
                 self.metrics.log(kind="eval", mode=self.mode, split="validation", epoch=self.epoch + 1,
                                  step=self.global_step, accuracy=accuracy,
                                  epoch_seconds=time.perf_counter() - started)
@@ -545,15 +543,13 @@ class ModeRun:
     def _finish(self) -> None:
         train_seconds = self.timer.seconds.get("train", 0.0)
         self.metrics.log(
-            kind="final", mode=self.mode, split="test", accuracy=self.evaluate("test"),
+            kind="final", mode=self.mode, split="test", accuracy=self.model.evaluate("test"),
             validation_accuracy=self.metrics.last("eval")["accuracy"], steps=self.global_step, epochs=self.epoch,
             real_examples=self.examples_seen["real"], synthetic_examples=self.examples_seen["synthetic"],
             train_seconds=train_seconds,
             examples_per_second=self.examples_seen["real"] / train_seconds if train_seconds > 0 else None,
             analysis_share=self.timer.share("analysis"), synthesis_share=self.timer.share("synthesis"),
-            analysis_rounds=self.analysis_round)
-        from .models import save_interface
-
+            labelling_share=self.timer.share("labelling"), analysis_rounds=self.analysis_rounds)
         teacher_dir = Path(self.setup.teacher_name)
         save_interface(self.interface, self.trained_dir, tokenizer=self.setup.tokenizer,
                        teacher_path=str(teacher_dir) if teacher_dir.is_dir() else None)
@@ -570,6 +566,20 @@ class ModeRun:
     def _resume_hint(self) -> str:
         return (f"interrupted at step {self.global_step}/{self.total_steps}; a checkpoint is in {self.checkpoint_path}. "
                 f"Resume with: sage-fast distill --resume --output-dir {self.out_dir.parent}")
+
+
+def _upgraded(state: dict) -> dict:
+    """A checkpoint written before the synthesizer was its own component, in today's layout: its
+    profile, pool and generators become the synthesizer's state, and its learning-rate schedule
+    (a LambdaLR counting from step 0) moves one step ahead, as ``linear_schedule`` counts."""
+    if "synthesizer" in state:
+        return state
+    state = dict(state)
+    state["synthesizer"] = None if state["mode"] == "kd" else {
+        "rounds": state["analysis_round"], "profile": state["profile"], "pool": state["pool"],
+        "pool_generator": state["pool_generator"], "analysis_generator": state["analysis_generator"]}
+    state["scheduler"] = {**state["scheduler"], "last_epoch": state["scheduler"]["last_epoch"] + 1}
+    return state
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -615,4 +625,5 @@ def results_table(summary: dict) -> str:
         ("name", "model", "{}"), ("validation_accuracy", "val acc", "{:.4f}"), ("accuracy", "test acc", "{:.4f}"),
         ("examples_per_second", "real ex/s", "{:.1f}"), ("synthetic_examples", "synthetic seen", "{:d}"),
         ("analysis_share", "analysis", "{:.1%}"), ("synthesis_share", "synthesis", "{:.1%}"),
+        ("labelling_share", "labelling", "{:.1%}"),
     ])

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sage_fast.train.pool import SyntheticPool
+from sage_fast.synthesis.pool import SyntheticPool
 
 
 def batch(start, n, L=5, d=3, C=2, hidden=False):
@@ -75,5 +75,25 @@ def test_bad_input():
     with pytest.raises(ValueError, match="masks"):
         pool.add(v, m[:, :3], l)
     pool.add(v, m, l)
-    with pytest.raises(ValueError, match="pool holds"):
-        pool.add(*batch(0, 2, L=6)[:3])
+    with pytest.raises(ValueError, match="pool holds width"):
+        pool.add(*batch(0, 2, d=4)[:3])
+    with pytest.raises(ValueError, match="capacity"):
+        SyntheticPool(True)
+    with pytest.raises(ValueError, match="n must be"):
+        pool.sample(-1)
+
+
+def test_rows_of_other_lengths_are_padded_and_widen_the_pool():
+    pool = SyntheticPool(4, "fifo")
+    pool.add(*batch(0, 2, L=5, hidden=True))
+    short = batch(2, 1, L=3, hidden=True)
+    pool.add(*short[:3], short[3])
+    assert pool.vectors.shape == (4, 5, 3) and len(pool) == 3
+    assert torch.equal(pool.masks[2], torch.tensor([1, 1, 1, 0, 0]))
+    assert torch.equal(pool.vectors[2, 3:], torch.zeros(2, 3)) and torch.equal(pool.hidden[2][2, 3:], torch.zeros(2, 4))
+    wide = batch(3, 1, L=7, hidden=True)
+    pool.add(*wide[:3], wide[3])
+    assert pool.vectors.shape == (4, 7, 3) and pool.masks.shape == (4, 7) and pool.hidden[2].shape == (4, 7, 4)
+    assert torch.equal(pool.masks[:4].sum(1), torch.tensor([5, 5, 3, 7]))
+    assert torch.equal(pool.vectors[0, :5, 0], torch.zeros(5)) and torch.equal(pool.vectors[1, 5:], torch.zeros(2, 3))
+    assert torch.equal(pool.vectors[3, :, 0], torch.full((7,), 3.0))

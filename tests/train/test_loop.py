@@ -86,21 +86,30 @@ def test_resume_after_ctrl_c_matches_an_uninterrupted_run(tiny, tmp_path, monkey
                 and k != "examples_per_second"}
     for name, tensor in a["student"].items():
         assert torch.equal(tensor, b["student"][name]), name
-    assert torch.equal(a["pool"]["vectors"], b["pool"]["vectors"])
-    assert torch.equal(a["profile"]["loss"], b["profile"]["loss"])
+    a_synth, b_synth = a["synthesizer"], b["synthesizer"]
+    assert a_synth["rounds"] == b_synth["rounds"] == 2
+    assert torch.equal(a_synth["pool"]["vectors"], b_synth["pool"]["vectors"])
+    assert torch.equal(a_synth["pool"]["logits"], b_synth["pool"]["logits"])
+    assert torch.equal(a_synth["profile"]["loss"], b_synth["profile"]["loss"])
+    assert torch.equal(a_synth["profile"]["embedding"], b_synth["profile"]["embedding"])
+    assert torch.equal(a_synth["analysis_generator"], b_synth["analysis_generator"])
     lines = (tmp_path / "resumed" / "sage" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == len(b["metrics"])  # no line logged twice across the interruption
 
 
 def test_kd_mode_never_synthesises_and_teacher_outputs_are_cached(tiny, tmp_path):
-    logs = []
-    summary = loop.run(tiny_config(tiny, tmp_path / "kd", mode="kd", epochs=1), log=logs.append)
+    cache = tmp_path / "cache"  # its own cache: this test must not rely on another having filled one
+    first = []
+    summary = loop.run(tiny_config(tiny, tmp_path / "kd", mode="kd", epochs=1, cache_dir=str(cache)),
+                       log=first.append)
     row = summary["modes"][0]
     assert row["synthetic_examples"] == 0 and row["analysis_rounds"] == 0
-    assert any("from the cache" in line for line in logs)  # the first test filled the cache
     state = checkpoint.load(tmp_path / "kd" / "kd")
-    assert state["done"] and state["pool"]["size"] == 0
-
+    assert state["done"] and state["synthesizer"] is None
+    assert not any("from the cache" in line for line in first)
+    again = []
+    loop.run(tiny_config(tiny, tmp_path / "kd_again", mode="kd", max_steps=1, cache_dir=str(cache)), log=again.append)
+    assert sum("from the cache" in line for line in again) == 3  # train, validation and test
 
 
 def test_n_neighbors_larger_than_the_data_is_capped(tiny, tmp_path):

@@ -1,0 +1,390 @@
+"""SAGE's augmentation as one component that any training loop can drive.
+
+``SAGESynthesizer`` owns the error profile, the analyzer settings, its random generators and the
+bounded synthetic pool. A training loop
+
+1. calls ``observe(ids, per_example_loss, embeddings)`` after each step with the real rows' detached
+   per-example losses and pooled student embeddings;
+2. calls ``round(vectors_of, label)`` on its schedule (every R steps, or at the end of an epoch):
+   the analyzer is fitted on the rows seen so far, anchor / partner / lam triples are drawn (mode
+   ``sage``: from the high-loss regions; ``random``: anchors uniform, the baseline that shows what
+   loss-awareness adds; ``inverse``: partners through the map's approximate inverse), the pairs are
+   interpolated with the fused :func:`sage_fast.ops.interpolate`, labelled by the caller's
+   ``label`` callable (the teacher through the vector interface), and offered to the pool;
+3. mixes ``sample(n)`` into its next batches.
+
+The component never sees a model. ``vectors_of(ids) -> (vectors [n, L, d_t], mask [n, L])`` gives
+the teacher-space input vectors of real training rows (by example id); ``label(vectors, mask) ->
+(logits [M, C], hidden {teacher layer: [M, L, d_t]})`` gives the teacher's outputs on vectors.
+
+A round is two halves with a clean seam between them:
+
+- ``plan()``: ``snapshot()`` copies the seen rows of the profile, the round number and the analysis
+  generator's state; :func:`plan_round` turns that snapshot alone into a :class:`SynthesisPlan`
+  (kNN, UMAP, region scores, the triples). It touches no model and no state of the synthesizer, so
+  it can run in a worker beside training; its result depends only on the snapshot and the settings.
+- ``build(plan, vectors_of, label)``: interpolation, labelling, pool; it adopts the plan's round
+  number and generator state. Plans are built in order, each once (checked), and the next snapshot
+  is taken after the previous plan is built: so a worker that takes the snapshot at step ``s`` and
+  whose plan is built at a fixed later step ``s + k`` gives the same run for the same seed, however
+  long the analysis takes.
+
+Every random number comes from the synthesizer's own generators (the analysis generator on the
+synthesizer's device, seeded ``seed + 2``; the pool generator on the CPU, seeded ``seed + 1``; UMAP
+and the interpolation noise from ``seed * 1000 + round``), and ``state_dict()`` holds them with the
+profile and the pool, so a resumed run draws what an uninterrupted one would (bit-identical on CPU).
+
+Knobs left open on purpose: how the profile is kept (``profile`` is an ``ErrorProfile``: refreshed
+with ``refresh`` / ``refreshing``; a decaying mean would be another profile class), how partners are
+chosen (``plan_round``'s draw), how synthetic rows are weighted or tempered in the loss (fields of
+:class:`SyntheticRows`) and whether unsure teacher labels are kept (a filter between ``label`` and
+the pool in ``build``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import _checks
+from ..devices import resolve_device
+from ..ops import interpolate
+from ..plot import loss_map
+from ..regions import ErrorProfile, LossRegionAnalyzer
+from .pool import POLICIES, SyntheticPool
+
+MODES = ("sage", "random", "inverse")
+STATE_FORMAT = 1
+
+VectorsOf = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
+Label = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, Mapping[int, torch.Tensor]]"]
+
+
+@dataclass
+class SynthesisConfig:
+    """Settings of the synthesizer (the driver's flags of the same names).
+
+    ``mode``: ``sage`` (anchors from the top-``quantile`` loss regions, partners among their map
+    neighbours), ``random`` (anchors uniform: the baseline) or ``inverse`` (partners through the
+    map's approximate inverse). ``min_examples``: a round needs at least this many seen rows.
+    """
+    mode: str = "sage"
+    synthetic_per_round: int = 256
+    pool_size: int = 1024
+    pool_policy: str = "fifo"
+    quantile: float = 0.7
+    n_neighbors: int = 10
+    lam_low: float = 0.3
+    lam_high: float = 0.7
+    noise_std: float = 0.0
+    seed: int = 0
+    device: str | torch.device = "cpu"
+    min_examples: int = 8
+
+    def __post_init__(self):
+        _checks.choice("mode", self.mode, MODES)
+        _checks.integer("synthetic_per_round", self.synthetic_per_round, minimum=1)
+        _checks.integer("pool_size", self.pool_size, minimum=1)
+        if self.pool_size < self.synthetic_per_round:
+            raise ValueError(f"pool_size ({self.pool_size}) must be at least synthetic_per_round "
+                             f"({self.synthetic_per_round}): otherwise each round would push out rows it has just made")
+        _checks.choice("pool_policy", self.pool_policy, POLICIES)
+        self.quantile = _checks.in_range("quantile", self.quantile, 0.0, 1.0, lo_open=True, hi_open=True)
+        _checks.integer("n_neighbors", self.n_neighbors, minimum=2)
+        self.lam_low = _checks.in_range("lam_low", self.lam_low, 0.0, 1.0)
+        self.lam_high = _checks.in_range("lam_high", self.lam_high, 0.0, 1.0)
+        if self.lam_low > self.lam_high:
+            raise ValueError(f"lam_low ({self.lam_low}) must not exceed lam_high ({self.lam_high})")
+        self.noise_std = _checks.in_range("noise_std", self.noise_std, 0.0, float("inf"), hi_open=True)
+        _checks.integer("seed", self.seed, minimum=0)
+        _checks.integer("min_examples", self.min_examples, minimum=5)  # UMAP's own minimum
+        self.device = resolve_device(str(self.device) if isinstance(self.device, torch.device) else self.device)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "device": str(self.device)}
+
+
+@dataclass(frozen=True)
+class ProfileSnapshot:
+    """What a plan is made from: copies of the seen rows, so training may go on updating the profile."""
+    ids: torch.Tensor          # [n] int64 example ids of the seen rows
+    embeddings: torch.Tensor   # [n, d] float32 pooled student embeddings
+    losses: torch.Tensor       # [n] float32 per-example losses
+    round: int                 # the round this snapshot is for (1, 2, ...)
+    generator_state: torch.Tensor  # the analysis generator's state before this round's draw
+
+
+@dataclass
+class SynthesisPlan:
+    """One round's triples, before any model runs. ``anchors`` and ``partners`` index ``ids`` (the
+    analyzer's numbering); ``anchor_ids`` / ``partner_ids`` are example ids."""
+    round: int
+    ids: torch.Tensor
+    anchors: torch.Tensor
+    partners: torch.Tensor
+    lam: torch.Tensor
+    noise_seed: int
+    analyzer: LossRegionAnalyzer
+    threshold: float
+    analysis_seconds: float
+    generator_state: torch.Tensor  # the analysis generator's state after the draw
+    step: int | None = None
+
+    @property
+    def anchor_ids(self) -> torch.Tensor:
+        return self.ids[self.anchors]
+
+    @property
+    def partner_ids(self) -> torch.Tensor:
+        return self.ids[self.partners]
+
+    @property
+    def count(self) -> int:
+        return int(self.anchors.shape[0])
+
+
+@dataclass
+class RoundRecord:
+    """What one round did and what it cost (wall seconds; on CUDA each stage ends with a device
+    synchronisation, once per round, so the times are the stages' own)."""
+    round: int
+    step: int | None
+    examples: int              # rows the analysis saw
+    synthetic: int             # rows made this round
+    pool_size: int             # rows in the pool afterwards
+    threshold: float           # region-score quantile above which anchors are drawn
+    analysis_seconds: float    # kNN, UMAP, region scores, the draw
+    synthesis_seconds: float   # gathering real vectors, interpolation, the pool
+    labelling_seconds: float   # the caller's label()
+    plot_seconds: float = 0.0
+    png: str | None = None
+    plot_error: str | None = None  # why there is no picture (matplotlib missing, say)
+
+    def metrics(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class SyntheticRows:
+    """Synthetic rows for a batch: teacher-space vectors and mask, the teacher's logits and the
+    hidden layers it was asked for (``{teacher layer: [n, L, d_t]}``, empty without alignment)."""
+    vectors: torch.Tensor
+    mask: torch.Tensor
+    logits: torch.Tensor
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.vectors.shape[0])
+
+
+def _synchronize(device: torch.device) -> None:
+    # Stage times are only honest once the device has finished the stage's work; once per round.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_analyzer(config: SynthesisConfig, n_points: int, random_state: int) -> LossRegionAnalyzer:
+    """The analyzer for ``n_points`` seen rows: UMAP needs ``n_neighbors + 2`` points at least, so a
+    large setting is capped to the data."""
+    return LossRegionAnalyzer(
+        n_neighbors=max(2, min(config.n_neighbors, n_points - 2)), quantile=config.quantile,
+        mode="inverse" if config.mode == "inverse" else "interpolate",
+        lam_range=(config.lam_low, config.lam_high), random_state=random_state, device=config.device)
+
+
+def plan_round(snapshot: ProfileSnapshot, config: SynthesisConfig, count: int | None = None,
+               step: int | None = None) -> SynthesisPlan:
+    """The planning half of a round, from ``snapshot`` and ``config`` alone (no model, no shared
+    state): fit the analyzer, draw ``count`` (default ``synthetic_per_round``) triples."""
+    count = config.synthetic_per_round if count is None else _checks.integer("count", count, minimum=1)
+    started = time.perf_counter()
+    round_seed = config.seed * 1000 + snapshot.round
+    analyzer = make_analyzer(config, int(snapshot.ids.shape[0]), round_seed)
+    analyzer.fit(snapshot.embeddings, snapshot.losses)
+    generator = torch.Generator(device=config.device)
+    generator.set_state(snapshot.generator_state)
+    draw = analyzer.sample_uniform_pairs if config.mode == "random" else analyzer.sample_pairs
+    anchors, partners, lam = draw(count, generator)
+    threshold = float(analyzer.threshold_)  # a host read, once per round
+    _synchronize(config.device)
+    return SynthesisPlan(round=snapshot.round, ids=snapshot.ids, anchors=anchors, partners=partners, lam=lam,
+                         noise_seed=round_seed, analyzer=analyzer, threshold=threshold,
+                         analysis_seconds=time.perf_counter() - started, generator_state=generator.get_state(),
+                         step=step)
+
+
+class SAGESynthesizer:
+    """The error profile, the analysis rounds and the synthetic pool of one training run.
+
+    Args:
+        config: a :class:`SynthesisConfig`.
+        num_examples: training rows; example ids lie in ``[0, num_examples)``.
+        embedding_dim: width of the pooled student embeddings given to ``observe``.
+    """
+
+    def __init__(self, config: SynthesisConfig, *, num_examples: int, embedding_dim: int):
+        if not isinstance(config, SynthesisConfig):
+            raise ValueError(f"config must be a SynthesisConfig, got {type(config).__name__}")
+        _checks.integer("num_examples", num_examples, minimum=1)
+        _checks.integer("embedding_dim", embedding_dim, minimum=1)
+        self.config = config
+        self.device = config.device
+        self.profile = ErrorProfile(num_examples, embedding_dim, self.device)
+        self.pool = SyntheticPool(config.pool_size, config.pool_policy)
+        self.pool_generator = torch.Generator().manual_seed(config.seed + 1)
+        self.analysis_generator = torch.Generator(device=self.device).manual_seed(config.seed + 2)
+        self.rounds = 0  # rounds built so far
+
+    def __repr__(self) -> str:
+        return (f"SAGESynthesizer(mode={self.config.mode!r}, rounds={self.rounds}, pool={len(self.pool)}/"
+                f"{self.pool.capacity}, examples={self.profile.num_examples}, device={str(self.device)!r})")
+
+    # ------------------------------------------------------------------ the profile
+    def observe(self, ids: torch.Tensor, per_example_loss: torch.Tensor, embeddings: torch.Tensor) -> None:
+        """Fold one step's real rows into the profile: ``ids`` [B] example ids, ``per_example_loss``
+        [B] and ``embeddings`` [B, embedding_dim] (detached here), on the synthesizer's device."""
+        self.profile.update(ids, per_example_loss.detach().float(), embeddings.detach())
+
+    def refreshing(self):
+        """Inside the block, ``observe`` overwrites: each row's statistics restart at its first
+        observation in the block (a refresh by one no-grad pass)."""
+        return self.profile.refreshing()
+
+    def refresh(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        """Recompute the profile from ``(ids, per_example_loss, embeddings)`` batches."""
+        with self.refreshing():
+            for ids, losses, embeddings in batches:
+                self.observe(ids, losses, embeddings)
+
+    @property
+    def seen(self) -> int:
+        """Rows observed at least once (a host read)."""
+        return int(self.profile.seen.sum())
+
+    # ------------------------------------------------------------------ a round
+    def snapshot(self) -> ProfileSnapshot | None:
+        """Copies of the seen rows for the next round's plan, or None below ``min_examples``."""
+        seen = self.profile.seen.nonzero().squeeze(1)
+        if seen.numel() < self.config.min_examples:
+            return None
+        return ProfileSnapshot(ids=seen, embeddings=self.profile.embedding[seen], losses=self.profile.loss[seen],
+                               round=self.rounds + 1, generator_state=self.analysis_generator.get_state())
+
+    def plan(self, *, count: int | None = None, step: int | None = None) -> SynthesisPlan | None:
+        """The next round's plan (``plan_round`` on a fresh ``snapshot``), or None when too few rows
+        have been seen. Does not change the synthesizer: ``build`` commits the plan."""
+        snapshot = self.snapshot()
+        return None if snapshot is None else plan_round(snapshot, self.config, count, step)
+
+    @torch.no_grad()
+    def build(self, plan: SynthesisPlan, vectors_of: VectorsOf, label: Label) -> RoundRecord:
+        """The building half: interpolate the plan's pairs, label them, add them to the pool."""
+        if not isinstance(plan, SynthesisPlan):
+            raise ValueError(f"plan must be a SynthesisPlan, got {type(plan).__name__}")
+        if plan.round != self.rounds + 1:
+            raise ValueError(f"plan is for round {plan.round} but the synthesizer is at round {self.rounds}: build "
+                             "each plan once, in order, and plan the next round after building this one")
+        started = time.perf_counter()
+        m = plan.count
+        anchor_ids, partner_ids = plan.anchor_ids, plan.partner_ids
+        # Each real row is gathered and embedded once, however many pairs it is in.
+        rows, position = torch.unique(torch.cat([anchor_ids, partner_ids]), return_inverse=True)
+        vectors, mask = vectors_of(rows)
+        _check_vectors(vectors, mask, rows.shape[0])
+        position = position.to(vectors.device)
+        out, out_mask = interpolate(vectors, mask, position[:m], position[m:], plan.lam.to(vectors.device).float(),
+                                    noise_std=self.config.noise_std, seed=plan.noise_seed)
+        _synchronize(self.device)
+        interpolated = time.perf_counter()
+        logits, hidden = label(out, out_mask)
+        _synchronize(self.device)
+        labelled = time.perf_counter()
+        self.pool.add(out, out_mask, logits, dict(hidden or {}), generator=self.pool_generator)
+        _synchronize(self.device)
+        self.rounds = plan.round
+        self.analysis_generator.set_state(plan.generator_state)
+        return RoundRecord(
+            round=plan.round, step=plan.step, examples=int(plan.ids.shape[0]), synthetic=m, pool_size=len(self.pool),
+            threshold=plan.threshold, analysis_seconds=plan.analysis_seconds,
+            synthesis_seconds=(interpolated - started) + (time.perf_counter() - labelled),
+            labelling_seconds=labelled - interpolated)
+
+    def round(self, vectors_of: VectorsOf, label: Label, *, step: int | None = None,
+              plot_path: str | Path | Callable[[int], str | Path] | None = None) -> RoundRecord | None:
+        """One analysis round, ``plan`` then ``build``; None when too few rows have been seen.
+
+        ``plot_path``: where to write the loss map (PNG), or a callable from the round number to
+        that path. Without matplotlib the round goes on and the record says why there is no
+        picture."""
+        plan = self.plan(step=step)
+        if plan is None:
+            return None
+        record = self.build(plan, vectors_of, label)
+        if plot_path is not None:
+            started = time.perf_counter()
+            try:
+                path = plot_path(plan.round) if callable(plot_path) else plot_path
+                record.png = str(self.plot(plan, path))
+            except ImportError as err:  # matplotlib is optional: the run goes on without the picture
+                record.plot_error = str(err)
+            record.plot_seconds = time.perf_counter() - started
+        return record
+
+    def plot(self, plan: SynthesisPlan, path: str | Path, title: str | None = None) -> Path:
+        """The loss map of ``plan``'s analysis with its anchors and synthetic rows, as a PNG."""
+        if title is None:
+            at = "" if plan.step is None else f", step {plan.step}"
+            title = (f"{self.config.mode}: round {plan.round}{at}, {int(plan.ids.shape[0])} examples, "
+                     f"{plan.count} synthetic")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return loss_map(plan.analyzer, path, synthetic=(plan.anchors, plan.partners, plan.lam), anchors=plan.anchors,
+                        title=title)
+
+    # ------------------------------------------------------------------ the pool
+    def sample(self, n: int, generator: torch.Generator | None = None) -> SyntheticRows | None:
+        """Up to ``n`` pool rows for the next batch, drawn without replacement with ``generator``
+        (a CPU generator; default: the synthesizer's own), or None when the pool is empty."""
+        drawn = self.pool.sample(n, self.pool_generator if generator is None else generator)
+        if drawn is None:
+            return None
+        vectors, mask, logits, hidden = drawn
+        return SyntheticRows(vectors, mask, logits, hidden)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {"format": STATE_FORMAT, "config": self.config.to_dict(), "rounds": self.rounds,
+                "profile": self.profile.state_dict(), "pool": self.pool.state_dict(),
+                "pool_generator": self.pool_generator.get_state(),
+                "analysis_generator": self.analysis_generator.get_state()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if not isinstance(state, Mapping):
+            raise ValueError(f"state must be a dict from state_dict(), got {type(state).__name__}")
+        missing = sorted({"rounds", "profile", "pool", "pool_generator", "analysis_generator"} - set(state))
+        if missing:
+            raise ValueError(f"state is missing {missing}: give a dict from SAGESynthesizer.state_dict()")
+        if state.get("format", STATE_FORMAT) != STATE_FORMAT:
+            raise ValueError(f"state has format {state['format']}, this version reads format {STATE_FORMAT}")
+        self.profile.load_state_dict(state["profile"])
+        self.pool.load_state_dict(state["pool"], device=self.device)
+        self.pool_generator.set_state(state["pool_generator"])
+        self.analysis_generator.set_state(state["analysis_generator"])
+        self.rounds = _checks.integer("rounds", state["rounds"], minimum=0)
+
+
+def _check_vectors(vectors, mask, rows: int) -> None:
+    if not isinstance(vectors, torch.Tensor) or vectors.dim() != 3 or vectors.shape[0] != rows:
+        raise ValueError(f"vectors_of must return vectors [n, L, d] with n = {rows} (one per id asked for), got "
+                         f"{tuple(getattr(vectors, 'shape', ())) or type(vectors).__name__}")
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(vectors.shape[:2]):
+        raise ValueError(f"vectors_of must return a mask [n, L] = {list(vectors.shape[:2])}, got "
+                         f"{tuple(getattr(mask, 'shape', ())) or type(mask).__name__}")
+
+
+__all__ = ["MODES", "ProfileSnapshot", "RoundRecord", "SAGESynthesizer", "SynthesisConfig", "SynthesisPlan",
+           "SyntheticRows", "make_analyzer", "plan_round"]
