@@ -4,9 +4,11 @@ CPU (N=20000, d=384): ``knn_graph`` (tiled GEMM + top-k + exact re-ranking) agai
 ``NNDescent`` (the approximate search umap-learn runs; its recall against the exact graph is
 recorded) and scikit-learn's brute-force ``NearestNeighbors``. Baseline: pynndescent.
 
-CUDA (N=67k and 105k, the sizes of the SST-2 / QNLI training sets; d=768 pooled embeddings, and
-d=64 where the fused kernel applies): the GEMM path, the fused distance + select kernel, and
-``torch.cdist`` + ``topk`` over the full N x N matrix (the baseline).
+CUDA (N=67k and 105k, the sizes of the SST-2 / QNLI training sets; d=768 pooled embeddings, d=64
+where the fused kernel applies, and d=2, the loss map): the GEMM path with its candidate search in
+fp32, TF32 and bf16 (the rows the low-precision search could not prove and recomputed in fp32 are
+recorded as ``uncertified_rows``), the fused distance + select kernel, and ``torch.cdist`` + ``topk``
+over the full N x N matrix (the baseline).
 Flops: ``2 N^2 d`` for the distances (the selection is extra).
 """
 import pytest
@@ -18,7 +20,7 @@ from sage_fast.regions.knn import knn_graph
 
 K = 15
 if DEVICE.type == "cuda":
-    CASES = [(scaled(67_349), 768), (scaled(104_743), 768), (scaled(67_349), 64)]
+    CASES = [(scaled(67_349), 768), (scaled(104_743), 768), (scaled(67_349), 64), (scaled(67_349), 2)]
 else:
     CASES = [(scaled(20_000), 384)]
 
@@ -44,7 +46,9 @@ def recall(found: torch.Tensor, exact: torch.Tensor) -> float:
     return hits / exact.numel()
 
 
-IMPLS = ["sage_fast", "pynndescent", "sklearn_brute"] if DEVICE.type == "cpu" else ["cdist_topk", "gemm", "fused"]
+IMPLS = (["sage_fast", "pynndescent", "sklearn_brute"] if DEVICE.type == "cpu"
+         else ["cdist_topk", "gemm", "gemm_tf32", "gemm_bf16", "fused"])
+PRECISION = {"gemm": "fp32", "gemm_tf32": "tf32", "gemm_bf16": "bf16"}
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -58,16 +62,24 @@ def test_knn_graph(benchmark, points, impl):
     if impl == "sage_fast":
         def fn():
             return knn_graph(x, K)
-    elif impl in ("gemm", "fused"):
-        if impl == "fused" and not knn.fused_kernel_applies(n, d, K):
+    elif impl == "fused":
+        if not knn.fused_kernel_applies(n, d, K):
             pytest.skip(f"the fused kernel needs d <= {knn.FUSED_MAX_DIM}")
         from sage_fast.regions import _gpu
 
-        if impl == "fused" and not _gpu.fused_knn_loadable()[0]:
+        if not _gpu.fused_knn_loadable()[0]:
             pytest.skip(_gpu.fused_knn_loadable()[1])
 
         def fn():
-            return knn_graph(x, K, path=impl)
+            return knn_graph(x, K, path="fused")
+    elif impl in PRECISION:
+        stats = {}
+        knn_graph(x, K, path="gemm", precision=PRECISION[impl], stats=stats)
+        if stats.get("uncertified_rows") is not None:
+            extra["uncertified_rows"] = stats["uncertified_rows"]
+
+        def fn():
+            return knn_graph(x, K, path="gemm", precision=PRECISION[impl])
     elif impl == "cdist_topk":
         def fn():
             return cdist_topk(x, K)

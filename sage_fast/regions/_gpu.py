@@ -177,10 +177,11 @@ def _load_module(stem: str, device_index: int):
             try:
                 with cuda_errors_explained(f"loading {cubin.name}"):
                     module = cupy.RawModule(path=str(cubin))
-                    module.get_function(_probe_function(stem))
+                    for name in _expected_functions(stem):
+                        module.get_function(name)
                 return module
             except RuntimeError:
-                pass  # e.g. a cubin from a toolkit newer than the driver: compile instead
+                pass  # a cubin from a toolkit newer than the driver, or built from older sources: compile
         source = find_kernel_source(stem)
         if source is None:
             raise KernelUnavailable(f"no cubin for sm_{capability[0]}{capability[1]} and no source {stem}.cu found "
@@ -189,15 +190,21 @@ def _load_module(stem: str, device_index: int):
         try:
             with cuda_errors_explained(f"compiling {source.name} with NVRTC"):
                 module = cupy.RawModule(code=source.read_text(), options=("-std=c++17", f"-I{source.parent}"))
-                module.get_function(_probe_function(stem))
+                for name in _expected_functions(stem):
+                    module.get_function(name)
         except Exception as err:  # a missing libnvrtc is a RuntimeError, a compile error cupy's CompileException
             where = f"the cubin {cubin} did not load and " if cubin is not None else ""
             raise KernelUnavailable(f"{where}compiling {source} with NVRTC failed: {type(err).__name__}: {err}") from err
         return module
 
 
-def _probe_function(stem: str) -> str:
-    return {"knn_topk": "knn_merge_k8"}.get(stem, stem)
+def _expected_functions(stem: str) -> list[str]:
+    """Every kernel the Python side may launch from ``stem``: a cubin that lacks one (built from older
+    sources) is not used."""
+    if stem == "knn_topk":
+        return ([f"knn_topk_k{k}_d{d}" for k in LIST_SIZES for d in PADDED_DIMS]
+                + [f"knn_merge_k{k}" for k in LIST_SIZES])
+    return [stem]
 
 
 # ---------------------------------------------------------------- fused kNN

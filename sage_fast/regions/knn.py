@@ -14,18 +14,31 @@ distance 0. All arithmetic is fp32 whatever the input float type.
 Paths:
 
 - ``"gemm"`` (CPU, and CUDA when the fused kernel does not apply): the query rows are tiled; each tile
-  gets squared distances from one GEMM, ``||a||^2 + ||b||^2 - 2 a.b`` (clamped at 0) on the centred
-  rows (distances do not change under translation, and centring removes a large common component
-  that would swamp the differences), a ``topk`` per column tile, and a merge across column tiles. The tile height comes from a memory budget
-  (``TILE_BUDGET_BYTES``), so ``N x N`` is never allocated. The GEMM form loses precision for near
-  points (it subtracts large, nearly equal numbers), so a few more candidates than ``k`` are kept and
-  their distances recomputed directly from the vectors before the final sort.
+  gets squared distances from one GEMM, ``||a||^2 + ||b||^2 - 2 a.b`` on the centred rows (distances
+  do not change under translation, and centring removes a large common component that would swamp
+  the differences), a ``topk`` per column tile, and a merge across column tiles. The tile height comes
+  from a memory budget (``TILE_BUDGET_BYTES``), so ``N x N`` is never allocated. The GEMM form loses
+  precision for near points (it subtracts large, nearly equal numbers), so more candidates than ``k``
+  are kept and their distances recomputed directly from the vectors before the final sort.
+
+  The GEMM only nominates candidates, so it may run in a lower precision (``precision``): ``"fp32"``
+  (torch's GEMM), or ``"tf32"`` / ``"bf16"`` (tensor cores, a Triton kernel on CUDA that sets the
+  precision per call rather than through torch's global TF32 flag; on CPU the rounding is emulated,
+  for tests). A lower precision keeps more candidates and then proves each row: with ``u`` a bound on
+  the relative error of a dot product, ``|A(i,j) - D(i,j)| <= 2 u |c_i| max_j |c_j|`` (``A`` the GEMM
+  estimate, ``D`` the true squared distance, ``c`` the centred rows), so when the k-th exact distance
+  among the candidates is below the largest kept estimate minus that bound, no row left out can be
+  nearer. Rows that fail this are recomputed with the fp32 GEMM. The result is the same graph as in
+  fp32; the cost is one host synchronisation per call (to size the rows to redo). ``"auto"`` is
+  ``"tf32"`` on CUDA for ``d >= 32`` and ``"fp32"`` otherwise (and on CPU, where tensor cores are
+  only emulated).
 - ``"fused"`` (CUDA, small ``d`` and ``k``): one CUDA kernel (``kernels/knn_topk.cu``) streams the
   database through shared memory, computes each distance directly from the vectors and keeps a sorted
   top-k per query in registers; see ``fused_kernel_applies`` for the rule.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -36,6 +49,12 @@ from .. import _checks
 
 METRICS = ("euclidean", "cosine")
 PATHS = ("auto", "gemm", "fused")
+PRECISIONS = ("auto", "fp32", "tf32", "bf16")
+
+# Bound on the relative error of one product of two operands rounded to the GEMM's input precision
+# (tf32: 10 stored mantissa bits, allowing truncation rather than rounding; bf16: 7 bits, rounded),
+# before the fp32 accumulation, which adds d * 2^-24 (doubled here for safety).
+_OPERAND_ERROR = {"tf32": 2.0 * 2.0**-10 + 2.0**-20, "bf16": 2.0 * 2.0**-8 + 2.0**-16}
 
 # Bytes one query tile may use (distance tile, top-k workspace, candidate vectors).
 TILE_BUDGET_BYTES = 256 * 1024 * 1024
@@ -60,15 +79,33 @@ class KnnPlan:
     block_cols: int
     candidates: int  # neighbours kept per row before the exact re-ranking (gemm path)
     reason: str
+    precision: str = "fp32"  # of the GEMM that nominates candidates (gemm path)
 
     def tile_bytes(self, dim: int) -> int:
         return _tile_bytes(self.block_rows, self.block_cols, self.candidates, dim)
 
 
-def _candidates(n: int, k: int) -> int:
+def _candidates(n: int, k: int, precision: str = "fp32") -> int:
     # A margin beyond k so that a true neighbour pushed just past rank k by GEMM rounding is recovered
-    # by the exact re-ranking.
-    return min(n - 1, k + max(8, k // 4))
+    # by the exact re-ranking; wider for the lower precisions, whose rows must also pass the proof.
+    margin = {"fp32": max(8, k // 4), "tf32": max(16, k // 2), "bf16": max(32, k)}[precision]
+    return min(n - 1, k + margin)
+
+
+# "auto" takes tensor cores from this width on: below it the GEMM is cheap anyway (and the fused kernel
+# usually runs instead), while the rows are so crowded that the proof fails for many of them (2-D
+# maps: about half the rows in TF32), each costing an fp32 redo.
+AUTO_TF32_MIN_DIM = 32
+
+
+def _resolve_precision(precision: str, device: torch.device, dim: int) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and dim >= AUTO_TF32_MIN_DIM:
+        from . import _knn_tile
+
+        return "tf32" if _knn_tile.available() else "fp32"
+    return "fp32"
 
 
 def _tile_bytes(block_rows: int, block_cols: int, candidates: int, dim: int) -> int:
@@ -86,11 +123,17 @@ def fused_kernel_applies(n: int, dim: int, k: int) -> bool:
 
 
 def plan_knn(n: int, dim: int, k: int, *, device: torch.device | str = "cpu", block_rows: int | None = None,
-             path: str = "auto", budget_bytes: int | None = None) -> KnnPlan:
-    """Choose the path and the tile shape for an ``[n, dim]`` input; no data is touched."""
+             path: str = "auto", budget_bytes: int | None = None, precision: str = "auto") -> KnnPlan:
+    """Choose the path, the GEMM precision and the tile shape for an ``[n, dim]`` input; no data is touched."""
     device = torch.device(device)
     budget = TILE_BUDGET_BYTES if budget_bytes is None else int(budget_bytes)
-    candidates = _candidates(n, k)
+    precision = _resolve_precision(precision, device, dim)
+    if precision in ("tf32", "bf16") and device.type == "cuda":
+        from . import _knn_tile
+
+        if not _knn_tile.available():
+            raise ValueError(f"precision={precision!r} on CUDA needs triton (its tensor-core GEMM); use 'fp32'")
+    candidates = _candidates(n, k, precision)
     chosen, reason = "gemm", "CPU tensor: tiled GEMM + top-k in torch"
     if device.type == "cuda":
         from . import _gpu
@@ -116,10 +159,10 @@ def plan_knn(n: int, dim: int, k: int, *, device: torch.device | str = "cpu", bl
     if block_rows is None:
         per_row = _tile_bytes(1, block_cols, candidates, dim)
         block_rows = max(1, min(n, MAX_BLOCK_ROWS, budget // per_row))
-    return KnnPlan(chosen, int(block_rows), int(block_cols), candidates, reason)
+    return KnnPlan(chosen, int(block_rows), int(block_cols), candidates, reason, precision)
 
 
-def _check(x, k, metric, block_rows) -> None:
+def _check(x, k, metric, block_rows, precision="auto") -> None:
     _checks.tensor("x", x, ndim=2, dtypes=_checks.FLOAT_DTYPES)
     _checks.non_empty("x", x, 0)
     if x.shape[1] == 0:
@@ -131,6 +174,7 @@ def _check(x, k, metric, block_rows) -> None:
         raise ValueError(f"k must satisfy 1 <= k < N (the number of rows of x, {n}): the point itself is "
                          f"never its own neighbour; got k={k}")
     _checks.choice("metric", metric, METRICS)
+    _checks.choice("precision", precision, PRECISIONS)
     if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1):
         raise ValueError(f"block_rows must be a positive int or None, got {block_rows!r}")
     _checks.finite("x", x)
@@ -167,20 +211,44 @@ def _sort_by_distance_then_index(dist: torch.Tensor, idx: torch.Tensor, k: int):
     return dist[:, :k].contiguous(), idx.gather(1, order)[:, :k].contiguous()
 
 
-def _tile_topk(queries: torch.Tensor, query_sq: torch.Tensor, row0: int, xf: torch.Tensor, sq: torch.Tensor,
-               plan: KnnPlan):
-    """Indices of the ``plan.candidates`` nearest non-self columns for the query tile (GEMM distances)."""
-    n = xf.shape[0]
+def _round_operand(x: torch.Tensor, precision: str) -> torch.Tensor:
+    """``x`` rounded to the GEMM's input precision, to emulate tensor-core inputs on the CPU."""
+    if precision == "bf16":
+        return x.to(torch.bfloat16).to(torch.float32)
+    # tf32: round to nearest even on 10 stored mantissa bits (13 of fp32's 23 dropped)
+    bits = x.contiguous().view(torch.int32)
+    drop = 13
+    bias = ((bits >> drop) & 1) + ((1 << (drop - 1)) - 1)
+    return ((bits + bias) & ~((1 << drop) - 1)).view(torch.float32)
+
+
+def _mask_own_column(tile: torch.Tensor, query_rows: torch.Tensor, col0: int) -> None:
+    """Sets ``tile[r, query_rows[r] - col0]`` to +inf where that column is in the tile, without a
+    host synchronisation (a gather and a scatter of one element per row)."""
+    local = query_rows - col0
+    inside = (local >= 0) & (local < tile.shape[1])
+    local = local.clamp(0, tile.shape[1] - 1).unsqueeze(1)
+    tile.scatter_(1, local, torch.where(inside.unsqueeze(1), math.inf, tile.gather(1, local)))
+
+
+def _tile_topk(queries: torch.Tensor, query_sq: torch.Tensor, query_rows: torch.Tensor, operands: torch.Tensor,
+               sq: torch.Tensor, plan: KnnPlan):
+    """``(estimates, indices)`` of the ``plan.candidates`` nearest non-self columns of each query row
+    (rows ``query_rows`` of the data), from GEMM distances in ``plan.precision``."""
+    n = operands.shape[0]
+    tensor_cores = plan.precision in ("tf32", "bf16") and operands.device.type == "cuda"
+    if tensor_cores:
+        from . import _knn_tile
     best_d = best_i = None
     for col0 in range(0, n, plan.block_cols):
-        cols = xf[col0:col0 + plan.block_cols]
-        tile = torch.addmm(sq[None, col0:col0 + cols.shape[0]], queries, cols.T, beta=1.0, alpha=-2.0)
-        tile.add_(query_sq[:, None])
-        # The query rows whose own column falls in this tile form one range, known on the host: no sync.
-        first, last = max(row0, col0), min(row0 + queries.shape[0], col0 + cols.shape[0])
-        if first < last:
-            own = torch.arange(first, last, device=xf.device)
-            tile[own - row0, own - col0] = math.inf
+        cols = operands[col0:col0 + plan.block_cols]
+        if tensor_cores:
+            tile = _knn_tile.sq_distance_tile(queries, query_sq, query_rows, cols, sq[col0:col0 + cols.shape[0]],
+                                              col0, plan.precision)
+        else:
+            tile = torch.addmm(sq[None, col0:col0 + cols.shape[0]], queries, cols.T, beta=1.0, alpha=-2.0)
+            tile.add_(query_sq[:, None])
+            _mask_own_column(tile, query_rows, col0)
         take = min(plan.candidates, cols.shape[0])
         tile_d, tile_i = tile.topk(take, dim=1, largest=False, sorted=False)
         tile_i += col0
@@ -192,28 +260,65 @@ def _tile_topk(queries: torch.Tensor, query_sq: torch.Tensor, row0: int, xf: tor
             take = min(plan.candidates, merged_d.shape[1])
             best_d, pos = merged_d.topk(take, dim=1, largest=False, sorted=False)
             best_i = merged_i.gather(1, pos)
-    return best_i
+    return best_d, best_i
 
 
-def _knn_gemm(xf: torch.Tensor, k: int, metric: str, plan: KnnPlan):
-    n = xf.shape[0]
+def _rank_rows(rows: torch.Tensor, xf: torch.Tensor, operands: torch.Tensor, sq: torch.Tensor, plan: KnnPlan,
+               k: int, metric: str):
+    """For the query rows ``rows``: the k nearest by exact distance among the GEMM's candidates,
+    ``(distances, indices, candidate estimates, exact squared distances of the candidates)``."""
+    estimates, cand = _tile_topk(operands.index_select(0, rows), sq.index_select(0, rows), rows, operands, sq, plan)
+    # index_select, not xf[cand]: the advanced-indexing gather is several times slower on CPU
+    diff = xf.index_select(0, cand.reshape(-1)).view(*cand.shape, -1)
+    diff.sub_(xf.index_select(0, rows).unsqueeze(1))
+    exact = torch.linalg.vector_norm(diff, dim=2)
+    exact_sq = exact.square()
+    if metric == "cosine":
+        exact = (exact_sq * 0.5).clamp_(max=2.0)
+    d, i = _sort_by_distance_then_index(exact, cand, k)
+    return d, i, estimates, exact_sq
+
+
+def _knn_gemm(xf: torch.Tensor, k: int, metric: str, plan: KnnPlan, stats: dict | None = None):
+    n, dim = xf.shape
     # Differences of the uncentred rows are exact for near points; the centred copy is for the GEMM.
     centred = xf - xf.mean(dim=0, keepdim=True)
     sq = torch.linalg.vector_norm(centred, dim=1).square_()
     out_d = torch.empty(n, k, dtype=torch.float32, device=xf.device)
     out_i = torch.empty(n, k, dtype=torch.int64, device=xf.device)
+    low = plan.precision in ("tf32", "bf16")
+    prove = low and plan.candidates < n - 1  # with every other row a candidate there is nothing to prove
+    operands = _round_operand(centred, plan.precision) if low and xf.device.type != "cuda" else centred
+    if prove:
+        norms = sq.sqrt()
+        largest = norms.max()
+        u = _OPERAND_ERROR[plan.precision] + dim * 2.0**-23
+        certified = torch.empty(n, dtype=torch.bool, device=xf.device)
     for row0 in range(0, n, plan.block_rows):
-        queries = centred[row0:row0 + plan.block_rows]
-        cand = _tile_topk(queries, sq[row0:row0 + queries.shape[0]], row0, centred, sq, plan)
-        # index_select, not xf[cand]: the advanced-indexing gather is several times slower on CPU
-        diff = xf.index_select(0, cand.reshape(-1)).view(*cand.shape, -1)
-        diff.sub_(xf[row0:row0 + queries.shape[0], None, :])
-        exact = torch.linalg.vector_norm(diff, dim=2)
-        if metric == "cosine":
-            exact = exact.square_().mul_(0.5).clamp_(max=2.0)
-        d, i = _sort_by_distance_then_index(exact, cand, k)
-        out_d[row0:row0 + queries.shape[0]] = d
-        out_i[row0:row0 + queries.shape[0]] = i
+        rows = torch.arange(row0, min(n, row0 + plan.block_rows), device=xf.device)
+        d, i, estimates, exact_sq = _rank_rows(rows, xf, operands, sq, plan, k, metric)
+        out_d[row0:row0 + rows.shape[0]] = d
+        out_i[row0:row0 + rows.shape[0]] = i
+        if prove:
+            # Every row left out has an estimate >= the largest kept one, so a true squared distance
+            # >= that estimate minus the error bound; the k-th exact candidate must be below it. The
+            # bound also covers the fp32 rounding of the norms, the epilogue and the centring.
+            kth = exact_sq.kthvalue(k, dim=1).values * (1.0 + (dim + 4) * 2.0**-23)
+            bound = 2.0 * u * norms[rows] * largest + 2.0**-20 * (sq[rows] + largest * largest)
+            certified[rows] = kth + bound < estimates.max(dim=1).values
+    if stats is not None:
+        stats.update(precision=plan.precision, candidates=plan.candidates, uncertified_rows=0 if low else None)
+    if prove:
+        redo = (~certified).nonzero().squeeze(1)  # the one host synchronisation of a low-precision call
+        if stats is not None:
+            stats["uncertified_rows"] = int(redo.numel())
+        if redo.numel():
+            exact_plan = dataclasses.replace(plan, precision="fp32", candidates=_candidates(n, k, "fp32"))
+            for start in range(0, redo.numel(), plan.block_rows):
+                rows = redo[start:start + plan.block_rows]
+                d, i, _, _ = _rank_rows(rows, xf, centred, sq, exact_plan, k, metric)
+                out_d.index_copy_(0, rows, d)
+                out_i.index_copy_(0, rows, i)
     return out_d, out_i
 
 
@@ -232,24 +337,29 @@ def knn_graph_reference(x: torch.Tensor, k: int, *, metric: str = "euclidean"):
 
 
 def knn_graph(x: torch.Tensor, k: int, *, metric: str = "euclidean", block_rows: int | None = None,
-              path: str = "auto"):
+              path: str = "auto", precision: str = "auto", stats: dict | None = None):
     """Exact kNN graph of the rows of ``x`` (``[N, d]``, any float type, computed in fp32).
 
     Returns ``(distances [N, k] float32, indices [N, k] int64)`` on the device of ``x``; each row sorted by
     ascending distance, ties by ascending index, the row itself excluded. ``block_rows`` overrides the
     query-tile height chosen from ``TILE_BUDGET_BYTES``. ``path`` ("auto", "gemm", "fused") forces an
-    implementation on CUDA, for comparisons.
+    implementation on CUDA, for comparisons. ``precision`` ("auto", "fp32", "tf32", "bf16") is the GEMM
+    precision of the candidate search on the gemm path (see the module docstring: the graph is the same).
+    ``stats``, a dict, receives what ran: ``path``, and on the gemm path ``precision``, ``candidates``
+    and ``uncertified_rows`` (rows recomputed in fp32; None in fp32, which proves nothing).
     """
-    _check(x, k, metric, block_rows)
+    _check(x, k, metric, block_rows, precision)
     _checks.choice("path", path, PATHS)
     n, dim = x.shape
-    plan = plan_knn(n, dim, k, device=x.device, block_rows=block_rows, path=path)
+    plan = plan_knn(n, dim, k, device=x.device, block_rows=block_rows, path=path, precision=precision)
     xf = _prepare(x, metric)
     if plan.path == "fused":
         from . import _gpu
 
         try:
             squared_d, idx = _gpu.fused_knn(xf, k)
+            if stats is not None:
+                stats.update(path="fused")
             return _finish(squared_d, metric), idx
         except _gpu.KernelUnavailable as err:
             if path == "fused":
@@ -257,8 +367,10 @@ def knn_graph(x: torch.Tensor, k: int, *, metric: str = "euclidean", block_rows:
             # no cubin fits and NVRTC is missing or fails: the GEMM path gives the same graph
             warnings.warn(f"the fused kNN kernel is unavailable, using the GEMM path: {err}", RuntimeWarning,
                           stacklevel=2)
-            plan = plan_knn(n, dim, k, device=x.device, block_rows=block_rows, path="gemm")
-    return _knn_gemm(xf, k, metric, plan)
+            plan = plan_knn(n, dim, k, device=x.device, block_rows=block_rows, path="gemm", precision=precision)
+    if stats is not None:
+        stats.update(path="gemm")
+    return _knn_gemm(xf, k, metric, plan, stats)
 
 
 def describe_backends() -> list[str]:
@@ -269,9 +381,12 @@ def describe_backends() -> list[str]:
     lines.append("kNN on cpu: tiled GEMM + top-k in torch, exact re-ranking")
     if torch.cuda.is_available():
         fused_ok, why = _gpu.fused_knn_available()
+        from . import _knn_tile
+
+        gemm = (f"tiled GEMM + top-k, candidates from TF32 tensor cores when d >= {AUTO_TF32_MIN_DIM} (each row "
+                "proved exact or redone in fp32)" if _knn_tile.available() else "tiled GEMM + top-k in fp32")
         if fused_ok:
-            lines.append(f"kNN on cuda: fused kernel when d <= {FUSED_MAX_DIM} and k <= {FUSED_MAX_K}, "
-                         "else tiled GEMM + top-k")
+            lines.append(f"kNN on cuda: fused kernel when d <= {FUSED_MAX_DIM} and k <= {FUSED_MAX_K}, else {gemm}")
         else:
-            lines.append(f"kNN on cuda: tiled GEMM + top-k (fused kernel unavailable: {why})")
+            lines.append(f"kNN on cuda: {gemm} (fused kernel unavailable: {why})")
     return lines

@@ -133,9 +133,9 @@ def test_tiles_actually_used_stay_within_budget(monkeypatch):
     seen = []
     real = knn._tile_topk
 
-    def recording(queries, query_sq, row0, xf, sq, plan):
+    def recording(queries, query_sq, query_rows, operands, sq, plan):
         seen.append((queries.shape[0], plan.block_cols))
-        return real(queries, query_sq, row0, xf, sq, plan)
+        return real(queries, query_sq, query_rows, operands, sq, plan)
 
     monkeypatch.setattr(knn, "_tile_topk", recording)
     x = torch.randn(3000, 8)
@@ -227,12 +227,16 @@ def test_zero_copy_guard_and_cupy_views_on_gpu():
     back = _gpu.as_torch(view)
     assert back.data_ptr() == x.data_ptr()
     xf = knn._prepare(x, "euclidean")
-    plan = plan_knn(300, 48, 5, device=x.device, path="gemm", block_rows=64)
+    plan = plan_knn(300, 48, 5, device=x.device, path="gemm", block_rows=64, precision="fp32")
     fused_ok = _gpu.fused_knn_loadable()[0]  # loading (an NVRTC build) happens outside the guarded block
     with _gpu.no_host_transfers():
         knn._knn_gemm(xf, 5, "euclidean", plan)
         if fused_ok:
             _gpu.fused_knn(xf, 5)
+    # a tensor-core candidate search pays one synchronisation per call: sizing the rows it must redo
+    tf32 = plan_knn(300, 48, 5, device=x.device, path="gemm", block_rows=64, precision="tf32")
+    with _gpu.no_host_transfers(allowed=1):
+        knn._knn_gemm(xf, 5, "euclidean", tf32)
     with pytest.raises(AssertionError, match="device-to-host"):
         with _gpu.no_host_transfers():
             x.sum().item()
@@ -361,3 +365,135 @@ def test_cuml_umap_gets_the_graph_and_brute_force_build(monkeypatch):
     assert seen["kwargs"]["n_neighbors"] == 4 and seen["kwargs"]["random_state"] == 0
     assert seen["graph"][0] is indices and seen["graph"][1] is distances
     assert embedding.shape == (30, 2)
+
+
+# ---------------------------------------------------------------- low-precision candidate search
+
+
+def clustered(n, d, *, clusters=8, spread=1.0, seed=0):
+    """Points around a few centres, like pooled sentence embeddings: many near-equal distances."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(clusters, d, generator=g) * 2
+    return centres[torch.randint(0, clusters, (n,), generator=g)] + spread * torch.randn(n, d, generator=g)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("n,d,k", [(300, 64, 15), (120, 384, 10), (120, 3, 5), (64, 17, 1)])
+def test_low_precision_candidates_give_the_exact_graph(seed, precision, metric, n, d, k):
+    x = clustered(n, d, seed=seed) + 5  # an offset that centring must remove
+    stats = {}
+    dist, idx = knn_graph(x, k, metric=metric, precision=precision, block_rows=64, stats=stats)
+    assert stats["precision"] == precision and stats["path"] == "gemm"
+    assert 0 <= stats["uncertified_rows"] <= n
+    assert_matches_reference(x, k, metric, dist, idx)
+    exact_d, exact_i = knn_graph(x, k, metric=metric, precision="fp32", block_rows=64)
+    torch.testing.assert_close(dist, exact_d, rtol=1e-6, atol=1e-6)
+
+
+def test_rows_that_fail_the_proof_are_recomputed(monkeypatch):
+    # Too few candidates for bf16 on concentrated data: most rows cannot be proved and take the fp32
+    # path; the graph must still be exact, and the count reported.
+    monkeypatch.setattr(knn, "_candidates", lambda n, k, precision="fp32": min(n - 1, k + 1))
+    x = clustered(400, 256, clusters=2, seed=1)
+    stats = {}
+    dist, idx = knn_graph(x, 10, precision="bf16", block_rows=128, stats=stats)
+    assert stats["uncertified_rows"] > 100
+    assert_matches_reference(x, 10, "euclidean", dist, idx)
+
+
+def test_without_the_fallback_bf16_alone_would_be_wrong(monkeypatch):
+    # The same setting with the recomputation disabled loses neighbours: the proof is what makes the
+    # low-precision search exact, so this test shows it is not vacuous.
+    monkeypatch.setattr(knn, "_candidates", lambda n, k, precision="fp32": min(n - 1, k + 1))
+    # two tight clusters far apart: bf16 rounding of the centred rows (~2^-8 of their norm) swamps
+    # the distances inside a cluster
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.full((1, 32), 50.0), torch.full((1, 32), -50.0)]).repeat_interleave(200, 0)
+    x = x + 0.01 * torch.randn(400, 32, generator=g)
+    exact_i = knn_graph(x, 10, precision="fp32")[1]
+    assert torch.equal(knn_graph(x, 10, precision="bf16", block_rows=128)[1], exact_i)  # with the proof
+    monkeypatch.setattr(torch.Tensor, "nonzero", lambda self: torch.empty(0, 1, dtype=torch.int64))
+    idx = knn_graph(x, 10, precision="bf16", block_rows=128)[1]
+    assert not torch.equal(idx, exact_i)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_gemm_estimate_error_stays_within_the_bound(precision):
+    # the error model the proof rests on: |estimate - true squared distance| <= 2 u |c_i| max|c_j| + slack
+    x = torch.cat([clustered(200, 96, seed=2), torch.randn(5, 96) * 40])  # a few far outliers
+    centred = x - x.mean(dim=0)
+    ops = knn._round_operand(centred, precision)
+    sq = centred.norm(dim=1).square()
+    estimate = sq[:, None] + sq[None, :] - 2 * ops @ ops.T
+    truth = torch.cdist(x.double(), x.double()).square()
+    u = knn._OPERAND_ERROR[precision] + 96 * 2.0**-23
+    norms = sq.sqrt()
+    bound = 2 * u * norms[:, None] * norms.max() + 2.0**-20 * (sq[:, None] + norms.max() ** 2)
+    err = (estimate.double() - truth).abs()
+    assert (err <= bound.double()).all()
+    assert err.max() > 0.05 * bound.max()  # and it is not absurdly loose
+
+
+def test_tf32_rounding_emulation():
+    x = torch.tensor([1.0, 1.0 + 2.0**-10, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, -3.0 - 2.0**-12, 0.0, 1e-30])
+    out = knn._round_operand(x, "tf32")
+    assert out.tolist()[:5] == [1.0, 1.0 + 2.0**-10, 1.0, 1.0 + 2 * 2.0**-10, -3.0]  # ties to even
+    assert out[5] == 0 and out[6] != 0
+    assert torch.equal(knn._round_operand(x, "bf16"), x.bfloat16().float())
+
+
+def test_precision_is_checked_and_resolved():
+    with pytest.raises(ValueError, match="precision must be one of"):
+        knn_graph(torch.randn(5, 3), 2, precision="fp16")
+    assert plan_knn(100, 8, 4).precision == "fp32"  # CPU: fp32 GEMM
+    assert plan_knn(1000, 8, 4, precision="bf16").candidates == 4 + 32
+    assert plan_knn(20, 8, 4, precision="bf16").candidates == 19  # never more than the other rows
+    assert plan_knn(1000, 8, 15, precision="tf32").candidates == 15 + 16
+    # CUDA: tensor cores for the wide embeddings, fp32 for narrow maps (planning touches no device)
+    assert plan_knn(1000, 768, 15, device="cuda", path="gemm").precision == "tf32"
+    assert plan_knn(1000, 2, 15, device="cuda", path="gemm").precision == "fp32"
+    assert plan_knn(1000, 2, 15, device="cuda", path="gemm", precision="bf16").precision == "bf16"
+
+
+@cuda
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("n,d,k", [(1000, 64, 15), (2000, 384, 15), (513, 130, 8), (300, 2, 4)])
+def test_cuda_tensor_core_candidates_give_the_exact_graph(seed, precision, metric, n, d, k):
+    x = clustered(n, d, seed=seed).cuda() + 5
+    stats = {}
+    dist, idx = knn_graph(x, k, metric=metric, path="gemm", precision=precision, stats=stats)
+    assert stats["precision"] == precision
+    assert_matches_reference(x, k, metric, dist, idx, rtol=1e-4, atol=1e-4)
+    exact_d, exact_i = knn_graph(x, k, metric=metric, path="gemm", precision="fp32")
+    assert torch.equal(idx, exact_i) or torch.allclose(dist, exact_d, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@pytest.mark.parametrize("r,c,d,col0", [(37, 50, 5, 20), (64, 33, 40, 0), (1, 70, 130, 60)])
+def test_tensor_core_tile_kernel_in_the_interpreter(precision, r, c, d, col0):
+    # the Triton kernel the CUDA path uses for tf32 / bf16 tiles, run on CPU tensors by the interpreter
+    # (tf32 runs as fp32 there; bf16 rounds its operands exactly as the tensor cores do)
+    import os
+
+    from sage_fast.regions import _knn_tile
+
+    if not _knn_tile.available() or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs triton and TRITON_INTERPRET=1 (set by tests/conftest.py without a GPU)")
+    torch.manual_seed(r + c)
+    x = torch.randn(200, d) * 3
+    centred = x - x.mean(dim=0)
+    sq = centred.norm(dim=1).square()
+    query_rows = torch.randperm(200)[:r].sort().values
+    queries = centred[query_rows]
+    out = torch.full((r, c), float("nan"))  # poisoned: every element must be written
+    _knn_tile.sq_distance_tile(queries, sq[query_rows], query_rows, centred[col0:col0 + c], sq[col0:col0 + c], col0,
+                               precision, out=out)
+    truth = torch.cdist(x[query_rows].double(), x[col0:col0 + c].double()).square()
+    own = query_rows[:, None] == torch.arange(col0, col0 + c)[None, :]
+    assert torch.isinf(out[own]).all() and (out[own] > 0).all()
+    assert torch.isfinite(out[~own]).all()
+    u = knn._OPERAND_ERROR[precision] + d * 2.0**-23
+    bound = 2 * u * sq[query_rows].sqrt()[:, None] * sq.sqrt().max() + 2.0**-20 * (sq[query_rows][:, None] + sq.max())
+    assert ((out.double() - truth).abs()[~own] <= bound.double().expand(r, c)[~own]).all()
