@@ -29,6 +29,7 @@ options=None) -> Sm90Kernel``:
   ``"*bf16"``, ``"i32"``, ``"i64"``, ``"fp32"``); a pointer is marked 16-byte aligned (what a torch
   allocation gives) unless its name is in ``unaligned``. An int or float is a sample value,
   specialised like the launcher: 1 becomes the constant 1, a multiple of 16 is marked divisible by 16.
+  A tuple of these stands for a tuple argument, specialised element by element.
 - ``constexprs``: values of ``tl.constexpr`` arguments; those with a default may be left out. A
   ``tl.dtype`` value (``tl.bfloat16``) is passed by name.
 - ``options``: any other ``triton.compile`` option (``{"maxnreg": 128}``).
@@ -270,17 +271,22 @@ def compile_one(req):
             missing.append(name)
             continue
         value = args[name]
-        if isinstance(value, str):
-            signature[name] = value
-            if value.startswith("*") and name not in unaligned:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            ty, div = arg_type(value)
-            signature[name] = ty
-            if ty == "constexpr":
-                constants[(i,)] = value
-            elif div and name not in unaligned:
-                attrs[(i,)] = [["tt.divisibility", div]]
+        # a tuple argument (a list here) is specialised element by element, as the launcher does
+        entries = [((i, j), v) for j, v in enumerate(value)] if isinstance(value, list) else [((i,), value)]
+        types = []
+        for path, v in entries:
+            if isinstance(v, str):
+                types.append(v)
+                if v.startswith("*") and name not in unaligned:
+                    attrs[path] = [["tt.divisibility", 16]]
+            else:
+                ty, div = arg_type(v)
+                types.append(ty)
+                if ty == "constexpr":
+                    constants[path] = v
+                elif div and name not in unaligned:
+                    attrs[path] = [["tt.divisibility", div]]
+        signature[name] = tuple(types) if isinstance(value, list) else types[0]
     if missing:
         raise TypeError(f"{fn.__name__}: give a value for {missing} (args for runtime arguments, constexprs "
                         "for tl.constexpr ones)")
@@ -406,9 +412,10 @@ def compile_sm90(kernel, args: dict, constexprs: dict | None = None, *, num_warp
         pytest.skip(f"triton is not installed: {err}")
     module, path, name = _kernel_location(kernel)
     for arg_name, value in args.items():
-        if not isinstance(value, (str, int, float)):
-            raise TypeError(f"args[{arg_name!r}] must be a Triton type string or a sample int/float, got "
-                            f"{type(value).__name__}")
+        entries = value if isinstance(value, (tuple, list)) else (value,)
+        if not entries or not all(isinstance(v, (str, int, float)) for v in entries):
+            raise TypeError(f"args[{arg_name!r}] must be a Triton type string or a sample int/float (or a "
+                            f"tuple of them, for a tuple argument), got {value!r}")
     request = {
         "module": module, "path": path, "name": name, "args": dict(args),
         "constexprs": {k: _encode_constexpr(k, v) for k, v in (constexprs or {}).items()},
