@@ -225,6 +225,8 @@ def bad_inputs():
         ("attention_mask must have shape", dict(attention_mask=mask[:, :2])),
         ("attention_mask must have 2 dimensions", dict(attention_mask=mask[0])),
         ("bool or integer", dict(attention_mask=mask.float())),
+        ("attention_mask has values other than 0 and 1", dict(attention_mask=mask * 2)),
+        ("attention_mask has values other than 0 and 1", dict(attention_mask=torch.tensor([[1, 1, 0], [1, -1, 0]]))),
         ("mse_weight", dict(mse_weight=-1.0)),
         ("cosine_weight", dict(cosine_weight=float("nan"))),
         ("both 0", dict(mse_weight=0.0, cosine_weight=0.0)),
@@ -257,3 +259,143 @@ def test_device_mismatch_raises():
         align_loss(s, meta)
     with pytest.raises(ValueError, match="attention_mask"):
         align_loss(s, t, torch.ones(2, 3, dtype=torch.long, device="meta"))
+
+
+@pytest.mark.parametrize("checked", [True, False])
+def test_mask_values_checked_only_where_values_are_checked(monkeypatch, checked):
+    """The 0/1 check reads the mask on the host (a sync on CUDA): it runs only when
+    _checks.values_checked says so; unchecked, any non-zero value counts as a valid token."""
+    seen = []
+
+    def values_checked(value):
+        seen.append(value)
+        return checked
+
+    monkeypatch.setattr(align_module._checks, "values_checked", values_checked)
+    s, t = make_pairs(2, 3, 4, requires_grad=False)
+    mask = torch.tensor([[2, 1, 0], [1, 0, 0]])
+    assert len(seen) == 0
+    if checked:
+        with pytest.raises(ValueError, match="values other than 0 and 1"):
+            align_loss(s, t, mask)
+    else:
+        loss = align_loss(s, t, mask, reduction="none")
+        torch.testing.assert_close(loss.double(), align_loss_reference(s, t, mask != 0, reduction="none"))
+    assert len(seen) == 1 and seen[0] is mask
+
+
+def test_tiles_fit_the_hidden_size():
+    tiles = align_module._tiles([768] * 4, 128, [128 * 768, 768] * 8, 2, interpret=False)
+    assert (tiles.block_h, tiles.h_chunks, tiles.block_t, tiles.mask_h) == (512, 1, 256, False)
+    assert (tiles.block_l, tiles.vec, tiles.num_warps) == (8, 8, 8)
+    tiles = align_module._tiles([1024, 768], 64, [64 * 1024, 1024], 4, interpret=False)
+    assert (tiles.block_h, tiles.h_chunks, tiles.block_t, tiles.mask_h, tiles.vec) == (1024, 1, 0, True, 4)
+    tiles = align_module._tiles([5000], 16, [16 * 5000, 5000], 2, interpret=False)
+    assert (tiles.block_h, tiles.h_chunks, tiles.block_t, tiles.mask_h, tiles.vec) == (4096, 1, 1024, True, 8)
+    tiles = align_module._tiles([12], 7, [84, 12], 2, interpret=False)  # 12 = 8 + 4; strides allow 8-byte vectors
+    assert (tiles.block_h, tiles.block_t, tiles.mask_h, tiles.vec) == (8, 4, False, 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("max_block, hidden", [(4096, [24, 24]), (16, [48, 48]), (16, [40, 40]), (16, [40, 33])],
+                         ids=["main+tail", "3-chunks", "2-chunks+tail", "chunks+tail+mask"])
+def test_exact_and_chunked_hidden_tiles(monkeypatch, backend, max_block, hidden):
+    """Every tiling of H: one tile and a tail in registers, chunks walked twice for cosine, and the
+    column mask only where some pair's H is not covered exactly."""
+    monkeypatch.setattr(align_module, "MAX_BLOCK_H", max_block)
+    torch.manual_seed(8)
+    student, teacher = make_pairs(3, 5, hidden, pairs=2)
+    mask = make_mask(3, 5, fully_masked_rows=[2])
+    with use_backend(backend):
+        for cosine_weight in (0.0, 0.7):
+            assert_matches(student, teacher, mask, cosine_weight=cosine_weight, layer_weights=[0.5, 2.0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_backward_twice_through_a_kept_graph(backend, reduction):
+    """The first backward scales the stored gradient in place; further backwards through a graph kept
+    with retain_graph=True must still see the unscaled gradient."""
+    torch.manual_seed(9)
+    student, teacher = make_pairs(3, 4, 10, pairs=2)
+    mask = make_mask(3, 4)
+    student64 = [s.detach().double().requires_grad_() for s in student]
+    ref = align_loss_reference(student64, teacher, mask, cosine_weight=0.5, reduction=reduction)
+    with use_backend(backend):
+        loss = align_loss(student, teacher, mask, cosine_weight=0.5, reduction=reduction)
+        for upstream in (torch.ones_like(loss), 3.0 * torch.ones_like(loss), torch.rand_like(loss) - 0.5):
+            grads = torch.autograd.grad(loss, student, upstream, retain_graph=True)
+            ref_grads = torch.autograd.grad(ref, student64, upstream.double(), retain_graph=True)
+            for g, r in zip(grads, ref_grads):
+                torch.testing.assert_close(g.double(), r, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reduction_none_summed_gives_a_broadcast_upstream_gradient(backend):
+    """loss.sum() hands backward an expanded (stride 0) gradient of ones."""
+    torch.manual_seed(10)
+    student, teacher = make_pairs(4, 3, 9, pairs=1)
+    with use_backend(backend):
+        (grad,) = torch.autograd.grad(align_loss(student, teacher, reduction="none").sum(), student)
+    student64 = [student[0].detach().double().requires_grad_()]
+    (ref,) = torch.autograd.grad(align_loss_reference(student64, teacher, reduction="sum"), student64)
+    torch.testing.assert_close(grad.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_no_host_synchronisation_on_cuda():
+    student, teacher = make_pairs(4, 16, 64, pairs=3, device="cuda")
+    mask = make_mask(4, 16, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for reduction in ("mean", "none"):
+            loss = align_loss(student, teacher, mask, cosine_weight=0.5, reduction=reduction)
+            torch.autograd.grad(loss, student, torch.full_like(loss, 2.0))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+# ------------------------------------------------------------------------------ compiled for sm_90
+def _sm90_args(dtype: str, pairs: int, n: int, length: int, hidden: int, tiles):
+    each = lambda v: (v,) * pairs  # noqa: E731 - one entry per layer pair (a tuple argument)
+    return dict(student=each(f"*{dtype}"), teacher=each(f"*{dtype}"), grad=each(f"*{dtype}"),
+                s_row_stride=each(length * hidden), s_token_stride=each(hidden),
+                t_row_stride=each(length * hidden), t_token_stride=each(hidden), hidden=each(hidden),
+                mse_coef=each(1.0), cos_coef=each(0.5), mask_ptr="*i64", mask_row_stride=length, mask_token_stride=1,
+                partial_ptr="*fp32", N=n, L=length, token_blocks=length // tiles.block_l)
+
+
+@pytest.mark.parametrize("dtype, itemsize", [("bf16", 2), ("fp32", 4)])
+@pytest.mark.parametrize("cosine", [False, True], ids=["mse", "mse+cos"])
+def test_sm90_codegen_vectorised_without_spills(dtype, itemsize, cosine):
+    """The benchmarked shape (4 layers x 32 x 128 x 768), compiled for Hopper: every load of s and t
+    and every store of the gradient is a 16-byte vector, and nothing spills."""
+    from sm90 import compile_sm90
+
+    pairs, n, length, hidden = 4, 32, 128, 768
+    tiles = align_module._tiles([hidden] * pairs, length, [length * hidden, hidden] * 2 * pairs, itemsize,
+                                interpret=False)
+    k = compile_sm90(
+        align_module._align_loss_kernel, _sm90_args(dtype, pairs, n, length, hidden, tiles),
+        dict(PAIRS=pairs, HAS_MASK=True, MEAN=True, USE_MSE=True, USE_COSINE=cosine, COMPUTE_GRAD=True,
+             BLOCK_L=tiles.block_l, BLOCK_H=tiles.block_h, H_CHUNKS=tiles.h_chunks, BLOCK_T=tiles.block_t,
+             MASK_H=tiles.mask_h, COUNT_BLOCK=length, VEC=tiles.vec, WIDE=False, EPS=1e-8),
+        num_warps=tiles.num_warps)
+    vectors = tiles.block_l * hidden * itemsize // 16 // (32 * tiles.num_warps)  # per thread, per tensor
+    assert vectors >= 1
+    assert k.ld_global.get(128, 0) == 2 * vectors, k.summary()  # s and t
+    assert k.st_global.get(128, 0) == vectors, k.summary()      # the gradient
+    assert set(k.st_global) <= {128, 32}, k.summary()           # else only the partial loss
+    assert k.n_spills == 0 and k.n_regs <= 128, k.summary()
+
+
+def test_sm90_codegen_backward_scale():
+    from sm90 import compile_sm90
+
+    k = compile_sm90(align_module._scale_kernel,
+                     dict(grad=("*bf16",) * 4, row_elements=(128 * 768,) * 4, chunks=24, scale_ptr="*fp32",
+                          scale_stride=0),
+                     dict(PAIRS=4, BLOCK=align_module.SCALE_BLOCK), num_warps=4)
+    assert set(k.ld_global) == {128, 32} and set(k.st_global) == {128}, k.summary()
+    assert k.n_spills == 0, k.summary()
