@@ -370,6 +370,12 @@ class SAGESynthesizer:
             raise ValueError(f"state is missing {missing}: give a dict from SAGESynthesizer.state_dict()")
         if state.get("format", STATE_FORMAT) != STATE_FORMAT:
             raise ValueError(f"state has format {state['format']}, this version reads format {STATE_FORMAT}")
+        # The seed and the mode decide every later draw: continuing under others would not be the same run.
+        saved = state.get("config") or {}
+        changed = [f"{key} {saved[key]!r} (this one: {getattr(self.config, key)!r})" for key in ("mode", "seed")
+                   if key in saved and saved[key] != getattr(self.config, key)]
+        if changed:
+            raise ValueError(f"state was saved with {', '.join(changed)}; build the synthesizer with the same settings")
         self.profile.load_state_dict(state["profile"])
         self.pool.load_state_dict(state["pool"], device=self.device)
         self.pool_generator.set_state(state["pool_generator"])
