@@ -52,8 +52,9 @@ name of an importable module or of a file. Where triton, its CUDA backend or ptx
 call skips the test with the reason; a kernel that fails to compile fails the test.
 
 Run as a script to print one kernel's summary:
-``python tests/ops/sm90.py sage_fast.ops.interpolate:_kernel_name x_ptr='*bf16' n=4096 BLOCK=1024``
-(``NAME=value`` with an upper-case NAME is a constexpr).
+``python tests/ops/sm90.py sage_fast.ops.interpolate:_kernel_name x_ptr='*bf16' n=4096 BLOCK=1024 num_warps=8``
+(values are read as JSON where they parse, so a string constexpr is written ``MODE='"tf32"'``; a
+constexpr may be given among the runtime arguments, here and in ``args``).
 """
 from __future__ import annotations
 
@@ -262,6 +263,9 @@ def compile_one(req):
             signature[name] = "constexpr"
             if name in consts:
                 constants[(i,)] = consts[name]
+            elif name in args:  # a constexpr given among the runtime arguments (the command line does)
+                value = args[name]
+                constants[(i,)] = tl.core.dtype(value["tl_dtype"]) if isinstance(value, dict) else value
             elif param.has_default:
                 constants[(i,)] = param.default
             else:
@@ -447,7 +451,7 @@ def _main(argv: list[str]) -> int:
         return 2
     module, name = argv[0].split(":", 1)
     kernel = getattr(importlib.import_module(module), name)
-    args, consts, warps = {}, {}, 4
+    args, warps, stages = {}, 4, 3
     for item in argv[1:]:
         key, _, raw = item.partition("=")
         try:
@@ -456,11 +460,11 @@ def _main(argv: list[str]) -> int:
             value = raw
         if key == "num_warps":
             warps = int(value)
-        elif key.isupper():
-            consts[key] = value
+        elif key == "num_stages":
+            stages = int(value)
         else:
-            args[key] = value
-    print(compile_sm90(kernel, args, consts, num_warps=warps).summary())
+            args[key] = value  # the helper process tells constexprs from runtime arguments
+    print(compile_sm90(kernel, args, num_warps=warps, num_stages=stages).summary())
     return 0
 
 

@@ -90,4 +90,12 @@ def test_bad_arguments_fail_clearly():
     with pytest.raises(RuntimeError, match="no argument"):
         compile_sm90(_copy_kernel, {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": 16, "m": 3}, {"BLOCK": 1024})
     with pytest.raises(TypeError, match="args"):
-        compile_sm90(_copy_kernel, {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": [1]}, {"BLOCK": 1024})
+        compile_sm90(_copy_kernel, {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": None}, {"BLOCK": 1024})
+    with pytest.raises(TypeError, match="args"):
+        compile_sm90(_copy_kernel, {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": ()}, {"BLOCK": 1024})
+
+
+def test_constexpr_given_among_args():
+    # as the command line passes them: the helper process tells constexprs from runtime arguments
+    k = compile_sm90(_copy_kernel, {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": 1 << 20, "BLOCK": 1024})
+    assert k.ld_global_bits == 128, k.summary()
