@@ -1,5 +1,8 @@
 """Fused ops: each dispatches to a Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1) or to its
-plain-torch reference (CPU). Import them from here or from ``sage_fast.functional``."""
+plain-torch reference (CPU). Import them from here or from ``sage_fast.functional``.
+
+triton is optional: each module defines its kernels only when triton imports, so without it CPU
+tensors take the plain-torch path and CUDA tensors raise an ImportError naming the package."""
 __all__: list[str] = []
 
 from .interpolate import interpolate, interpolate_reference  # noqa: E402
