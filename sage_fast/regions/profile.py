@@ -7,6 +7,13 @@ updates: ``mean' = mean + sum_j (x_j - mean) / (c + n)``, one ``index_add_`` per
 update costs O(batch) whatever ``num_examples`` is and never synchronises with the host beyond the
 argument checks.
 
+With ``decay`` set, old visits fade: each visit moves the statistics by
+``w = max(decay, 1 / c_i)`` of the way to the new value, so the first ``1/decay`` visits still form an
+exact mean and later ones an exponential moving average over about the last ``1/decay`` visits. A
+profile read at the end of an epoch then says where the student is wrong *now*, not where it was
+wrong on average since the start (a running mean over epochs keeps the first epoch's losses, which
+are high everywhere, for ever). ``decay=None`` (the default) is the plain running mean.
+
 A refresh (``refreshing()`` / ``refresh()``) recomputes the profile in one no-grad pass: the first
 time an id is written during the refresh its old statistics are dropped, so it ends up as the mean
 over the refresh pass alone; ids the pass does not visit keep their old values.
@@ -50,13 +57,14 @@ class ErrorProfile:
     ``count`` [num_examples] int64, and ``seen`` (``count > 0``).
     """
 
-    def __init__(self, num_examples: int, dim: int, device: torch.device | str = "cpu"):
-        if not isinstance(num_examples, int) or num_examples <= 0:
-            raise ValueError(f"num_examples must be a positive int, got {num_examples!r}")
-        if not isinstance(dim, int) or dim <= 0:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
+    def __init__(self, num_examples: int, dim: int, device: torch.device | str = "cpu", decay: float | None = None):
+        _checks.integer("num_examples", num_examples, minimum=1)
+        _checks.integer("dim", dim, minimum=1)
+        if decay is not None:
+            decay = _checks.in_range("decay", decay, 0.0, 1.0, lo_open=True)
         self.num_examples = num_examples
         self.dim = dim
+        self.decay = decay
         self.device = torch.device(device)
         self.loss = torch.zeros(num_examples, dtype=torch.float32, device=self.device)
         self.embedding = torch.zeros(num_examples, dim, dtype=torch.float32, device=self.device)
@@ -84,6 +92,8 @@ class ErrorProfile:
             if value.device != self.device:
                 raise ValueError(f"{name} must be on the profile's device {self.device}, got {value.device}")
         ids = ids.to(self.device, torch.int64)
+        if not _checks.values_checked(losses):
+            return ids  # on CUDA the value checks below would stall the step on the host
         # every data check in one device round trip: this runs at each training step
         low, high, losses_ok, embeddings_ok = torch.stack([
             ids.min().double(), ids.max().double(),
@@ -112,10 +122,17 @@ class ErrorProfile:
         # Gather the old means before any write so every duplicate sees the same starting point.
         old_loss = self.loss[ids]
         old_embedding = self.embedding[ids]
-        self.count.index_add_(0, ids, torch.ones_like(ids))
+        ones = torch.ones_like(ids)
+        self.count.index_add_(0, ids, ones)
         total = self.count[ids].float()
-        self.loss.index_add_(0, ids, (losses - old_loss) / total)
-        self.embedding.index_add_(0, ids, (embeddings - old_embedding) / total.unsqueeze(1))
+        if self.decay is None:
+            step = 1.0 / total  # n copies of an id each add 1/(c+n) of their difference: the exact mean
+        else:
+            # the id's n visits in this batch move it by w = max(decay, n/(c+n)) toward their mean
+            copies = torch.zeros_like(self.count).index_add_(0, ids, ones)[ids].float()
+            step = torch.maximum(torch.full_like(total, self.decay), copies / total) / copies
+        self.loss.index_add_(0, ids, (losses - old_loss) * step)
+        self.embedding.index_add_(0, ids, (embeddings - old_embedding) * step.unsqueeze(1))
 
     @contextlib.contextmanager
     def refreshing(self):
@@ -163,4 +180,5 @@ class ErrorProfile:
         self.count.copy_(state["count"])
 
     def __repr__(self) -> str:
-        return f"ErrorProfile(num_examples={self.num_examples}, dim={self.dim}, device={str(self.device)!r})"
+        decay = "" if self.decay is None else f", decay={self.decay}"
+        return f"ErrorProfile(num_examples={self.num_examples}, dim={self.dim}, device={str(self.device)!r}{decay})"

@@ -149,3 +149,67 @@ def test_pooled_embedding_checks_its_mask():
         pooled_embedding(torch.randn(2, 3, 4), torch.ones(2, 4))
     with pytest.raises(ValueError, match="last_hidden_state"):
         pooled_embedding(torch.randn(2, 3), torch.ones(2, 3))
+
+
+# ------------------------------------------------------------------------------ decaying profile
+def _reference_decayed(values: list[float], decay: float) -> float:
+    mean = 0.0
+    for c, x in enumerate(values, 1):
+        mean += max(decay, 1.0 / c) * (x - mean)
+    return mean
+
+
+@pytest.mark.parametrize("decay", [0.05, 0.3, 1.0])
+def test_decay_follows_the_reference_and_forgets_old_visits(decay):
+    torch.manual_seed(0)
+    n, dim, visits = 7, 3, 25
+    profile = ErrorProfile(n, dim, decay=decay)
+    history = {i: [] for i in range(n)}
+    embeddings = {i: [] for i in range(n)}
+    for _ in range(visits):
+        ids = torch.randperm(n)[:4]
+        losses = torch.rand(4) * 5
+        emb = torch.randn(4, dim)
+        profile.update(ids, losses, emb)
+        for j, i in enumerate(ids.tolist()):
+            history[i].append(float(losses[j]))
+            embeddings[i].append(emb[j].double())
+    for i in range(n):
+        if not history[i]:
+            continue
+        expected = _reference_decayed(history[i], decay)
+        assert profile.loss[i].item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+        ref = torch.zeros(dim, dtype=torch.float64)
+        for c, e in enumerate(embeddings[i], 1):
+            ref += max(decay, 1.0 / c) * (e - ref)
+        torch.testing.assert_close(profile.embedding[i].double(), ref, rtol=1e-5, atol=1e-6)
+    if decay == 1.0:  # nothing but the last visit counts
+        last = {i: h[-1] for i, h in history.items() if h}
+        for i, v in last.items():
+            assert profile.loss[i].item() == pytest.approx(v, rel=1e-6)
+
+
+def test_decay_after_a_change_tracks_the_new_loss_where_the_mean_lags():
+    mean, decayed = ErrorProfile(1, 1), ErrorProfile(1, 1, decay=0.5)
+    ids, emb = torch.zeros(1, dtype=torch.int64), torch.zeros(1, 1)
+    for loss in [4.0] * 10 + [0.0] * 3:
+        mean.update(ids, torch.tensor([loss]), emb)
+        decayed.update(ids, torch.tensor([loss]), emb)
+    assert mean.loss.item() == pytest.approx(40 / 13)
+    assert decayed.loss.item() == pytest.approx(0.5)  # 4 -> 2 -> 1 -> 0.5
+
+
+def test_decay_with_an_id_repeated_in_one_batch_moves_toward_the_batch_mean():
+    profile = ErrorProfile(2, 1, decay=0.25)
+    emb = torch.zeros(1, 1)
+    for _ in range(8):  # 8 visits: the 1/c weight has fallen below the decay
+        profile.update(torch.tensor([0]), torch.tensor([1.0]), emb)
+    profile.update(torch.tensor([0, 0]), torch.tensor([3.0, 5.0]), torch.zeros(2, 1))
+    # two copies: w = max(0.25, 2/10) = 0.25 toward their mean 4
+    assert profile.loss[0].item() == pytest.approx(1.0 + 0.25 * 3.0)
+
+
+@pytest.mark.parametrize("decay", [0.0, -0.1, 1.5, float("nan"), "0.5x"])
+def test_bad_decay_is_refused(decay):
+    with pytest.raises(ValueError, match="decay"):
+        ErrorProfile(3, 2, decay=decay)
