@@ -5,40 +5,101 @@ with :class:`sage_fast.nn.SAGELoss`: each step runs the teacher without gradient
 the student's device, then the student, both with ``output_hidden_states=True`` when the loss aligns
 hidden states (``beta > 0``). The student and teacher must read the same inputs (same tokenizer).
 
-Per-example losses can be handed to a callable ``on_per_example(ids, losses)`` on every training
-step, for instance to fill an error profile: ``losses`` is the detached ``[B]`` float32
-``SAGELossOutput.per_example``; ``ids`` is the batch's ``example_id`` column (``None`` when the batch
-has none). The trainer keeps that column even with ``remove_unused_columns=True``, and never passes
-it to the models.
+With ``synthesis=SynthesisConfig(...)`` it is real SAGE: a :class:`sage_fast.synthesis.SAGESynthesizer`
+observes every training step's per-example losses and pooled student embeddings, runs an analysis
+round every ``analysis_every`` optimizer steps (default: at the end of each epoch but the last),
+and ``synthetic_per_batch`` rows from its pool join each training batch. Synthetic rows exist only
+as input vectors in the teacher's word-embedding space (interpolations of real rows'
+``E_t[input_ids]``), so the teacher labels them and the student trains on them through
+``inputs_embeds``. For real and synthetic rows to live in one space, the student reads the teacher's
+table: at construction it is copied into the student's input embeddings, which are then frozen
+(students built from the teacher's layers start from that table anyway). The student therefore needs
+the teacher's tokenizer and embedding width; the saved student stays a standard model.
 
-The loss is a per-batch mean, so the Trainer divides it by the gradient-accumulation steps, as it
-does for any mean loss. When the hidden sizes differ, ``SAGELoss`` owns learned projections; they
-are trained with the student (an extra optimizer group) and live in ``trainer.sage_loss``, not in
-the student's checkpoint: save ``trainer.sage_loss.state_dict()`` yourself if you need them (and
-add ``trainer.sage_loss.parameters()`` to an optimizer you pass in yourself). Under
-several processes those projections are not wrapped for gradient all-reduce: use equal hidden sizes
-or ``beta = 0`` there.
+The batches need an ``example_id`` column holding each row's position in ``train_dataset`` (the
+synthesizer indexes its error profile by it and fetches the rows it interpolates with
+``train_dataset[i]``). The trainer keeps that column even with ``remove_unused_columns=True``, and
+never passes it to the models.
+
+Per-example losses can also be handed to a callable ``on_per_example(ids, losses)`` on every
+training step: ``losses`` is the detached ``[B]`` float32 ``SAGELossOutput.per_example`` of the real
+rows; ``ids`` is the batch's ``example_id`` column (``None`` when the batch has none).
+
+Checkpoints: each checkpoint folder the Trainer writes also gets ``sage_fast_state.pt`` with the
+synthesizer's state (profile, pool, generators, round count) and the loss's projections; resuming
+(``trainer.train(resume_from_checkpoint=...)``) loads it, so the pool survives and, on CPU, a resumed
+run continues as the uninterrupted one would.
+
+The loss is a per-batch mean over real and synthetic rows, so the Trainer divides it by the
+gradient-accumulation steps, as it does for any mean loss. When the hidden sizes differ,
+``SAGELoss`` owns learned projections; they are trained with the student (an extra optimizer group;
+add ``trainer.sage_loss.parameters()`` to an optimizer you pass in yourself). Under several
+processes neither those projections nor the synthesizer are synchronised across ranks: use one
+process with synthesis, and equal hidden sizes or ``beta = 0`` under several.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 try:
-    from transformers import Trainer
+    from transformers import Trainer, TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "sage_fast.integrations.hf_trainer needs transformers: pip install 'sage-fast[train]'"
     ) from err
 
+from .. import _checks
 from ..nn.sage_loss import SAGELoss, SAGELossConfig
+from ..regions import pooled_embedding
+from ..synthesis import RoundRecord, SAGESynthesizer, SynthesisConfig, SyntheticRows, pad_tokens
 
-__all__ = ["SAGEDistillTrainer"]
+__all__ = ["STATE_FILE", "SAGEDistillTrainer", "SAGESynthesisCallback"]
+
+#: What the trainer adds to each checkpoint folder.
+STATE_FILE = "sage_fast_state.pt"
+# Keys a batch may hold when synthetic rows are mixed in: the rows are joined through inputs_embeds.
+_MIXABLE_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class SAGESynthesisCallback(TrainerCallback):
+    """Runs the synthesizer's rounds on the trainer's schedule and writes SAGE's state (synthesizer,
+    loss projections, counts) into each checkpoint folder. ``SAGEDistillTrainer`` adds it, and reads
+    that state back when it resumes."""
+
+    def __init__(self, trainer: "SAGEDistillTrainer"):
+        self.trainer = trainer
+
+    def _round_due(self, state) -> bool:
+        return self.trainer.synthesizer is not None and state.global_step < state.max_steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        every = self.trainer.analysis_every
+        if every is not None and state.global_step % every == 0 and self._round_due(state):
+            self.trainer.synthesis_round(state.global_step)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # No round after the last step: nothing would train on what it makes.
+        if self.trainer.analysis_every is None and self._round_due(state):
+            self.trainer.synthesis_round(state.global_step)
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if not folder.is_dir():  # a hyperparameter-search trial keeps its checkpoints elsewhere
+            raise RuntimeError(f"SAGE's state belongs in the checkpoint folder {folder}, which does not exist")
+        self.trainer.save_sage_state(folder)
 
 
 class SAGEDistillTrainer(Trainer):
-    """A ``Trainer`` whose loss is the SAGE distillation loss against a frozen teacher.
+    """A ``Trainer`` whose loss is the SAGE distillation loss against a frozen teacher, and which
+    synthesises training rows where the student's loss is high when ``synthesis`` is given.
 
     Args:
         teacher: the teacher model (a Hugging Face model returning ``logits``, and ``hidden_states``
@@ -47,12 +108,24 @@ class SAGEDistillTrainer(Trainer):
             plain KD with ``alpha=0.5, temperature=2``).
         on_per_example: optional ``callable(ids, losses)`` called on every training step.
         example_id_column: the batch key that holds example ids.
+        synthesis: ``None`` (plain distillation), a :class:`SynthesisConfig` (its ``device`` is
+            replaced by the trainer's), or a built :class:`SAGESynthesizer` on the trainer's device.
+        synthetic_per_batch: synthetic rows added to each training batch once the pool has some.
+        analysis_every: optimizer steps between rounds (default ``None``: at the end of each epoch
+            but the last).
+        loss_maps: write each round's loss map to ``<output_dir>/loss_maps/round<NNN>.png``.
         *args, **kwargs: passed to ``transformers.Trainer`` (``model`` is the student).
+
+    After training, ``trainer.synthesizer`` holds the synthesizer, ``trainer.sage_rounds`` each
+    round's :class:`RoundRecord`, and ``trainer.sage_examples_seen`` the real and synthetic rows the
+    loss saw.
     """
 
     def __init__(self, *args, teacher: torch.nn.Module, loss: SAGELoss | SAGELossConfig | None = None,
                  on_per_example: Callable[[torch.Tensor | None, torch.Tensor], None] | None = None,
-                 example_id_column: str = "example_id", **kwargs):
+                 example_id_column: str = "example_id", synthesis: SynthesisConfig | SAGESynthesizer | None = None,
+                 synthetic_per_batch: int = 16, analysis_every: int | None = None, loss_maps: bool = False,
+                 **kwargs):
         if not isinstance(teacher, torch.nn.Module):
             raise ValueError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
         if loss is None:
@@ -65,15 +138,53 @@ class SAGEDistillTrainer(Trainer):
             raise ValueError(f"on_per_example must be callable(ids, losses), got {type(on_per_example).__name__}")
         if not isinstance(example_id_column, str) or not example_id_column:
             raise ValueError(f"example_id_column must be a non-empty str, got {example_id_column!r}")
+        if synthesis is not None and not isinstance(synthesis, (SynthesisConfig, SAGESynthesizer)):
+            raise ValueError(f"synthesis must be None, a SynthesisConfig or a SAGESynthesizer, got "
+                             f"{type(synthesis).__name__}")
+        _checks.integer("synthetic_per_batch", synthetic_per_batch, minimum=0)
+        if analysis_every is not None:
+            _checks.integer("analysis_every", analysis_every, minimum=1)
         super().__init__(*args, **kwargs)
         self.teacher = teacher.requires_grad_(False).eval().to(self.args.device)
         self.sage_loss = loss.to(self.args.device)
         self.on_per_example = on_per_example
         self.example_id_column = example_id_column
+        self.synthetic_per_batch = synthetic_per_batch
+        self.analysis_every = analysis_every
+        self.loss_maps = bool(loss_maps)
+        self.sage_rounds: list[RoundRecord] = []
+        self.sage_examples_seen = {"real": 0, "synthetic": 0}
+        self.synthesizer = None if synthesis is None else self._make_synthesizer(synthesis)
         # The loss is a per-batch mean: have the Trainer scale it for gradient accumulation and not
         # pass num_items_in_batch to the models (the attribute names differ across versions).
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
+        self.add_callback(SAGESynthesisCallback(self))
+
+    # ------------------------------------------------------------------ set-up
+    def _make_synthesizer(self, synthesis) -> SAGESynthesizer:
+        device = self.args.device
+        if self.train_dataset is None or not hasattr(self.train_dataset, "__len__"):
+            raise ValueError("synthesis needs a train_dataset with a length whose rows are found by position "
+                             "(train_dataset[example_id])")
+        student_table, teacher_table = self.model.get_input_embeddings(), self.teacher.get_input_embeddings()
+        if student_table.weight.shape != teacher_table.weight.shape:
+            raise ValueError(
+                "synthesis needs a student that reads the teacher's tokens at the teacher's embedding width: the "
+                f"student's input table is {tuple(student_table.weight.shape)}, the teacher's "
+                f"{tuple(teacher_table.weight.shape)} (the sage-fast distill driver learns an adapter for that case)")
+        # One vector space for real and synthetic rows: the student reads the teacher's frozen table.
+        with torch.no_grad():
+            student_table.weight.copy_(teacher_table.weight)
+        student_table.weight.requires_grad_(False)
+        if isinstance(synthesis, SynthesisConfig):
+            synthesis = SAGESynthesizer(dataclasses.replace(synthesis, device=device),
+                                        num_examples=len(self.train_dataset),
+                                        embedding_dim=self.model.config.hidden_size)
+        elif synthesis.device != torch.device(device):
+            raise ValueError(f"the synthesizer lives on {synthesis.device} but the trainer trains on {device}; build "
+                             "it with SynthesisConfig(device=...) set to the trainer's device")
+        return synthesis
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -89,24 +200,189 @@ class SAGEDistillTrainer(Trainer):
             optimizer.add_param_group({"params": projections, "weight_decay": self.args.weight_decay})
         return optimizer
 
+    # ------------------------------------------------------------------ checkpoints
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        # Resolved here as the Trainer does, so that SAGE's state is read from the same folder.
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        if resume_from_checkpoint:
+            # Before the Trainer's own loading, so a checkpoint of another kind of run is named as such.
+            self.load_sage_state(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint or None, *args, **kwargs)
+
+    def sage_state_dict(self) -> dict:
+        return {"synthesizer": None if self.synthesizer is None else self.synthesizer.state_dict(),
+                "sage_loss": self.sage_loss.state_dict(), "examples_seen": dict(self.sage_examples_seen)}
+
+    def save_sage_state(self, folder: str | Path) -> Path:
+        """Write ``sage_state_dict()`` to ``folder/sage_fast_state.pt`` (whole or not at all)."""
+        path = Path(folder) / STATE_FILE
+        partial = path.with_name(f".{STATE_FILE}.partial")
+        torch.save(self.sage_state_dict(), partial)
+        os.replace(partial, path)
+        return path
+
+    def load_sage_state(self, folder: str | Path) -> None:
+        """Restore what ``save_sage_state`` wrote into a checkpoint folder."""
+        path = Path(folder) / STATE_FILE
+        if not path.is_file():
+            raise ValueError(f"{folder} holds no {STATE_FILE}: it was not written by a SAGEDistillTrainer, so the "
+                             "synthetic pool and the loss projections cannot be restored")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if (state["synthesizer"] is None) != (self.synthesizer is None):
+            raise ValueError(f"{path} was saved {'without' if state['synthesizer'] is None else 'with'} synthesis; "
+                             "resume with the same setting")
+        self.sage_loss.load_state_dict(state["sage_loss"])
+        if self.synthesizer is not None:
+            self.synthesizer.load_state_dict(state["synthesizer"])
+        self.sage_examples_seen = dict(state["examples_seen"])
+
+    # ------------------------------------------------------------------ synthesis
+    def _vector_inputs(self, model, vectors, mask, token_type_ids=None) -> dict:
+        """Keyword arguments that feed ``model`` vectors instead of token ids. Models that number
+        positions from the padding (RoBERTa, MPNet) get the position ids ``input_ids`` would give."""
+        inputs = {"inputs_embeds": vectors, "attention_mask": mask}
+        embeddings = getattr(getattr(model, "base_model", model), "embeddings", None)
+        if embeddings is not None and hasattr(embeddings, "create_position_ids_from_inputs_embeds"):
+            valid = mask.long()
+            inputs["position_ids"] = torch.cumsum(valid, dim=1) * valid + embeddings.padding_idx
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        return inputs
+
+    def _vectors_of(self, ids: torch.Tensor):
+        """Teacher-space vectors and masks of training rows, fetched by position, padded to the
+        longest (the synthesizer's ``vectors_of``)."""
+        rows = []
+        for i in ids.tolist():
+            row = self.train_dataset[i]
+            if self.example_id_column in row and int(row[self.example_id_column]) != i:
+                raise ValueError(f"train_dataset[{i}] has {self.example_id_column} {int(row[self.example_id_column])}: "
+                                 f"with synthesis, {self.example_id_column} must be each row's position in "
+                                 "train_dataset")
+            rows.append(row)
+        tokens = [torch.as_tensor(row["input_ids"], dtype=torch.long) for row in rows]
+        masks = [torch.as_tensor(row["attention_mask"], dtype=torch.long) if "attention_mask" in row
+                 else torch.ones_like(t) for t in tokens]
+        width = max(t.shape[0] for t in tokens)
+        pad = self.teacher.config.pad_token_id or 0
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, (t, m) in enumerate(zip(tokens, masks)):
+            input_ids[j, : t.shape[0]], mask[j, : m.shape[0]] = t, m
+        device = self.args.device
+        with torch.no_grad():
+            vectors = self.teacher.get_input_embeddings()(input_ids.to(device))
+        return vectors, mask.to(device)
+
+    @torch.no_grad()
+    def _label(self, vectors: torch.Tensor, mask: torch.Tensor):
+        """The teacher's logits (float32) and the hidden layers the loss reads (float16, to halve the
+        pool's memory) on synthetic vectors (the synthesizer's ``label``)."""
+        layers = self.sage_loss.teacher_layers_needed
+        logits, hidden = [], {k: [] for k in layers}
+        chunk = self.args.per_device_eval_batch_size
+        for start in range(0, vectors.shape[0], chunk):
+            out = self.teacher(**self._vector_inputs(self.teacher, vectors[start:start + chunk],
+                                                     mask[start:start + chunk]),
+                               output_hidden_states=bool(layers), return_dict=True)
+            logits.append(out.logits.float())
+            for k in layers:
+                hidden[k].append(out.hidden_states[k].to(torch.float16))
+        return torch.cat(logits), {k: torch.cat(v) for k, v in hidden.items()}
+
+    def synthesis_round(self, step: int | None = None) -> RoundRecord | None:
+        """One analysis round now (the callback calls this on schedule); logged as ``sage_*``."""
+        plot_path = None
+        if self.loss_maps:
+            plot_path = lambda number: Path(self.args.output_dir) / "loss_maps" / f"round{number:03d}.png"  # noqa: E731
+        record = self.synthesizer.round(self._vectors_of, self._label, step=step, plot_path=plot_path)
+        if record is not None:
+            self.sage_rounds.append(record)
+            self.log({"sage_round": record.round, "sage_synthetic": record.synthetic, "sage_pool": record.pool_size,
+                      "sage_threshold": record.threshold, "sage_analysis_seconds": record.analysis_seconds,
+                      "sage_synthesis_seconds": record.synthesis_seconds,
+                      "sage_labelling_seconds": record.labelling_seconds})
+        return record
+
+    def _mixed_batch(self, model_inputs: dict, teacher_outputs, labels, synthetic: SyntheticRows):
+        """Real rows (as the teacher's vectors) and synthetic rows in one batch, padded to one width:
+        the student's inputs, the teacher's outputs, the labels (none for synthetic rows), the mask."""
+        unknown = sorted(set(model_inputs) - set(_MIXABLE_INPUTS))
+        if unknown or "input_ids" not in model_inputs:
+            raise ValueError(f"synthetic rows join a batch through input_ids, attention_mask and token_type_ids; this "
+                             f"batch has {sorted(model_inputs)}")
+        input_ids = model_inputs["input_ids"]
+        real_mask = model_inputs.get("attention_mask")
+        if real_mask is None:
+            real_mask = torch.ones_like(input_ids)
+        width = max(input_ids.shape[1], synthetic.vectors.shape[1])
+        with torch.no_grad():
+            real_vectors = self.teacher.get_input_embeddings()(input_ids)
+        vectors = torch.cat([pad_tokens(real_vectors, width), pad_tokens(synthetic.vectors.to(real_vectors), width)])
+        mask = torch.cat([pad_tokens(real_mask, width), pad_tokens(synthetic.mask.to(real_mask), width)])
+        token_types = model_inputs.get("token_type_ids")
+        if token_types is not None:  # synthetic rows were labelled with token type 0 throughout
+            zeros = token_types.new_zeros(synthetic.mask.shape[0], width)
+            token_types = torch.cat([pad_tokens(token_types, width), zeros])
+        logits = torch.cat([teacher_outputs["logits"], synthetic.logits.to(teacher_outputs["logits"])])
+        hidden = None
+        if self.sage_loss.config.beta > 0:
+            real_hidden = teacher_outputs["hidden_states"]
+            hidden = {k: torch.cat([pad_tokens(real_hidden[k], width),
+                                    pad_tokens(synthetic.hidden[k].to(real_hidden[k]), width)])
+                      for k in self.sage_loss.teacher_layers_needed}
+        n = synthetic.vectors.shape[0]
+        ignore = self.sage_loss.config.ignore_index
+        if labels is None:
+            labels = torch.full((input_ids.shape[0],), ignore, dtype=torch.long, device=input_ids.device)
+        labels = torch.cat([labels, labels.new_full((n,), ignore)])
+        return vectors, mask, token_types, {"logits": logits, "hidden_states": hidden}, labels
+
+    # ------------------------------------------------------------------ the loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         model_inputs = dict(inputs)
         labels = model_inputs.pop("labels", None)
         ids = model_inputs.pop(self.example_id_column, None)
         attention_mask = model_inputs.get("attention_mask")
-        if self.sage_loss.config.beta > 0:
-            model_inputs["output_hidden_states"] = True
+        training = model.training
+        aligning = self.sage_loss.config.beta > 0
+        observing = training and self.synthesizer is not None
+        if observing and ids is None:
+            raise ValueError(f"synthesis needs the batch's {self.example_id_column!r} column (each row's position in "
+                             "train_dataset)")
 
         if self.teacher.training:  # something switched it back; the teacher is always evaluated
             self.teacher.eval()
         with torch.no_grad():
-            teacher_outputs = self.teacher(**model_inputs)
-        student_outputs = model(**model_inputs)
+            teacher_outputs = self.teacher(**model_inputs, output_hidden_states=aligning)
+        n_real = int(teacher_outputs["logits"].shape[0])
+        synthetic = self.synthesizer.sample(self.synthetic_per_batch) if observing else None
+        if synthetic is None:
+            student_outputs = model(**model_inputs, output_hidden_states=aligning or observing)
+            result = self.sage_loss(student_outputs, teacher_outputs, labels=labels, attention_mask=attention_mask)
+        else:
+            vectors, attention_mask, token_types, teacher_outputs, labels = self._mixed_batch(
+                model_inputs, teacher_outputs, labels, synthetic)
+            # self.model, not model, is asked how it numbers positions: model may be a wrapper.
+            student_outputs = model(**self._vector_inputs(self.model, vectors, attention_mask, token_types),
+                                    output_hidden_states=True)
+            result = self.sage_loss(student_outputs, teacher_outputs, labels=labels, attention_mask=attention_mask)
 
-        result = self.sage_loss(student_outputs, teacher_outputs, labels=labels, attention_mask=attention_mask)
-        if self.on_per_example is not None and model.training:
-            self.on_per_example(ids, result.per_example)
+        if training:
+            self.sage_examples_seen["real"] += n_real
+            self.sage_examples_seen["synthetic"] += 0 if synthetic is None else len(synthetic)
+            per_example = result.per_example[:n_real]
+            if self.on_per_example is not None:
+                self.on_per_example(ids, per_example)
+            if observing:
+                with torch.no_grad():
+                    real_mask = None if attention_mask is None else attention_mask[:n_real]
+                    embeddings = pooled_embedding(student_outputs["hidden_states"][-1][:n_real].detach(), real_mask)
+                self.synthesizer.observe(ids, per_example, embeddings)
         if return_outputs:
-            # Only the logits: evaluation gathers every output across batches.
-            return result.loss, {"logits": student_outputs["logits"]}
+            # Only the real rows' logits: evaluation gathers every output across batches.
+            return result.loss, {"logits": student_outputs["logits"][:n_real]}
         return result.loss

@@ -22,8 +22,11 @@ from .. import _checks
 POLICIES = ("fifo", "reservoir")
 
 
-def _pad_tokens(t: torch.Tensor, length: int) -> torch.Tensor:
-    """``t`` [M, L, ...] with zeros appended along the token axis up to ``length``."""
+def pad_tokens(t: torch.Tensor, length: int) -> torch.Tensor:
+    """``t`` [M, L, ...] with zeros appended along the token axis up to ``length`` (``t`` itself when
+    it is that long already)."""
+    if t.shape[1] == length:
+        return t
     out = t.new_zeros((t.shape[0], length, *t.shape[2:]))
     out[:, : t.shape[1]] = t
     return out
@@ -79,8 +82,8 @@ class SyntheticPool:
 
     def _widen(self, length: int) -> None:
         """Pad every stored row with masked zeros up to ``length`` tokens."""
-        self.vectors, self.masks = _pad_tokens(self.vectors, length), _pad_tokens(self.masks, length)
-        self.hidden = {k: _pad_tokens(v, length) for k, v in self.hidden.items()}
+        self.vectors, self.masks = pad_tokens(self.vectors, length), pad_tokens(self.masks, length)
+        self.hidden = {k: pad_tokens(v, length) for k, v in self.hidden.items()}
 
     @torch.no_grad()
     def add(self, vectors: torch.Tensor, masks: torch.Tensor, logits: torch.Tensor,
@@ -94,8 +97,8 @@ class SyntheticPool:
         if vectors.shape[1] > length:
             self._widen(vectors.shape[1])
         elif vectors.shape[1] < length:
-            vectors, masks = _pad_tokens(vectors, length), _pad_tokens(masks, length)
-            hidden = {k: _pad_tokens(v, length) for k, v in hidden.items()}
+            vectors, masks = pad_tokens(vectors, length), pad_tokens(masks, length)
+            hidden = {k: pad_tokens(v, length) for k, v in hidden.items()}
         slots, rows = [], []
         for i in range(vectors.shape[0]):
             if self.size < self.capacity:

@@ -474,7 +474,8 @@ class ModeRun:
         if record is None:  # too few examples seen yet
             return None
         for category in ("analysis", "synthesis", "labelling", "plot"):
-            self.timer.seconds[category] = self.timer.seconds.get(category, 0.0) + getattr(record, f"{category}_seconds")
+            seconds = getattr(record, f"{category}_seconds")
+            self.timer.seconds[category] = self.timer.seconds.get(category, 0.0) + seconds
         if record.plot_error:
             self.log(f"no loss map: {record.plot_error}")
         self.metrics.log(kind="analysis", mode=self.mode, round=record.round, step=self.global_step,

@@ -115,3 +115,162 @@ def test_bad_arguments(tmp_path, kwargs, message):
     settings.update(kwargs)
     with pytest.raises(ValueError, match=message):
         SAGEDistillTrainer(**settings)
+
+
+# ---------------------------------------------------------------------------------- with synthesis
+from sage_fast.integrations.hf_trainer import STATE_FILE  # noqa: E402
+from sage_fast.synthesis import SAGESynthesizer, SynthesisConfig  # noqa: E402
+
+ROWS, BATCH = 40, 8
+
+
+def varied_dataset(rows=ROWS, ids=None):
+    """Rows of 3..8 tokens, unpadded (the collator pads each batch to its longest row)."""
+    generator = torch.Generator().manual_seed(1)
+    lengths = torch.randint(3, LENGTH + 1, (rows,), generator=generator).tolist()
+    return datasets.Dataset.from_dict({
+        "input_ids": [torch.randint(1, VOCAB, (n,), generator=generator).tolist() for n in lengths],
+        "attention_mask": [[1] * n for n in lengths],
+        "labels": torch.randint(0, 2, (rows,), generator=generator).tolist(),
+        "example_id": list(range(rows)) if ids is None else ids,
+    })
+
+
+def pad_batch(features):
+    width = max(len(f["input_ids"]) for f in features)
+    batch = {key: torch.tensor([f[key] + [0] * (width - len(f[key])) for f in features])
+             for key in ("input_ids", "attention_mask")}
+    batch["labels"] = torch.tensor([f["labels"] for f in features])
+    batch["example_id"] = torch.tensor([f["example_id"] for f in features])
+    return batch
+
+
+def synthesis_settings(**overrides):
+    return SynthesisConfig(**{"synthetic_per_round": 8, "pool_size": 16, "n_neighbors": 5, "seed": 0, **overrides})
+
+
+def sage_trainer(tmp_path, *, teacher=None, student=None, loss=None, dataset=None, synthesis=None, loss_maps=False,
+                 **args):
+    settings = dict(max_steps=6, per_device_train_batch_size=BATCH, save_strategy="no")
+    settings.update(args)
+    return SAGEDistillTrainer(
+        model=student or tiny_bert(16, 1, seed=1), teacher=teacher or tiny_bert(16, 2, seed=0),
+        loss=loss or SAGELossConfig(), synthesis=synthesis or synthesis_settings(), synthetic_per_batch=4,
+        analysis_every=2, loss_maps=loss_maps, args=training_args(tmp_path, **settings),
+        train_dataset=dataset or varied_dataset(), data_collator=pad_batch)
+
+
+def count_rows_in_the_loss(trainer):
+    """(rows, rows without a label) of every batch the loss computes, recorded as it is called."""
+    seen, forward = [], trainer.sage_loss.forward
+
+    def counting(student_outputs, teacher_outputs, labels=None, attention_mask=None):
+        seen.append((int(student_outputs["logits"].shape[0]), int((labels == -100).sum())))
+        return forward(student_outputs, teacher_outputs, labels=labels, attention_mask=attention_mask)
+
+    trainer.sage_loss.forward = counting
+    return seen
+
+
+def test_synthetic_rows_reach_the_loss(tmp_path):
+    trainer = sage_trainer(tmp_path)
+    teacher_table = trainer.teacher.get_input_embeddings().weight
+    student_table = trainer.model.get_input_embeddings().weight
+    assert torch.equal(student_table, teacher_table) and not student_table.requires_grad
+    seen = count_rows_in_the_loss(trainer)
+
+    trainer.train()
+
+    # Rounds after steps 2 and 4 (not after the last); 4 synthetic rows in each later batch.
+    assert seen == [(8, 0), (8, 0)] + [(12, 4)] * 4
+    assert trainer.sage_examples_seen == {"real": 48, "synthetic": 16}
+    synth = trainer.synthesizer
+    assert synth.rounds == 2 and len(synth.pool) == 16 and synth.seen == ROWS
+    assert [r.step for r in trainer.sage_rounds] == [2, 4] and trainer.sage_rounds[1].pool_size == 16
+    assert any("sage_round" in entry for entry in trainer.state.log_history)
+    # What the pool holds is the teacher's own verdict on the synthetic vectors.
+    with torch.no_grad():
+        logits = trainer.teacher(inputs_embeds=synth.pool.vectors, attention_mask=synth.pool.masks).logits
+    torch.testing.assert_close(logits, synth.pool.logits)
+    assert torch.equal(trainer.model.get_input_embeddings().weight, teacher_table)
+
+
+def test_synthesis_with_hidden_state_alignment(tmp_path):
+    loss = SAGELossConfig(beta=0.5, layer_map={1: 2}, num_student_layers=1, num_teacher_layers=2)
+    trainer = sage_trainer(tmp_path, loss=loss, max_steps=4, loss_maps=True)
+    seen = count_rows_in_the_loss(trainer)
+    trainer.train()
+    assert seen[-1] == (12, 4) and set(trainer.synthesizer.pool.hidden) == {2}
+    assert trainer.synthesizer.pool.hidden[2].dtype == torch.float16
+    assert trainer.sage_rounds[0].png == str(tmp_path / "loss_maps" / "round001.png")
+    assert (tmp_path / "loss_maps" / "round001.png").is_file()
+
+
+def test_a_resumed_trainer_keeps_the_pool_and_continues_the_run(tmp_path):
+    straight = sage_trainer(tmp_path / "straight", save_strategy="steps", save_steps=3)
+    straight.train()
+    checkpoint = tmp_path / "straight" / "checkpoint-3"
+    assert (checkpoint / STATE_FILE).is_file()
+
+    class PoolAtStart(transformers.TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.size = len(resumed.synthesizer.pool)
+            self.rounds = resumed.synthesizer.rounds
+
+    resumed = sage_trainer(tmp_path / "resumed", save_strategy="steps", save_steps=3)
+    at_start = PoolAtStart()
+    resumed.add_callback(at_start)
+    seen = count_rows_in_the_loss(resumed)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+
+    assert (at_start.size, at_start.rounds) == (8, 1)  # the round after step 2, restored
+    assert seen == [(12, 4)] * 3  # steps 4, 5, 6 train on synthetic rows at once
+    assert resumed.sage_examples_seen == straight.sage_examples_seen == {"real": 48, "synthetic": 16}
+    assert resumed.synthesizer.rounds == 2
+    assert torch.equal(resumed.synthesizer.pool.vectors, straight.synthesizer.pool.vectors)
+    assert torch.equal(resumed.synthesizer.profile.loss, straight.synthesizer.profile.loss)
+    for (name, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_resuming_needs_sage_state(tmp_path):
+    plain = SAGEDistillTrainer(model=tiny_bert(16, 1, seed=1), teacher=tiny_bert(16, 2, seed=0),
+                               args=training_args(tmp_path / "plain", save_strategy="steps", save_steps=3,
+                                                  max_steps=3), train_dataset=toy_dataset())
+    plain.train()
+    assert (tmp_path / "plain" / "checkpoint-3" / STATE_FILE).is_file()  # projections are kept too
+    with pytest.raises(ValueError, match="saved without synthesis"):
+        sage_trainer(tmp_path / "again").train(resume_from_checkpoint=str(tmp_path / "plain" / "checkpoint-3"))
+    (tmp_path / "plain" / "checkpoint-3" / STATE_FILE).unlink()
+    with pytest.raises(ValueError, match=f"holds no {STATE_FILE}"):
+        sage_trainer(tmp_path / "again").train(resume_from_checkpoint=str(tmp_path / "plain" / "checkpoint-3"))
+
+
+def test_synthesis_needs_row_positions_as_ids(tmp_path):
+    shifted = varied_dataset(ids=list(range(100, 100 + ROWS)))
+    with pytest.raises(ValueError, match="ids must lie in"):
+        sage_trainer(tmp_path, dataset=shifted).train()
+    without_ids = varied_dataset().remove_columns("example_id").add_column("other", list(range(ROWS)))
+    trainer = sage_trainer(tmp_path, dataset=without_ids)
+    trainer.data_collator = lambda rows: {k: v for k, v in pad_batch([{**r, "example_id": 0} for r in rows]).items()
+                                          if k != "example_id"}
+    with pytest.raises(ValueError, match="needs the batch's 'example_id' column"):
+        trainer.train()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(synthesis="sage"), "synthesis must be None, a SynthesisConfig or a SAGESynthesizer"),
+    (dict(synthetic_per_batch=True), "synthetic_per_batch must be an integer"),
+    (dict(analysis_every=0), "analysis_every must be an integer in"),
+    (dict(model=tiny_bert(32, 1, seed=1)), "the student's input table is \\(64, 32\\), the teacher's \\(64, 16\\)"),
+    (dict(synthesis="elsewhere"), "the synthesizer lives on cuda:3 but the trainer trains on cpu"),
+])
+def test_bad_synthesis_arguments(tmp_path, kwargs, message):
+    settings = dict(model=tiny_bert(16, 1, seed=1), teacher=tiny_bert(16, 2, seed=0), synthesis=synthesis_settings(),
+                    args=training_args(tmp_path), train_dataset=varied_dataset(), data_collator=pad_batch)
+    settings.update(kwargs)
+    if settings["synthesis"] == "elsewhere":  # a synthesizer built for another device than the trainer's
+        settings["synthesis"] = SAGESynthesizer(synthesis_settings(), num_examples=ROWS, embedding_dim=16)
+        settings["synthesis"].device = torch.device("cuda:3")
+    with pytest.raises(ValueError, match=message):
+        SAGEDistillTrainer(**settings)

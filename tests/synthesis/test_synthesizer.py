@@ -154,8 +154,8 @@ def test_sample_draws_from_the_pool(after_one_round):
 
 def test_state_round_trip_continues_bit_identically():
     g = torch.Generator().manual_seed(1)
-    extra = [(torch.randint(0, N, (12,), generator=g), torch.rand(12, generator=g) * 4, torch.randn(12, DIM, generator=g))
-             for _ in range(3)]
+    extra = [(torch.randint(0, N, (12,), generator=g), torch.rand(12, generator=g) * 4,
+              torch.randn(12, DIM, generator=g)) for _ in range(3)]
     straight = synthesizer(pool_policy="reservoir", noise_std=0.1)
     straight.round(vectors_of, label)
     saved = straight.state_dict()
