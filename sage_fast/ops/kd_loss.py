@@ -83,7 +83,9 @@ if triton is not None:
     # constexpr globals
     _NEG = tl.constexpr(-1.0e30)
     _LOG2E = tl.constexpr(1.4426950408889634)
-    _NAN = tl.constexpr(float("nan"))
+    # NaN is made in the kernel (inf - inf): a NaN global never equals itself, which Triton's
+    # check that a global kept its value across kernels would refuse
+    _INF = tl.constexpr(float("inf"))
 
     @triton.jit
     def _log(x, FAST_MATH: tl.constexpr):
@@ -228,9 +230,40 @@ if triton is not None:
         temperature, temperature_lo, alpha, alpha_lo, grad_scale, grad_scale_lo, ignore_index,
         USE_KL: tl.constexpr, HAS_LABELS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, TEMP_MODE: tl.constexpr,
         ACC: tl.constexpr, VEC: tl.constexpr, CONTIGUOUS: tl.constexpr, FAST_MATH: tl.constexpr,
+        BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE_TILE: tl.constexpr, EVEN_C: tl.constexpr,
+    ):
+        # every program but the last has all its rows: it runs a copy of the code without row masks
+        # (a mask that is not constant over 16 bytes, as on flat runs of narrow rows, narrows the access)
+        if BLOCK_ROWS == 1:
+            _kd_loss_rows(
+                student_ptr, teacher_ptr, labels_ptr, loss_ptr, grad_ptr, n_rows, n_classes_v, stride_student_v,
+                stride_teacher_v, stride_grad_v, temperature, temperature_lo, alpha, alpha_lo, grad_scale,
+                grad_scale_lo, ignore_index, USE_KL, HAS_LABELS, COMPUTE_GRAD, TEMP_MODE, ACC, VEC, CONTIGUOUS,
+                FAST_MATH, BLOCK_ROWS, BLOCK_C, SINGLE_TILE, True, EVEN_C)
+        elif (tl.program_id(0) + 1) * BLOCK_ROWS <= n_rows:
+            _kd_loss_rows(
+                student_ptr, teacher_ptr, labels_ptr, loss_ptr, grad_ptr, n_rows, n_classes_v, stride_student_v,
+                stride_teacher_v, stride_grad_v, temperature, temperature_lo, alpha, alpha_lo, grad_scale,
+                grad_scale_lo, ignore_index, USE_KL, HAS_LABELS, COMPUTE_GRAD, TEMP_MODE, ACC, VEC, CONTIGUOUS,
+                FAST_MATH, BLOCK_ROWS, BLOCK_C, SINGLE_TILE, True, EVEN_C)
+        else:
+            _kd_loss_rows(
+                student_ptr, teacher_ptr, labels_ptr, loss_ptr, grad_ptr, n_rows, n_classes_v, stride_student_v,
+                stride_teacher_v, stride_grad_v, temperature, temperature_lo, alpha, alpha_lo, grad_scale,
+                grad_scale_lo, ignore_index, USE_KL, HAS_LABELS, COMPUTE_GRAD, TEMP_MODE, ACC, VEC, CONTIGUOUS,
+                FAST_MATH, BLOCK_ROWS, BLOCK_C, SINGLE_TILE, False, EVEN_C)
+
+    @triton.jit
+    def _kd_loss_rows(
+        student_ptr, teacher_ptr, labels_ptr, loss_ptr, grad_ptr,
+        n_rows, n_classes_v, stride_student_v, stride_teacher_v, stride_grad_v,
+        temperature, temperature_lo, alpha, alpha_lo, grad_scale, grad_scale_lo, ignore_index,
+        USE_KL: tl.constexpr, HAS_LABELS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, TEMP_MODE: tl.constexpr,
+        ACC: tl.constexpr, VEC: tl.constexpr, CONTIGUOUS: tl.constexpr, FAST_MATH: tl.constexpr,
         BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
         SINGLE_TILE: tl.constexpr, EVEN_ROWS: tl.constexpr, EVEN_C: tl.constexpr,
     ):
+        """One program's rows: the whole op. EVEN_ROWS: every row exists (no row masks)."""
         # the class count and row strides arrive divided by VEC: multiplied back here, Triton knows
         # they are multiples of VEC, so rows start aligned and loads and stores vectorise
         n_classes = n_classes_v * VEC
@@ -323,7 +356,7 @@ if triton is not None:
             loss += tl.where(y_ok, ce_weight * ce, 0.0)
             # a label outside [0, C) that was not checked on the host: a NaN loss says so, instead of
             # reading memory past the row
-            loss = tl.where(labelled & ~in_range, _NAN, loss)
+            loss = tl.where(labelled & ~in_range, _INF - _INF, loss)
         if EVEN_ROWS:
             tl.store(loss_ptr + rows, loss)
         else:
@@ -459,7 +492,6 @@ def _interpreter_config(n_rows: int, n_classes: int) -> tuple[int, int, int]:
 if triton is not None:
     _kd_loss_heuristic = triton.heuristics({
         "SINGLE_TILE": lambda a: a["BLOCK_C"] >= a["n_classes_v"] * a["VEC"],
-        "EVEN_ROWS": lambda a: a["n_rows"] % a["BLOCK_ROWS"] == 0,
         "EVEN_C": lambda a: (a["n_classes_v"] * a["VEC"]) % a["BLOCK_C"] == 0,
     })(_kd_loss_kernel)
 

@@ -1,4 +1,5 @@
 import importlib
+import re
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from sage_fast.ops.kd_loss import kd_loss, kd_loss_reference
 
 # the module, not the function that sage_fast.ops re-exports under the same name
 kd_module = importlib.import_module("sage_fast.ops.kd_loss")
+_next_pow2 = kd_module._next_pow2
 
 BACKENDS = ("triton", "torch")
 
@@ -453,3 +455,87 @@ def test_second_derivative_is_refused():
     (g,) = torch.autograd.grad(kd_loss(s, teacher, labels, alpha=0.5), s, create_graph=True)
     with pytest.raises(RuntimeError):
         g.sum().backward()
+
+
+# ------------------------------------------------------------------ compiled code (sm_90, no GPU needed)
+# Every candidate tile the autotuner may pick, at the benchmarked widths and dtypes, with the
+# benchmark's flags (KL and cross-entropy, gradient, T = 2): the tiles move 128-bit accesses (rows of
+# 2 classes too, read as flat runs), the streamed loops hold nothing narrower, nothing spills, and the
+# loops stay near the instruction count the math needs.
+CODEGEN_CASES = [(c, dtype, config) for c in (2, 1000, 32000) for dtype in ("fp32", "bf16")
+                 for config in kd_module._gpu_configs(c, 4 if dtype == "fp32" else 2, kd_module.MAX_BLOCK_C)]
+
+
+def ptx_loop_bodies(ptx):
+    """The instructions of each loop in ``ptx``: from a label to the branch that jumps back to it."""
+    lines = [line.split("//")[0].strip() for line in ptx.splitlines()]
+    labels = {line[:-1]: i for i, line in enumerate(lines) if re.fullmatch(r"\$?\w+:", line)}
+    bodies = []
+    for i, line in enumerate(lines):
+        m = re.search(r"\bbra(?:\.uni)?\s+(\$?\w+);", line)
+        if m and labels.get(m.group(1), i) < i:
+            bodies.append([x for x in lines[labels[m.group(1)]:i + 1] if x.endswith(";")])
+    return bodies
+
+
+@pytest.mark.parametrize("c, dtype, config", CODEGEN_CASES, ids=lambda v: str(v).replace(" ", ""))
+def test_compiled_kernel_is_vectorised_and_does_not_spill(c, dtype, config):
+    tl = pytest.importorskip("triton.language")
+    from sm90 import compile_sm90, parse_global_access_bits
+
+    block_rows, block_c, warps = config
+    n_rows, elem = 65536, 4 if dtype == "fp32" else 2
+    vec = kd_module._vector_width(c, c, c, c)
+    single, even_c = block_c >= c, c % block_c == 0
+    k = compile_sm90(
+        kd_module._kd_loss_kernel,
+        dict(student_ptr=f"*{dtype}", teacher_ptr=f"*{dtype}", labels_ptr="*i64", loss_ptr="*fp32",
+             grad_ptr=f"*{dtype}", n_rows=n_rows, n_classes_v=c // vec, stride_student_v=c // vec,
+             stride_teacher_v=c // vec, stride_grad_v=c // vec, rows_bucket=kd_module._rows_bucket(n_rows),
+             temperature=2.0, temperature_lo=0.0, alpha=0.5, alpha_lo=0.0, grad_scale=1.0 / n_rows,
+             grad_scale_lo=0.0, ignore_index=-100),
+        dict(USE_KL=True, HAS_LABELS=True, COMPUTE_GRAD=True, TEMP_MODE=2, ACC=tl.float32, VEC=vec, CONTIGUOUS=True,
+             FAST_MATH=True, BLOCK_ROWS=block_rows, BLOCK_C=block_c, SINGLE_TILE=single, EVEN_C=even_c),
+        num_warps=warps)
+    assert k.n_spills == 0, k.summary()
+    # 128-bit accesses carry every tile: per thread, a tile of each input is this many 16-byte vectors
+    vectors = block_rows * min(block_c, _next_pow2(c)) * elem // (16 * 32 * warps)
+    # (the code has a copy for programs with all their rows and one for the last; the compiler may
+    # share their loads, so one copy's worth is counted)
+    tiles = 1 if single else (1 if even_c else 2)  # full tiles, then the partial one
+    assert k.ld_global.get(128, 0) >= tiles * (2 if single else 4) * vectors, k.summary()
+    assert k.st_global.get(128, 0) >= tiles * vectors, k.summary()
+    if c == 2:  # flat runs and the label found in the tile: nothing narrower at all
+        assert set(k.ld_global) == {128} and set(k.st_global) == {128}, k.summary()
+    loops = ptx_loop_bodies(k.ptx)
+    assert len(loops) == (0 if single else 2), k.summary()
+    per_thread = block_c // (32 * warps)
+    for body, (limit, exps) in zip(loops, [(30, 2), (18, 2)]):  # statistics, then gradient
+        loads, stores = parse_global_access_bits("\n".join(body))
+        assert set(loads) | set(stores) == {128}, (loads, stores)
+        # bf16 pays an unpack per element that float32 does not; the statistics loop also reduces
+        assert len(body) <= limit * per_thread, f"{len(body) / per_thread:.1f} PTX instructions per element"
+        n_exp = sum(1 for line in body if line.startswith("ex2."))
+        # and a few per tile, to rescale the running sums
+        assert n_exp <= exps * per_thread + 3, f"{n_exp / per_thread:.2f} exponentials per element"
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_compiled_backward_scale_is_vectorised(dtype):
+    tl = pytest.importorskip("triton.language")
+    from sm90 import compile_sm90
+
+    k = compile_sm90(kd_module._scale_kernel, dict(grad_ptr=f"*{dtype}", factor_ptr="*fp32", n_blocks=4096,
+                                                   numel=4096 * 4096),
+                     dict(ACC=tl.float32, BLOCK=4096, EVEN=True), num_warps=8)
+    assert k.n_spills == 0 and set(k.ld_global) == {128, 32} and set(k.st_global) == {128}, k.summary()
+
+
+@pytest.mark.parametrize("shape", [(37, 2), (37, 40), (16, 4)], ids=str)
+def test_several_programs_and_a_partial_last_one(shape, monkeypatch, seed):
+    # full programs run the copy without row masks, the last one the masked copy; outputs poisoned
+    monkeypatch.setattr(kd_module, "_TILE_ELEMS_INTERPRETER", 256 if shape[1] > 4 else 16)
+    monkeypatch.setattr(kd_module, "_POISON_OUTPUTS", True)
+    student, teacher, labels = make_inputs(*shape, ignored=(3,))
+    assert_finite_and_close("triton", student, teacher, labels, dict(temperature=2.0, alpha=0.3),
+                            loss_tol=(1e-5, 1e-5), grad_tol=(1e-4, 1e-6))
