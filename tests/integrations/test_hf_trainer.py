@@ -139,7 +139,7 @@ def varied_dataset(rows=ROWS, ids=None):
 def pad_batch(features):
     width = max(len(f["input_ids"]) for f in features)
     batch = {key: torch.tensor([f[key] + [0] * (width - len(f[key])) for f in features])
-             for key in ("input_ids", "attention_mask")}
+             for key in ("input_ids", "attention_mask", "token_type_ids") if key in features[0]}
     batch["labels"] = torch.tensor([f["labels"] for f in features])
     batch["example_id"] = torch.tensor([f["example_id"] for f in features])
     return batch
@@ -274,3 +274,41 @@ def test_bad_synthesis_arguments(tmp_path, kwargs, message):
         settings["synthesis"].device = torch.device("cuda:3")
     with pytest.raises(ValueError, match=message):
         SAGEDistillTrainer(**settings)
+
+
+@pytest.mark.slow
+def test_packaged_minilm_trains_on_synthetic_rows_and_resumes_with_its_pool(tmp_path):
+    """The packaged MiniLM as teacher, a 2-layer student from its layers, 48 real snippets."""
+    from sage_fast.assets import minilm_path, read_rotten_tomatoes
+    from sage_fast.train.models import student_from_teacher
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    rows = read_rotten_tomatoes()[:48]
+    encoded = tokenizer([text for text, _, _ in rows], truncation=True, max_length=24)
+    dataset = datasets.Dataset.from_dict({**encoded, "labels": [label for _, label, _ in rows],
+                                          "example_id": list(range(len(rows)))})
+
+    def models():
+        torch.manual_seed(0)  # the classification head is new: the same one for both runs
+        teacher = transformers.AutoModelForSequenceClassification.from_pretrained(
+            minilm_path(), num_labels=2, local_files_only=True)
+        return teacher, student_from_teacher(teacher, every_k=3)
+
+    def trainer(out):
+        teacher, student = models()
+        return sage_trainer(out, teacher=teacher, student=student, dataset=dataset, save_strategy="steps",
+                            save_steps=3, learning_rate=1e-4)
+
+    straight = trainer(tmp_path / "straight")
+    seen = count_rows_in_the_loss(straight)
+    straight.train()
+    assert seen == [(8, 0), (8, 0)] + [(12, 4)] * 4
+    assert straight.sage_examples_seen == {"real": 48, "synthetic": 16} and straight.synthesizer.rounds == 2
+    assert straight.synthesizer.pool.vectors.shape[2] == 384
+
+    resumed = trainer(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-3"))
+    assert resumed.sage_rounds[0].round == 2 and resumed.sage_rounds[0].pool_size == 16  # round 1 came back
+    assert torch.equal(resumed.synthesizer.pool.vectors, straight.synthesizer.pool.vectors)
+    for (name, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), name
