@@ -12,6 +12,7 @@ the embedding output, as in Hugging Face ``hidden_states``). The teacher is a co
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from torch import nn
 
 from .. import _checks
 from ..ops.align_loss import align_loss
+from ..ops.kd_loss import kd_loss
 
 __all__ = ["SAGELoss", "SAGELossConfig", "SAGELossOutput"]
 
@@ -147,13 +149,13 @@ class SAGELoss(nn.Module):
         return tuple(sorted(set(self.layer_map.values())))
 
     def forward(self, student_outputs, teacher_outputs, labels=None, attention_mask=None) -> SAGELossOutput:
-        from ..ops.kd_loss import kd_loss
-
         cfg = self.config
         student_logits = _field(student_outputs, "logits", "student_outputs")
-        # a cached teacher may be stored in another dtype or on another device than the student runs in
+        # a cached teacher may live on another device; its dtype stays its own: kd_loss reads each input
+        # in its dtype and computes in float32, so float32 teacher logits beyond float16's range (1e5,
+        # say) are not turned into infinities for a float16 student
         teacher_logits = _field(teacher_outputs, "logits", "teacher_outputs").detach()
-        teacher_logits = teacher_logits.to(device=student_logits.device, dtype=student_logits.dtype)
+        teacher_logits = teacher_logits.to(device=student_logits.device)
         kd, kd_per_example = kd_loss(student_logits, teacher_logits, labels, temperature=cfg.temperature,
                                      alpha=cfg.alpha, ignore_index=cfg.ignore_index, return_per_example=True)
         if cfg.beta == 0:
@@ -197,5 +199,10 @@ class SAGELoss(nn.Module):
                 state = self.projections[str(s_index)](state)
             teacher_state = teacher_hidden[t_index].detach()
             student_states.append(state)
-            teacher_states.append(teacher_state.to(device=state.device, dtype=state.dtype))
-        return student_states, teacher_states
+            teacher_states.append(teacher_state.to(device=state.device))
+        # align_loss takes one dtype: the student's, unless that is float16 and the teacher's is wider
+        # (float32, bfloat16, float64), whose values float16 may not hold: then both in float32
+        dtype = functools.reduce(torch.promote_types, (s.dtype for s in student_states))
+        if dtype == torch.float16 and any(t.dtype != torch.float16 for t in teacher_states):
+            dtype = torch.float32
+        return [s.to(dtype) for s in student_states], [t.to(dtype) for t in teacher_states]

@@ -207,3 +207,57 @@ def test_missing_outputs_raise(models, batch):
         loss_module(student_out, {"logits": teacher_out.logits, "hidden_states": {2: teacher_out.hidden_states[2]}})
     with pytest.raises(ValueError, match="config"):
         SAGELoss({"beta": 1.0})
+
+
+def float64_kd(student_logits, teacher_logits, labels, cfg):
+    T = cfg.temperature
+    s, t = student_logits.double(), teacher_logits.double()
+    log_ps, log_pt = torch.log_softmax(s / T, 1), torch.log_softmax(t / T, 1)
+    kd = cfg.alpha * T * T * (log_pt.exp() * (log_pt - log_ps)).sum(1)
+    labelled = labels != cfg.ignore_index
+    ce = -torch.log_softmax(s, 1).gather(1, labels.clamp(min=0)[:, None])[:, 0]
+    return kd + (1 - cfg.alpha) * torch.where(labelled, ce, 0.0)
+
+
+@pytest.mark.parametrize("n_classes", [2, 50])
+def test_float16_student_with_float32_teacher_beyond_float16_range(n_classes, seed):
+    # finite float32 teacher logits of +-1e5 would be infinities in float16: the loss reads the teacher
+    # in its own dtype, so nothing overflows and nobody is blamed for values they never had
+    cfg = SAGELossConfig(alpha=0.5, temperature=2.0)
+    student_logits = (torch.randn(6, n_classes) * 4).half().requires_grad_(True)
+    teacher_logits = torch.randn(6, n_classes) * 1e5
+    teacher_logits[0, 0] = 1e5
+    labels = torch.tensor([0, 1, -100, 1, 0, -100])
+    out = SAGELoss(cfg)({"logits": student_logits}, {"logits": teacher_logits}, labels=labels)
+    expected = float64_kd(student_logits.detach(), teacher_logits, labels, cfg)
+    assert torch.isfinite(out.loss) and torch.isfinite(out.per_example).all()
+    torch.testing.assert_close(out.kd_per_example.double(), expected, rtol=1e-5, atol=1e-3)
+    out.loss.backward()
+    assert student_logits.grad.dtype == torch.float16 and torch.isfinite(student_logits.grad).all()
+
+
+def test_float16_student_with_float32_teacher_hidden_states_beyond_float16_range(seed):
+    # the same for the alignment term: a float16 student is aligned in float32 with a wider teacher
+    cfg = SAGELossConfig(beta=1.0, mse_weight=1.0, cosine_weight=0.5, layer_map={1: 1})
+    h_s = [torch.randn(3, 4, 8).half().requires_grad_(True) for _ in range(2)]
+    h_t = {1: torch.randn(3, 4, 8) * 1e5}
+    logits = torch.randn(3, 5).half().requires_grad_(True)
+    mask = torch.ones(3, 4, dtype=torch.long)
+    out = SAGELoss(cfg)({"logits": logits, "hidden_states": h_s}, {"logits": torch.randn(3, 5), "hidden_states": h_t},
+                        attention_mask=mask)
+    d = h_s[1].detach().double() - h_t[1].double()
+    s64, t64 = h_s[1].detach().double(), h_t[1].double()
+    cos = (s64 * t64).sum(-1) / (s64.norm(dim=-1) * t64.norm(dim=-1))
+    expected = ((d ** 2).mean(-1) + 0.5 * (1 - cos)).mean(1)
+    assert torch.isfinite(out.align_per_example).all()
+    torch.testing.assert_close(out.align_per_example.double(), expected, rtol=1e-5, atol=0)
+    out.loss.backward()
+    assert h_s[1].grad.dtype == torch.float16 and torch.isfinite(h_s[1].grad).all()
+
+
+def test_non_finite_teacher_is_still_named():
+    cfg = SAGELossConfig()
+    teacher_logits = torch.randn(4, 3)
+    teacher_logits[2, 1] = float("inf")
+    with pytest.raises(ValueError, match="teacher_logits has 1 non-finite"):
+        SAGELoss(cfg)({"logits": torch.randn(4, 3).half()}, {"logits": teacher_logits})
