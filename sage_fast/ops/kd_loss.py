@@ -55,8 +55,6 @@ MAX_BLOCK_C = 16384
 # rows wider than 4096 still stream, so that path is exercised where CI runs.
 _MAX_BLOCK_C_INTERPRETER = 4096
 _TILE_ELEMS_INTERPRETER = 16384
-# Elements per program when the kernel is not autotuned (the interpreter; SAGE_FAST_AUTOTUNE=0).
-_TILE_ELEMS_GPU = 4096
 # Rows of the plain-torch path are processed in chunks of about this many elements, so that the
 # temporaries stay small (and in cache) instead of growing with the batch.
 _TORCH_CHUNK_ELEMS = 1 << 18
@@ -556,6 +554,7 @@ def _keep_graph() -> bool:
     may run again and the stored gradient must stay as it is. Unknown (an older torch): assume so."""
     getter = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     return True if getter is None else bool(getter())
+
 
 def _forward_torch(student, teacher, labels, temperature, alpha, ignore_index, compute_grad, grad_scale):
     """The kernel's algorithm in plain torch: chunks of rows through a few reused buffers (so the
