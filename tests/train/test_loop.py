@@ -2,6 +2,7 @@
 import csv
 import os
 import random
+import shutil
 import signal
 
 import pytest
@@ -60,6 +61,17 @@ def final_state(out):
     return state, [r for r in state["metrics"] if r["kind"] in ("eval", "final", "analysis")]
 
 
+def in_the_layout_before_the_synthesizer(state):
+    """A checkpoint in the driver's first layout: the synthesizer's parts at the top level, and the
+    LambdaLR schedule that counted its steps from 0."""
+    state = dict(state)
+    synth = state.pop("synthesizer")
+    state.update(analysis_round=synth["rounds"], profile=synth["profile"], pool=synth["pool"],
+                 pool_generator=synth["pool_generator"], analysis_generator=synth["analysis_generator"])
+    state["scheduler"] = {**state["scheduler"], "last_epoch": state["scheduler"]["last_epoch"] - 1}
+    return state
+
+
 def test_resume_after_ctrl_c_matches_an_uninterrupted_run(tiny, tmp_path, monkeypatch):
     straight = loop.run(tiny_config(tiny, tmp_path / "straight"), log=lambda *a: None)
     assert straight["modes"][0]["analysis_rounds"] == 2  # after steps 6 and 12 of 16
@@ -74,7 +86,12 @@ def test_resume_after_ctrl_c_matches_an_uninterrupted_run(tiny, tmp_path, monkey
     interrupted = checkpoint.load(tmp_path / "resumed" / "sage")
     assert interrupted["global_step"] == 7 and interrupted["epoch"] == 0 and not interrupted["done"]
     monkeypatch.undo()
+    # The same checkpoint as the driver wrote it before the synthesizer was its own component.
+    shutil.copytree(tmp_path / "resumed", tmp_path / "legacy")
+    checkpoint.save_atomic(in_the_layout_before_the_synthesizer(interrupted),
+                           tmp_path / "legacy" / "sage" / "checkpoint.pt")
     resumed = loop.run(tiny_config(tiny, tmp_path / "resumed"), resume=True, log=lambda *a: None)
+    legacy = loop.run(tiny_config(tiny, tmp_path / "legacy"), resume=True, log=lambda *a: None)
 
     a, a_records = final_state(tmp_path / "straight")
     b, b_records = final_state(tmp_path / "resumed")
@@ -86,6 +103,10 @@ def test_resume_after_ctrl_c_matches_an_uninterrupted_run(tiny, tmp_path, monkey
                 and k != "examples_per_second"}
     for name, tensor in a["student"].items():
         assert torch.equal(tensor, b["student"][name]), name
+    assert legacy["modes"][0]["accuracy"] == straight["modes"][0]["accuracy"]
+    c, _ = final_state(tmp_path / "legacy")
+    for name, tensor in a["student"].items():
+        assert torch.equal(tensor, c["student"][name]), name
     a_synth, b_synth = a["synthesizer"], b["synthesizer"]
     assert a_synth["rounds"] == b_synth["rounds"] == 2
     assert torch.equal(a_synth["pool"]["vectors"], b_synth["pool"]["vectors"])
