@@ -130,7 +130,9 @@ class SyntheticPool:
         if self.size == 0 or n == 0:
             return None
         n = min(n, self.size)
-        index = torch.randperm(self.size, generator=generator)[:n].to(self.vectors.device)
+        index = torch.randperm(self.size, generator=generator)[:n]
+        if self.vectors.is_cuda:  # this runs every step: a pinned, asynchronous copy keeps the host from waiting
+            index = index.pin_memory().to(self.vectors.device, non_blocking=True)
         return (self.vectors[index], self.masks[index], self.logits[index],
                 {layer: value[index] for layer, value in self.hidden.items()})
 
