@@ -1,71 +1,54 @@
-"""`sage-fast distill` and `sage-fast analyze` end to end on tiny models, and their answers to bad input."""
-import csv
+"""`sage-fast distill` and `sage-fast analyze` end to end on tiny models (bad input: test_cli_bad_input.py)."""
 import json
-import random
 import re
+import shutil
 
 import pytest
-import torch
 
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 pytest.importorskip("umap")
+
+from cli_fixtures import distill_args, make_data, make_teacher  # noqa: E402
 
 from sage_fast.cli import main  # noqa: E402
 
 
-def write_csv(path, rows, header=("text", "label")):
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
-
-
-def make_teacher(folder, num_labels):
-    import transformers
-
-    from sage_fast.assets import minilm_path
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm_path()))
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
-                                     num_labels=num_labels)
-    model = transformers.BertForSequenceClassification(config)
-    model.config.architectures = ["BertForSequenceClassification"]
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
+    """Data a model can learn, a tiny teacher fine-tuned on it, and a 1-layer student config."""
+    from sage_fast.train.data import load_files
+    from sage_fast.train.teacher import TeacherSettings, fine_tune_teacher, read_teacher_metrics
+
     root = tmp_path_factory.mktemp("tiny_cli")
-    make_teacher(root / "teacher", 2)
-    rng = random.Random(1)
-    words = ["good", "bad", "movie", "plot", "the", "great", "awful", "was"]
-    rows = [(" ".join(rng.choice(words) for _ in range(rng.randint(2, 7))), i % 2) for i in range(120)]
-    write_csv(root / "data.csv", rows)
+    make_teacher(root / "base", 2)
+    make_data(root / "data.csv", n=200)
+    settings = TeacherSettings(epochs=8, batch_size=16, lr=1e-2, max_length=12)
+    folder = fine_tune_teacher(str(root / "base"), load_files(root / "data.csv", task="data"), settings=settings,
+                               cache_dir=root / "teachers", progress=False, log=lambda _: None)
+    assert read_teacher_metrics(folder)["test_accuracy"] >= 0.9  # measured 1.0 (20 examples)
+    shutil.copytree(folder, root / "teacher")
+    config = transformers.AutoConfig.from_pretrained(root / "base")
+    config.num_hidden_layers = 1
+    (root / "student.json").write_text(config.to_json_string())  # a config not named config.json
     return root
 
 
 def base_args(tiny, out):
-    return ["distill", "--teacher", str(tiny / "teacher"), "--student", "from-teacher:2",
-            "--train-file", str(tiny / "data.csv"), "--epochs", "1", "--batch-size", "16", "--max-length", "12",
-            "--synthetic-per-round", "16", "--synthetic-per-batch", "4", "--pool-size", "32", "--n-neighbors", "5",
-            "--device", "cpu", "--no-progress", "--output-dir", str(out), "--cache-dir", str(tiny / "cache")]
+    return distill_args(tiny, out)
 
 
 def test_distill_in_every_mode_then_analyze(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     config = tmp_path / "settings.yaml"
-    config.write_text("lr: 0.001\nanalysis_every: 3\n")
-    assert main(base_args(tiny, out) + ["--compare", "kd,random", "--config", str(config)]) == 0
+    config.write_text("lr: 0.01\nanalysis_every: 3\n")
+    # The student starts from random weights (a config file), so what it reaches is what training taught it.
+    args = base_args(tiny, out) + ["--student", str(tiny / "student.json"), "--epochs", "2"]
+    assert main(args + ["--compare", "kd,random", "--config", str(config)]) == 0
     printed = capsys.readouterr().out
     for word in ("teacher", "sage", "kd", "random", "test acc", "sage-fast export"):
         assert word in printed
     saved = json.loads((out / "config.json").read_text())
-    assert saved["lr"] == 0.001 and saved["analysis_every"] == 3 and saved["compare"] == ["kd", "random"]
+    assert saved["lr"] == 0.01 and saved["analysis_every"] == 3 and saved["compare"] == ["kd", "random"]
     assert (out / "config.yaml").is_file() and (out / "results.txt").is_file()
     results = json.loads((out / "results.json").read_text())
     assert [m["mode"] for m in results["modes"]] == ["sage", "kd", "random"]
@@ -76,7 +59,8 @@ def test_distill_in_every_mode_then_analyze(tiny, tmp_path, capsys):
         assert (out / mode / "checkpoint.pt").is_file()
         assert (out / mode / "trained" / "student" / "config.json").is_file()
         final = records[-1]
-        assert 0.0 <= final["accuracy"] <= 1.0 and final["examples_per_second"] > 0
+        # Chance is 0.5 (alternating labels); every mode measured 1.0 on the 20 test examples.
+        assert final["accuracy"] >= 0.8 and final["examples_per_second"] > 0, (mode, final)
         assert ("analysis" in kinds) == (mode != "kd")
     synthetic = {m["mode"]: m["synthetic_examples"] for m in results["modes"]}
     assert synthetic["kd"] == 0 and synthetic["sage"] == synthetic["random"] > 0
@@ -85,44 +69,6 @@ def test_distill_in_every_mode_then_analyze(tiny, tmp_path, capsys):
     png = tmp_path / "map.png"
     assert main(["analyze", str(out), "--output", str(png)]) == 0
     assert png.is_file() and str(png) in capsys.readouterr().out
-
-
-def bad_cases(tiny, tmp):
-    data = str(tiny / "data.csv")
-    empty = write_csv(tmp / "empty.csv", [])
-    truncated = tmp / "truncated.csv"
-    truncated.write_text("text,label\n" + "a fine movie,1\n" * 30 + '"an unterminated')
-    unknown_labels = write_csv(tmp / "eval.csv", [("good", 1), ("bad", 7)])
-    three = make_teacher(tmp / "teacher3", 3)
-    three_labels = write_csv(tmp / "three.csv", [(f"text number {i}", i % 3) for i in range(60)])
-    return {
-        "missing column": (["--text-column", "review"], "review"),
-        "empty dataset": (["--train-file", str(empty)], "no examples"),
-        "truncated file": (["--train-file", str(truncated)], "truncated"),
-        "labels outside the label set": (["--eval-file", str(unknown_labels)], "never occur"),
-        "teacher with other label count": (["--teacher", str(three)], "labels"),
-        "two-label teacher, three-label data": (["--train-file", str(three_labels)], "2 labels"),
-        "missing model": (["--teacher", str(tmp / "nowhere")], "nowhere"),
-        "max_length below 2": (["--max-length", "1"], "max-length"),
-        "pool smaller than a round": (["--pool-size", "8"], "pool-size"),
-        "quantile outside (0, 1)": (["--quantile", "1.5"], "quantile"),
-        "resume without a run": (["--resume", "--output-dir", str(tmp / "none")], "config.json"),
-        "missing data file": (["--train-file", str(tmp / "absent.csv")], "absent.csv"),
-        "bad student spec": (["--student", "from-teacher:x"], "from-teacher"),
-        "missing student folder": (["--student", str(tmp / "no_student")], "no_student"),
-    }, data
-
-
-def test_bad_input_exits_2_with_one_paragraph(tiny, tmp_path, capsys):
-    cases, _ = bad_cases(tiny, tmp_path)
-    capsys.readouterr()  # drop what making the fixtures printed
-    for name, (extra, needle) in cases.items():
-        code = main(base_args(tiny, tmp_path / "out") + extra)
-        err = capsys.readouterr().err
-        assert code == 2, (name, err)
-        # Hugging Face may print loading bars first; the answer itself is the last line, one paragraph.
-        last = err.strip().splitlines()[-1]
-        assert "Traceback" not in err and last.startswith("sage-fast distill: ") and needle in last, (name, err)
 
 
 def test_analyze_without_a_checkpoint(tmp_path, capsys):

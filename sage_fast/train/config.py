@@ -252,6 +252,9 @@ def parse_compare(value) -> list[str]:
         return []
     if isinstance(value, str):
         value = [v for v in value.replace(" ", "").split(",") if v]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"compare must be a comma-separated text or a list of modes among {', '.join(MODES)} "
+                          f"(or 'none'), got {value!r}")
     out: list[str] = []
     for mode in value:
         if mode == "none":

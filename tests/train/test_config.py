@@ -59,6 +59,15 @@ def test_compare_drops_the_main_mode_and_none():
     ({"device": "gpu0"}, "device"),
     ({"device": "cuda:"}, "device"),
     ({"device": 1}, "device"),
+    ({"compare": 5}, "compare"),
+    ({"train_file": 5}, "train-file must be text"),
+    ({"output_dir": 5}, "output-dir must be text"),
+    ({"cache_dir": ["a"]}, "cache-dir must be text"),
+    ({"teacher": 5}, "teacher must be text"),
+    ({"student": None}, "student must be text"),
+    ({"progress": "yes"}, "progress must be true or false"),
+    ({"batch_size": True}, "batch-size must be an integer"),
+    ({"max_train_examples": "10"}, "max-train-examples must be an integer"),
 ])
 def test_impossible_settings_name_the_setting(flags, word):
     with pytest.raises(ConfigError, match=word):
@@ -95,3 +104,12 @@ def test_older_setting_names_still_read(tmp_path):
 def test_every_device_name_is_accepted_here(device):
     # Whether the device exists is decided when the run starts (sage_fast.devices.resolve_device).
     assert resolve({"device": device}).device == device
+
+
+@pytest.mark.parametrize("setting", ["output_dir", "cache_dir"])
+def test_a_file_where_a_folder_belongs_is_refused(tmp_path, setting):
+    (tmp_path / "a_file").write_text("x")
+    for place in (tmp_path / "a_file", tmp_path / "a_file" / "inside"):
+        with pytest.raises(ConfigError, match=f"{setting.replace('_', '-')} .*a_file is a file, not a folder"):
+            resolve({setting: str(place)})
+    assert resolve({setting: str(tmp_path / "new" / "folder")})  # made when the run starts

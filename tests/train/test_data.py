@@ -179,3 +179,44 @@ def test_glue_offline_is_a_clear_usage_error(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataError, match="--train-file"):
         load_task("sst2")
+
+
+@pytest.mark.parametrize("name", ["bom.csv", "bom.tsv", "bom.csv.gz", "bom.jsonl"])
+def test_a_utf8_byte_order_mark_is_read(tmp_path, name):
+    """Spreadsheet programs start UTF-8 files with a byte-order mark; it is not part of the first column."""
+    import gzip
+
+    if name.endswith(".jsonl"):
+        text = "".join(json.dumps({"text": f"row {i}", "label": i % 2}) + "\n" for i in range(20))
+    else:
+        sep = "\t" if ".tsv" in name else ","
+        text = f"text{sep}label\n" + "".join(f"row {i}{sep}{i % 2}\n" for i in range(20))
+    raw = b"\xef\xbb\xbf" + text.encode()
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+    data = load_files(path)
+    assert data.label_names == ["0", "1"] and len(data.train) + len(data.validation) + len(data.test) == 20
+    assert all(not t.startswith("\ufeff") for t in data.train.texts)
+
+
+@pytest.mark.parametrize("label", ["", "   "])
+def test_an_empty_label_cell_is_refused_with_its_line(tmp_path, label):
+    rows = [f"text {i},{label if i == 4 else ('fresh', 'rotten')[i % 2]}" for i in range(20)]
+    path = write_csv(tmp_path / "cells.csv", rows)
+    with pytest.raises(DataError, match=r"cells.csv line 6 \(example 5\) has an empty label in column 'label'"):
+        load_files(path)
+    jsonl = tmp_path / "cells.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": f"t{i}", "label": label if i == 2 else i % 2}) + "\n"
+                             for i in range(20)))
+    with pytest.raises(DataError, match=r"line 3 \(example 3\) has an empty label"):
+        load_files(jsonl)
+
+
+def test_one_label_is_refused(tmp_path):
+    path = write_csv(tmp_path / "one.csv", [f"text {i},pos" for i in range(30)])
+    with pytest.raises(DataError, match="every example in .*one.csv has the label 'pos'"):
+        load_files(path)
+    mixed = write_csv(tmp_path / "mixed.csv", [f"text {i},{'pos' if i else 'neg'}" for i in range(30)])
+    # Kept subsets must still hold two labels: two rows drawn from 24 are almost surely both 'pos'.
+    with pytest.raises(DataError, match="training examples of .* kept have the label 'pos'"):
+        load_files(mixed, max_train_examples=2, seed=3)

@@ -79,3 +79,15 @@ def test_export_finds_the_trained_folder_of_a_run_or_mode_folder(tmp_path, token
         assert main(["export", str(given), "--out", str(tmp_path / given.name)]) == 0
         assert (tmp_path / given.name / "config.json").is_file()
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("damage", ["interface", "adapter"])
+def test_a_damaged_trained_folder_is_a_usage_error(tmp_path, tokenizer, damage):
+    teacher, student = tiny_pair(tokenizer.vocab_size)
+    folder = save_interface(VectorInterface(teacher, student), tmp_path / "trained", tokenizer=tokenizer)
+    if damage == "interface":
+        (folder / "sage_fast_interface.json").write_text('{"teacher": "teacher", "adapter": "linear", "tok')
+    else:
+        (folder / "adapter.pt").write_bytes(b"PK\x03\x04 torn")
+    with pytest.raises(ModelError, match="sage_fast_interface.json is damaged" if damage == "interface" else "adapter.pt"):
+        load_interface(folder)

@@ -178,3 +178,56 @@ def test_load_classifier_adds_a_head_to_a_saved_base_model(tmp_path):
     model = load_classifier(str(tmp_path), 5)
     assert model.config.num_labels == 5
     assert torch.equal(model.bert.embeddings.word_embeddings.weight, base.embeddings.word_embeddings.weight)
+
+
+def test_student_from_a_config_file_of_any_name(tmp_path):
+    path = tmp_path / "my_student.json"
+    tiny("roberta", layers=1).config.to_json_file(path)
+    student = student_from_config(str(path), num_labels=2)
+    assert type(student).__name__ == "RobertaForSequenceClassification" and student.config.num_hidden_layers == 1
+    path.write_text('{"hidden_size": 8}')
+    with pytest.raises(ModelError, match="no model_type"):
+        student_from_config(str(path), num_labels=2)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", r"it is empty"), ('{"model_type": "bert",', "JSONDecodeError"), ("[1, 2]", "must hold a JSON object"),
+    (b"\xff\xfe\x00", "UnicodeDecodeError"),
+])
+def test_a_damaged_config_json_is_a_usage_error(tmp_path, content, message):
+    tiny("bert").save_pretrained(tmp_path)
+    config = tmp_path / "config.json"
+    config.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ModelError, match=f"config.json is not a readable model config.*{message}|{message}"):
+        load_classifier(str(tmp_path), 3)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "garbage .bin"])
+def test_unreadable_weights_are_a_usage_error(tmp_path, damage):
+    tiny("bert").save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    if damage == "garbage":
+        weights.write_bytes(b"\x00 not safetensors" * 10)
+    elif damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        weights.unlink()
+        (tmp_path / "pytorch_model.bin").write_bytes(b"not a pickle" * 10)
+    with pytest.raises(ModelError, match="cannot load the weights of the model in"):
+        load_classifier(str(tmp_path), 3)
+
+
+def test_a_folder_without_tokenizer_files_is_refused(tmp_path):
+    from sage_fast.train.models import load_tokenizer
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    tiny("bert").save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert load_tokenizer(str(tmp_path)).vocab_size == tokenizer.vocab_size
+    for name in ("tokenizer.json", "vocab.txt"):
+        (tmp_path / name).unlink(missing_ok=True)
+    with pytest.raises(ModelError, match="holds no tokenizer: none of tokenizer.json, vocab.txt.*config.json"):
+        load_tokenizer(str(tmp_path))
+    (tmp_path / "vocab.txt").write_text("")  # there, but empty: special tokens only
+    with pytest.raises(ModelError, match="knows only its .* special tokens"):
+        load_tokenizer(str(tmp_path))

@@ -95,12 +95,14 @@ def test_real_minilm_teacher_end_to_end(tmp_path):
     from sage_fast.train.data import encode
     from sage_fast.train.models import VectorInterface, load_tokenizer
 
-    data = load_task("rotten_tomatoes", max_train_examples=128, max_eval_examples=64)
-    settings = TeacherSettings(epochs=1, batch_size=32, max_length=32)
+    data = load_task("rotten_tomatoes", max_train_examples=256, max_eval_examples=200)
+    settings = TeacherSettings(epochs=2, batch_size=8, lr=2e-4, max_length=32)
     folder = fine_tune_teacher("minilm", data, settings=settings, cache_dir=tmp_path, progress=False,
                                log=lambda _: None)
     assert folder.name.startswith("minilm-rotten_tomatoes-")
-    assert 0 <= read_teacher_metrics(folder)["test_accuracy"] <= 1
+    # Measured 0.775 on these 200 test snippets; a head that learned nothing predicts one class, 0.495
+    # here (fewer steps than these 64 do exactly that), and 0.65 sits four standard errors above it.
+    assert read_teacher_metrics(folder)["test_accuracy"] >= 0.65
     teacher = transformers.AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True).eval()
     batch = encode(data.test.subset(range(8)), load_tokenizer(str(folder)), max_length=32)
     interface = VectorInterface(teacher, teacher)
