@@ -204,11 +204,11 @@ if triton is not None:
             tl.store(out_mask_ptr + row * L + tokens, keep.to(out_mask_ptr.dtype.element_ty), mask=token_ok)
 
 
-def block_sizes(L: int, D: int) -> tuple[int, int]:
+def block_sizes(L: int, D: int, interpret: bool | None = None) -> tuple[int, int]:
     """Tile shape [BLOCK_L, BLOCK_D]: feature tiles that divide D where they can (768 = 3 x 256, no
     idle lanes), at least 4 wide (a Philox call covers four features); larger tiles in the
     interpreter, which pays per program instance."""
-    budget = 16384 if interpreter_enabled() else 4096
+    budget = 16384 if (interpreter_enabled() if interpret is None else interpret) else 4096
     divisor = D & -D  # the largest power of two dividing D
     block_d = min(divisor, 256) if divisor >= 32 else min(triton.next_power_of_2(D), 256)
     block_d = max(block_d, 4)
