@@ -58,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"sage-fast {args.command}: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        # The system refused (disk full, no permission, a folder where a file belongs): say what and
+        # where in one paragraph; a traceback would add nothing the user can act on.
+        where = f": {err.filename}" if getattr(err, "filename", None) else ""
+        print(f"sage-fast {args.command}: {err.strerror or err}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\nsage-fast {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -316,8 +316,8 @@ for _missing in ("mode", "config", "student"):
         torch.save(state, run / "kd" / "checkpoint.pt")
         return ["distill", "--resume", "--output-dir", str(run), "--epochs", "2", "--no-progress"], f"lacks {missing}"
 
-    def _analyze(root, tmp, missing=_missing):
-        argv, needle = _resume(root, tmp, missing)
+    def _analyze(root, tmp, missing=_missing, resume=_resume):
+        argv, needle = resume(root, tmp, missing)
         return ["analyze", str(tmp / "run" / "kd")], needle
 
     CASES[f"distill: --resume from a checkpoint lacking {_missing}"] = _resume
@@ -345,6 +345,97 @@ def _(root, tmp):
     return ["export", str(trained), "--out", str(tmp / "exported")], "a JSON list"
 
 
+# ---------------------------------------------------------------------------------- second pass: new inputs
+@case("distill: a JSON object as a label")
+def _(root, tmp):
+    path = tmp / "nested.jsonl"
+    path.write_text("".join(json.dumps({"text": f"t{i}", "label": {"value": i % 2}}) + "\n" for i in range(40)))
+    return distill_args(root, tmp / "out") + ["--train-file", str(path)], "holds a JSON object or list"
+
+
+@case("distill: the label column read as text")
+def _(root, tmp):
+    return distill_args(root, tmp / "out") + ["--text-column", "label"], "is also a text column"
+
+
+@case("distill: --max-length beyond the teacher's positions")
+def _(root, tmp):
+    return distill_args(root, tmp / "out") + ["--max-length", "100"], "more tokens than the model takes (64)"
+
+
+def _edited_teacher(root, tmp, **changes):
+    teacher = copy_of(root, tmp, "teacher")
+    config = json.loads((teacher / "config.json").read_text())
+    config.update(changes)
+    (teacher / "config.json").write_text(json.dumps(config))
+    return teacher
+
+
+@case("distill: teacher config with num_labels 'x'")
+def _(root, tmp):
+    return distill_args(root, tmp / "out") + ["--teacher", str(_edited_teacher(root, tmp, num_labels="x"))], \
+        "has num_labels 'x'"
+
+
+@case("distill: teacher config with id2label a list")
+def _(root, tmp):
+    return distill_args(root, tmp / "out") + ["--teacher", str(_edited_teacher(root, tmp, id2label=["a", "b"]))], \
+        "expected an object"
+
+
+@case("distill: teacher weights that do not fit its config")
+def _(root, tmp):
+    teacher = _edited_teacher(root, tmp, hidden_size=64, intermediate_size=128)
+    return distill_args(root, tmp / "out") + ["--teacher", str(teacher)], "do not fit its config.json"
+
+
+@case("teacher: base weights that do not fit its config")
+def _(root, tmp):
+    return teacher_args(root, tmp, "--base", str(_edited_teacher(root, tmp, num_hidden_layers=4))), \
+        "do not fit its config.json"
+
+
+@case("distill: a teacher tokenizer larger than its vocabulary")
+def _(root, tmp):
+    import transformers
+
+    teacher = copy_of(root, tmp, "teacher")  # the model re-made with 1,000 words, beside a 30,522-word tokenizer
+    config = transformers.AutoConfig.from_pretrained(teacher)
+    config.vocab_size = 1000
+    transformers.AutoModelForSequenceClassification.from_config(config).save_pretrained(teacher)
+    return distill_args(root, tmp / "out") + ["--teacher", str(teacher)], "the tokenizer belongs to another model"
+
+
+@case("export: --max-length 0")
+def _(root, tmp):
+    return ["export", str(root / "run" / "kd" / "trained"), "--out", str(tmp / "x"), "--max-length", "0"], \
+        "--max-length must be at least 2"
+
+
+@case("export: damaged student weights")
+def _(root, tmp):
+    trained = copy_of(root, tmp, "run/kd/trained")
+    (trained / "student" / "model.safetensors").write_bytes(b"zz" * 16)
+    return ["export", str(trained), "--out", str(tmp / "exported")], "cannot load the weights of the student model"
+
+
+for _key, _value, _needle in [("mode", "bogus", "mode 'bogus' is none of"), ("global_step", -5, "global_step below 0"),
+                              ("rng", {}, "random-number states lack"), ("metrics", [1, 2], "metrics are not records")]:
+    def _resume(root, tmp, key=_key, value=_value, needle=_needle):
+        run = copy_of(root, tmp, "run")
+        state = torch.load(run / "kd" / "checkpoint.pt", weights_only=False)
+        state[key] = value
+        torch.save(state, run / "kd" / "checkpoint.pt")
+        return ["distill", "--resume", "--output-dir", str(run), "--epochs", "2", "--no-progress"], needle
+
+    def _analyze(root, tmp, key=_key, value=_value, needle=_needle, resume=_resume):
+        resume(root, tmp, key, value, needle)
+        return ["analyze", str(tmp / "run" / "kd")], needle
+
+    CASES[f"distill: --resume from a checkpoint with {_key} {_value!r}"] = _resume
+    CASES[f"analyze: a checkpoint with {_key} {_value!r}"] = _analyze
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_exits_2_with_one_paragraph(root, tmp_path, capsys, name):
     argv, needle = CASES[name](root, tmp_path)
@@ -356,3 +447,12 @@ def test_bad_input_exits_2_with_one_paragraph(root, tmp_path, capsys, name):
     # Hugging Face may print loading bars first; the answer itself is the last line, one paragraph.
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"sage-fast {argv[0]}: ") and needle in last, err
+
+
+def test_a_refusal_of_the_system_is_one_paragraph_too(root, tmp_path, capsys):
+    """What the operating system refuses (here: writing a picture over a folder) is said in one line
+    with exit 1, as for a full disk or a missing permission."""
+    code = main(["analyze", str(root / "run" / "kd"), "--output", str(tmp_path), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code in (1, 2) and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("sage-fast analyze: ") and str(tmp_path) in err

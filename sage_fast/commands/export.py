@@ -46,12 +46,15 @@ def run(args) -> int:
 
     import torch
 
+    from ..errors import UsageError
     from ..train import require_transformers
     from ..train.config import check_folder
     from ..train.models import export_student, load_interface
 
     transformers = require_transformers()
     check_folder("--out", args.out)
+    if args.max_length < 2:
+        raise UsageError(f"--max-length must be at least 2 (room for the special tokens), got {args.max_length}")
     interface, tokenizer = load_interface(find_trained(args.checkpoint))
     interface.eval()
     out = export_student(interface, tokenizer, Path(args.out))

@@ -88,7 +88,27 @@ def load(path: str | Path, map_location="cpu", required: dict[str, type] | None 
              if not isinstance(state[key], kind) or (kind is int and isinstance(state[key], bool))]
     if wrong:
         raise CheckpointError(f"{path} is not a whole sage-fast checkpoint: wrong entries {', '.join(wrong)}")
+    problem = _driver_problem(state) if required is REQUIRED else None
+    if problem:
+        raise CheckpointError(f"{path} is not a whole sage-fast checkpoint: {problem}")
     return state
+
+
+def _driver_problem(state: dict) -> str | None:
+    """What is wrong inside the entries the driver reads first, or None."""
+    from .config import MODES
+
+    if state["mode"] not in MODES:
+        return f"mode {state['mode']!r} is none of {', '.join(MODES)}"
+    negative = [key for key in ("global_step", "epoch", "step_in_epoch", "total_steps") if state[key] < 0]
+    if negative:
+        return f"{', '.join(negative)} below 0"
+    lacking = [key for key in ("python", "numpy", "torch") if key not in state["rng"]]
+    if lacking:
+        return f"its random-number states lack {', '.join(lacking)}"
+    if not all(isinstance(record, dict) for record in state["metrics"]):
+        return "its metrics are not records"
+    return None
 
 
 def rng_state() -> dict:

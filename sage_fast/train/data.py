@@ -254,7 +254,22 @@ def _read_records(path: Path | str) -> tuple[list[dict], list[int]]:
     return records, lines
 
 
+def _cell(value):
+    """A cell as text: integral floats as integers (JSON's 1.0 and 1 are one label); nested values refused."""
+    if isinstance(value, (dict, list)):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
+
+
 def _columns(path, text_column, text_pair_column, label_column):
+    if label_column in (text_column, text_pair_column):
+        raise DataError(f"the label column {label_column!r} is also a text column: the model would read the answer; "
+                        "choose the columns with --text-column / --text-pair-column / --label-column")
+    if text_pair_column is not None and text_pair_column == text_column:
+        raise DataError(f"--text-pair-column and --text-column are both {text_column!r}; give two columns, or no "
+                        "--text-pair-column for single texts")
     records, lines = _read_records(path)
     available = list(records[0].keys())
     for name in (text_column, text_pair_column, label_column):
@@ -266,14 +281,19 @@ def _columns(path, text_column, text_pair_column, label_column):
         missing = [c for c in (text_column, text_pair_column, label_column) if c is not None and record.get(c) is None]
         if missing:
             raise DataError(f"{path} line {line} (example {number}) has no value for {missing}")
-        if not str(record[label_column]).strip():
+        cells = {c: _cell(record[c]) for c in (text_column, text_pair_column, label_column) if c is not None}
+        nested = [c for c, cell in cells.items() if cell is None]
+        if nested:
+            raise DataError(f"{path} line {line} (example {number}) holds a JSON object or list in {nested}; texts "
+                            "and labels must be plain values")
+        if not cells[label_column].strip():
             # An empty cell would otherwise become a label of its own, '' beside the real ones.
             raise DataError(f"{path} line {line} (example {number}) has an empty label in column {label_column!r}; "
                             "fill it in or remove the row")
-        texts.append(str(record[text_column]))
+        texts.append(cells[text_column])
         if pairs is not None:
-            pairs.append(str(record[text_pair_column]))
-        labels.append(record[label_column])
+            pairs.append(cells[text_pair_column])
+        labels.append(cells[label_column])
     return texts, pairs, labels
 
 
@@ -343,6 +363,9 @@ def encode(split: Split, tokenizer, max_length: int = 64) -> dict:
         integer("max_length", max_length, minimum=2)  # room for the special tokens
     except ValueError as err:
         raise DataError(str(err)) from None
+    if max_length > tokenizer.model_max_length:
+        raise DataError(f"max-length {max_length} is more tokens than the model takes ({tokenizer.model_max_length}); "
+                        f"use --max-length {tokenizer.model_max_length} or less")
     if len(split) == 0:
         raise DataError("cannot encode an empty split")
     encoded = tokenizer(split.texts, split.text_pairs, padding="longest", truncation=True, max_length=max_length,

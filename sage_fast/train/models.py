@@ -70,6 +70,18 @@ def read_model_config(folder) -> dict | None:
                          "copied: copy or save the model again") from None
     if not isinstance(config, dict):
         raise ModelError(f"{path} must hold a JSON object (a model config), got a {type(config).__name__}")
+    # The entries read before transformers is asked to build the model: wrong types here would
+    # fail later as a TypeError far from the file that holds them.
+    expected = {"num_labels": "a positive integer", "vocab_size": "a positive integer",
+                "max_position_embeddings": "a positive integer", "id2label": "an object", "architectures": "a list"}
+    for key, kind in expected.items():
+        value = config.get(key)
+        ok = (value is None or (isinstance(value, dict) if kind == "an object" else isinstance(value, list)
+                                if kind == "a list" else (isinstance(value, int) and not isinstance(value, bool)
+                                                          and value >= 1)))
+        if not ok:
+            raise ModelError(f"{path} has {key} {value!r}; expected {kind}. The config may have been edited by hand "
+                             "or come from another program: save the model again")
     return config
 
 
@@ -93,6 +105,10 @@ def saved_label_count(name_or_path: str) -> int | None:
 # them transformers builds a tokenizer of special tokens only, and every word becomes [UNK].
 VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
                     "tokenizer.model", "sentencepiece.model", "source.spm")
+# Models that number positions from the padding index (see the module docstring): their first
+# ``pad_token_id + 1`` position embeddings are never used by a token.
+POSITIONS_FROM_PADDING = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "mpnet", "longformer",
+                          "data2vec-text", "ibert", "roberta-prelayernorm")
 # Weight files that fail to parse raise these (safetensors, and torch.load for .bin files).
 _WEIGHT_ERRORS = (EOFError, RuntimeError, pickle.UnpicklingError) + ((SafetensorError,) if SafetensorError else ())
 
@@ -130,10 +146,20 @@ def load_classifier(name_or_path: str, num_labels: int):
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the "newly initialized head" warning is expected here
     try:
-        return _load(transformers.AutoModelForSequenceClassification.from_pretrained, name_or_path, "model",
-                     num_labels=int(num_labels), ignore_mismatched_sizes=True)
+        model, info = _load(transformers.AutoModelForSequenceClassification.from_pretrained, name_or_path, "model",
+                            num_labels=int(num_labels), ignore_mismatched_sizes=True, output_loading_info=True)
     finally:
         transformers.logging.set_verbosity(verbosity)
+    # ignore_mismatched_sizes lets a head of another size (or none) be made afresh; anything else
+    # made afresh means the weights do not belong to this config, and the model would be random.
+    prefix = f"{model.base_model_prefix}."
+    body = sorted(key for key in [*info.get("missing_keys", ()), *(k[0] for k in info.get("mismatched_keys", ()))]
+                  if key.startswith(prefix) and not key.startswith(f"{prefix}pooler."))
+    if body:
+        raise ModelError(f"the weights in {resolve_model_path(name_or_path)} do not fit its config.json: {len(body)} "
+                         f"weight(s) are missing or of another shape ({', '.join(body[:3])}{', ...' if len(body) > 3 else ''})"
+                         "; the folder mixes files of two models: copy or save the model again")
+    return model
 
 
 def load_tokenizer(name_or_path: str):
@@ -149,6 +175,19 @@ def load_tokenizer(name_or_path: str):
     if tokenizer.vocab_size <= len(tokenizer.all_special_tokens):
         raise ModelError(f"the tokenizer of {name_or_path} knows only its {tokenizer.vocab_size} special tokens, so "
                          "every word would be unknown; its vocabulary file is missing or empty")
+    config = read_model_config(path) if path.is_dir() else None
+    if config:
+        # The tokenizer beside a model must fit it: a larger vocabulary would index past the model's
+        # word embeddings, longer inputs past its position embeddings.
+        rows = config.get("vocab_size")
+        if rows is not None and len(tokenizer) > rows:
+            raise ModelError(f"the tokenizer in {path} has {len(tokenizer)} tokens but the model there has {rows} "
+                             "word embeddings: the tokenizer belongs to another model; save the model's own beside it")
+        positions = config.get("max_position_embeddings")
+        if positions is not None:
+            if config.get("model_type") in POSITIONS_FROM_PADDING:
+                positions -= int(config.get("pad_token_id") or 0) + 1
+            tokenizer.model_max_length = min(tokenizer.model_max_length, positions)
     return tokenizer
 
 

@@ -19,7 +19,8 @@ def load(path):
 def driver_state():
     return {"format": checkpoint.FORMAT_VERSION, "mode": "kd", "config": {}, "global_step": 3, "epoch": 0,
             "step_in_epoch": 3, "total_steps": 9, "done": False, "examples_seen": {}, "student": {}, "adapter": {},
-            "loss": {}, "optimizer": {}, "scheduler": {}, "rng": {}, "metrics": [], "timer": {}}
+            "loss": {}, "optimizer": {}, "scheduler": {}, "rng": checkpoint.rng_state(), "metrics": [{"kind": "train"}],
+            "timer": {}}
 
 
 def test_round_trip(tmp_path):
@@ -92,4 +93,14 @@ def test_a_checkpoint_lacking_an_entry_is_refused(tmp_path, key):
 def test_a_checkpoint_entry_of_the_wrong_type_is_refused(tmp_path, key, value):
     path = save_atomic({**driver_state(), key: value}, tmp_path / "checkpoint.pt")
     with pytest.raises(CheckpointError, match=f"wrong entries {key} "):
+        checkpoint.load(path)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("mode", "bogus", "mode 'bogus' is none of"), ("global_step", -5, "global_step below 0"),
+    ("rng", {"torch": 1}, "random-number states lack python, numpy"), ("metrics", [1, 2], "metrics are not records"),
+])
+def test_a_checkpoint_with_impossible_entries_is_refused(tmp_path, key, value, message):
+    path = save_atomic({**driver_state(), key: value}, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=message):
         checkpoint.load(path)

@@ -220,3 +220,30 @@ def test_one_label_is_refused(tmp_path):
     # Kept subsets must still hold two labels: two rows drawn from 24 are almost surely both 'pos'.
     with pytest.raises(DataError, match="training examples of .* kept have the label 'pos'"):
         load_files(mixed, max_train_examples=2, seed=3)
+
+
+def test_json_labels_one_and_one_point_zero_are_one_label(tmp_path):
+    path = tmp_path / "floats.jsonl"
+    path.write_text("".join(json.dumps({"text": f"t{i}", "label": [1, 1.0, 0, 0.0][i % 4]}) + "\n" for i in range(40)))
+    assert load_files(path).label_names == ["0", "1"]
+
+
+@pytest.mark.parametrize("column, value", [("label", {"a": 1}), ("label", [1]), ("text", ["a", "b"])])
+def test_nested_json_values_are_refused(tmp_path, column, value):
+    path = tmp_path / "nested.jsonl"
+    rows = [{"text": f"t{i}", "label": i % 2} for i in range(20)]
+    rows[6][column] = value
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"line 7 \(example 7\) holds a JSON object or list"):
+        load_files(path)
+
+
+@pytest.mark.parametrize("columns, message", [
+    (dict(text_column="label"), "the label column 'label' is also a text column"),
+    (dict(text_pair_column="label"), "the label column 'label' is also a text column"),
+    (dict(text_pair_column="text"), "are both 'text'"),
+])
+def test_the_label_column_is_never_read_as_text(tmp_path, columns, message):
+    path = write_csv(tmp_path / "d.csv", [f"t{i},{i % 2}" for i in range(20)])
+    with pytest.raises(DataError, match=message):
+        load_files(path, **columns)

@@ -1,10 +1,12 @@
+import re
+
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
 from sage_fast.assets import minilm_path  # noqa: E402
-from sage_fast.train import ModelError  # noqa: E402
+from sage_fast.train import DataError, ModelError  # noqa: E402
 from sage_fast.train.models import (  # noqa: E402
     VectorInterface,
     encoder_layers,
@@ -221,9 +223,10 @@ def test_a_folder_without_tokenizer_files_is_refused(tmp_path):
     from sage_fast.train.models import load_tokenizer
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
-    tiny("bert").save_pretrained(tmp_path)
+    tiny("bert", vocab=tokenizer.vocab_size).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    assert load_tokenizer(str(tmp_path)).vocab_size == tokenizer.vocab_size
+    loaded = load_tokenizer(str(tmp_path))
+    assert loaded.vocab_size == tokenizer.vocab_size and loaded.model_max_length == 64  # the model's positions
     for name in ("tokenizer.json", "vocab.txt"):
         (tmp_path / name).unlink(missing_ok=True)
     with pytest.raises(ModelError, match="holds no tokenizer: none of tokenizer.json, vocab.txt.*config.json"):
@@ -231,3 +234,55 @@ def test_a_folder_without_tokenizer_files_is_refused(tmp_path):
     (tmp_path / "vocab.txt").write_text("")  # there, but empty: special tokens only
     with pytest.raises(ModelError, match="knows only its .* special tokens"):
         load_tokenizer(str(tmp_path))
+
+
+def test_a_tokenizer_that_does_not_fit_its_model_is_refused(tmp_path):
+    from sage_fast.train.models import load_tokenizer
+
+    tiny("bert").save_pretrained(tmp_path)  # 120 word embeddings
+    transformers.AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True).save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match="has 30522 tokens but the model there has 120 word embeddings"):
+        load_tokenizer(str(tmp_path))
+
+
+@pytest.mark.parametrize("kind, usable", [("bert", 64), ("roberta", 62)])
+def test_inputs_longer_than_the_positions_are_refused(tmp_path, kind, usable):
+    from sage_fast.train.data import Split, encode
+    from sage_fast.train.models import load_tokenizer
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    tiny(kind, vocab=tokenizer.vocab_size).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = load_tokenizer(str(tmp_path))
+    assert loaded.model_max_length == usable
+    split = Split(["word " * 300, "short"], [0, 1])
+    assert encode(split, loaded, max_length=usable)["input_ids"].shape == (2, usable)
+    with pytest.raises(DataError, match=f"max-length {usable + 1} is more tokens than the model takes"):
+        encode(split, loaded, max_length=usable + 1)
+
+
+@pytest.mark.parametrize("key, value", [("num_labels", "x"), ("id2label", [1, 2]), ("vocab_size", 0),
+                                        ("architectures", "Bert")])
+def test_config_entries_of_the_wrong_type_are_refused(tmp_path, key, value):
+    import json
+
+    tiny("bert").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match=re.escape(f"has {key} {value!r}")):
+        load_classifier(str(tmp_path), 3)
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
+    import json
+
+    tiny("bert", hidden=32).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(hidden_size=64, intermediate_size=128)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="do not fit its config.json: .* weight.s. are missing or of another shape"):
+        load_classifier(str(tmp_path), 3)
+    # A head of another size is made afresh, as it should be.
+    tiny("bert", hidden=32).save_pretrained(tmp_path)
+    assert load_classifier(str(tmp_path), 5).config.num_labels == 5
