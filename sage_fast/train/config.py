@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._checks import integer
 from ..devices import DEVICE_HELP, DeviceError, check_device
 from ..errors import UsageError
 from .data import TASKS
@@ -102,6 +101,10 @@ class DistillConfig:
 
     # ---------------------------------------------------------------- checks
     def validate(self) -> "DistillConfig":
+        # Imported here, not at the top: _checks imports torch, and the command line builds its
+        # parser from this module, so --help would pay for torch.
+        from .._checks import integer
+
         def bad(name: str, expected: str, got) -> ConfigError:
             return ConfigError(f"{name.replace('_', '-')} must be {expected}, got {got!r}")
 

@@ -27,7 +27,6 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .._checks import integer
 from ..assets import ROTTEN_TOMATOES_LABELS, AssetError, read_rotten_tomatoes
 from . import DataError
 
@@ -93,6 +92,8 @@ class TaskData:
 def _subsample(split: Split, limit: int | None, seed: int, what: str) -> Split:
     if limit is None:
         return split
+    from .._checks import integer  # here, not at the top: _checks imports torch, and --help must stay fast
+
     try:
         integer(what, limit, minimum=1)
     except ValueError as err:
@@ -358,6 +359,8 @@ def encode(split: Split, tokenizer, max_length: int = 64) -> dict:
     makes them) as LongTensors ``[n, L]`` padded to the longest example, ``L <= max_length``; plus
     ``labels`` and ``ids`` as LongTensors ``[n]``. Pairs are encoded as pairs."""
     import torch
+
+    from .._checks import integer
 
     try:
         integer("max_length", max_length, minimum=2)  # room for the special tokens
