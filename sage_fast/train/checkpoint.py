@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
+from .config import MODES
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
@@ -96,8 +97,6 @@ def load(path: str | Path, map_location="cpu", required: dict[str, type] | None 
 
 def _driver_problem(state: dict) -> str | None:
     """What is wrong inside the entries the driver reads first, or None."""
-    from .config import MODES
-
     if state["mode"] not in MODES:
         return f"mode {state['mode']!r} is none of {', '.join(MODES)}"
     negative = [key for key in ("global_step", "epoch", "step_in_epoch", "total_steps") if state[key] < 0]
