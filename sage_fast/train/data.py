@@ -157,7 +157,8 @@ def load_rotten_tomatoes(*, path: Path | str | None = None, max_train_examples=N
         texts.append(text)
         labels.append(label)
     splits = {name: Split(texts, labels) for name, (texts, labels) in grouped.items()}
-    return _finish("rotten_tomatoes", splits["train"], splits["validation"], splits["test"], sorted(ROTTEN_TOMATOES_LABELS, key=ROTTEN_TOMATOES_LABELS.get),
+    label_names = sorted(ROTTEN_TOMATOES_LABELS, key=ROTTEN_TOMATOES_LABELS.get)
+    return _finish("rotten_tomatoes", splits["train"], splits["validation"], splits["test"], label_names,
                    max_train_examples, max_eval_examples, seed)
 
 

@@ -103,8 +103,8 @@ def saved_label_count(name_or_path: str) -> int | None:
 
 # The files a tokenizer's vocabulary comes from, one of which a local folder must hold: without
 # them transformers builds a tokenizer of special tokens only, and every word becomes [UNK].
-VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
-                    "tokenizer.model", "sentencepiece.model", "source.spm")
+VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model",
+                    "sentencepiece.bpe.model", "tokenizer.model", "sentencepiece.model", "source.spm")
 # Models that number positions from the padding index (see the module docstring): their first
 # ``pad_token_id + 1`` position embeddings are never used by a token.
 POSITIONS_FROM_PADDING = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "mpnet", "longformer",
@@ -156,9 +156,10 @@ def load_classifier(name_or_path: str, num_labels: int):
     body = sorted(key for key in [*info.get("missing_keys", ()), *(k[0] for k in info.get("mismatched_keys", ()))]
                   if key.startswith(prefix) and not key.startswith(f"{prefix}pooler."))
     if body:
+        named = ", ".join(body[:3]) + (", ..." if len(body) > 3 else "")
         raise ModelError(f"the weights in {resolve_model_path(name_or_path)} do not fit its config.json: {len(body)} "
-                         f"weight(s) are missing or of another shape ({', '.join(body[:3])}{', ...' if len(body) > 3 else ''})"
-                         "; the folder mixes files of two models: copy or save the model again")
+                         f"weight(s) are missing or of another shape ({named}); the folder mixes files of two models: "
+                         "copy or save the model again")
     return model
 
 

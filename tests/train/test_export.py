@@ -89,5 +89,6 @@ def test_a_damaged_trained_folder_is_a_usage_error(tmp_path, tokenizer, damage):
         (folder / "sage_fast_interface.json").write_text('{"teacher": "teacher", "adapter": "linear", "tok')
     else:
         (folder / "adapter.pt").write_bytes(b"PK\x03\x04 torn")
-    with pytest.raises(ModelError, match="sage_fast_interface.json is damaged" if damage == "interface" else "adapter.pt"):
+    message = "sage_fast_interface.json is damaged" if damage == "interface" else "adapter.pt"
+    with pytest.raises(ModelError, match=message):
         load_interface(folder)
