@@ -133,7 +133,19 @@ def test_kd_mode_never_synthesises_and_teacher_outputs_are_cached(tiny, tmp_path
     assert sum("from the cache" in line for line in again) == 3  # train, validation and test
 
 
-def test_n_neighbors_larger_than_the_data_is_capped(tiny, tmp_path):
+def test_n_neighbors_larger_than_the_data_is_capped_and_analyze_needs_no_optimizer(tiny, tmp_path, monkeypatch,
+                                                                                     capsys):
     summary = loop.run(tiny_config(tiny, tmp_path / "big_k", epochs=1, max_steps=7, n_neighbors=10_000),
                        log=lambda *a: None)
     assert summary["modes"][0]["analysis_rounds"] >= 1
+
+    def no_optimizer(*args, **kwargs):
+        raise AssertionError("sage-fast analyze built an optimizer")
+
+    monkeypatch.setattr(torch.optim, "AdamW", no_optimizer)
+    from sage_fast.cli import main
+
+    png = tmp_path / "map.png"
+    assert main(["analyze", str(tmp_path / "big_k"), "--output", str(png), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert png.is_file() and "sage student after 7 steps: 120 training examples" in printed
