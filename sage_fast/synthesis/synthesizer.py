@@ -58,6 +58,7 @@ from ..regions import ErrorProfile, LossRegionAnalyzer
 from .pool import POLICIES, SyntheticPool
 
 MODES = ("sage", "random", "inverse")
+PARTNERS = ("neighbours", "boundary")
 STATE_FORMAT = 1
 
 VectorsOf = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
@@ -71,6 +72,14 @@ class SynthesisConfig:
     ``mode``: ``sage`` (anchors from the top-``quantile`` loss regions, partners among their map
     neighbours), ``random`` (anchors uniform: the baseline) or ``inverse`` (partners through the
     map's approximate inverse). ``min_examples``: a round needs at least this many seen rows.
+
+    ``profile_decay``: None keeps each row's running mean over all its visits; a value in (0, 1]
+    lets old visits fade (see :class:`~sage_fast.regions.ErrorProfile`), so a round sees where the
+    student is wrong now. ``partners``: ``neighbours`` draws each anchor's partner among its map
+    neighbours; ``boundary`` prefers a map neighbour of another class (the class ``observe`` was
+    given, e.g. the teacher's prediction), so the synthetic row lies between the classes, falling
+    back to any neighbour where none differs. Both modes (sage, random) use the same rule, so the
+    random baseline differs from SAGE in the anchors alone.
     """
     mode: str = "sage"
     synthetic_per_round: int = 256
@@ -84,6 +93,8 @@ class SynthesisConfig:
     seed: int = 0
     device: str | torch.device = "cpu"
     min_examples: int = 8
+    profile_decay: float | None = None
+    partners: str = "neighbours"
 
     def __post_init__(self):
         _checks.choice("mode", self.mode, MODES)
@@ -102,6 +113,12 @@ class SynthesisConfig:
         self.noise_std = _checks.in_range("noise_std", self.noise_std, 0.0, float("inf"), hi_open=True)
         _checks.integer("seed", self.seed, minimum=0)
         _checks.integer("min_examples", self.min_examples, minimum=5)  # UMAP's own minimum
+        if self.profile_decay is not None:
+            self.profile_decay = _checks.in_range("profile_decay", self.profile_decay, 0.0, 1.0, lo_open=True)
+        _checks.choice("partners", self.partners, PARTNERS)
+        if self.partners == "boundary" and self.mode == "inverse":
+            raise ValueError("partners='boundary' picks among map neighbours; mode 'inverse' picks partners through "
+                             "the map's inverse instead: use one or the other")
         self.device = resolve_device(str(self.device) if isinstance(self.device, torch.device) else self.device)
 
     def to_dict(self) -> dict:
@@ -116,6 +133,7 @@ class ProfileSnapshot:
     losses: torch.Tensor       # [n] float32 per-example losses
     round: int                 # the round this snapshot is for (1, 2, ...)
     generator_state: torch.Tensor  # the analysis generator's state before this round's draw
+    classes: torch.Tensor | None = None  # [n] int64 class of each seen row (-1: never given)
 
 
 @dataclass
@@ -209,12 +227,28 @@ def plan_round(snapshot: ProfileSnapshot, config: SynthesisConfig, count: int | 
     generator.set_state(snapshot.generator_state)
     draw = analyzer.sample_uniform_pairs if config.mode == "random" else analyzer.sample_pairs
     anchors, partners, lam = draw(count, generator)
+    if config.partners == "boundary" and snapshot.classes is not None:
+        partners = boundary_partners(analyzer.map_knn_indices_, snapshot.classes, anchors, partners, generator)
     threshold = float(analyzer.threshold_)  # a host read, once per round
     _synchronize(config.device)
     return SynthesisPlan(round=snapshot.round, ids=snapshot.ids, anchors=anchors, partners=partners, lam=lam,
                          noise_seed=round_seed, analyzer=analyzer, threshold=threshold,
                          analysis_seconds=time.perf_counter() - started, generator_state=generator.get_state(),
                          step=step)
+
+
+def boundary_partners(map_neighbours: torch.Tensor, classes: torch.Tensor, anchors: torch.Tensor,
+                      partners: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """For each anchor, a map neighbour of another class drawn uniformly among those that exist
+    (``map_neighbours`` [n, k] rows of the map's kNN graph, ``classes`` [n]); the given partner
+    where every neighbour shares the anchor's class or the classes are unknown (-1)."""
+    classes = classes.to(map_neighbours.device)
+    neighbours = map_neighbours[anchors]                       # [m, k]
+    anchor_class = classes[anchors].unsqueeze(1)
+    other = (classes[neighbours] != anchor_class) & (classes[neighbours] >= 0) & (anchor_class >= 0)
+    score = torch.rand(neighbours.shape, generator=generator, device=neighbours.device)
+    pick = torch.where(other, score, torch.full_like(score, -1.0)).argmax(dim=1, keepdim=True)
+    return torch.where(other.any(dim=1), neighbours.gather(1, pick).squeeze(1), partners)
 
 
 class SAGESynthesizer:
@@ -233,7 +267,8 @@ class SAGESynthesizer:
         _checks.integer("embedding_dim", embedding_dim, minimum=1)
         self.config = config
         self.device = config.device
-        self.profile = ErrorProfile(num_examples, embedding_dim, self.device)
+        self.profile = ErrorProfile(num_examples, embedding_dim, self.device, decay=config.profile_decay)
+        self.classes = torch.full((num_examples,), -1, dtype=torch.int64, device=self.device)
         self.pool = SyntheticPool(config.pool_size, config.pool_policy)
         self.pool_generator = torch.Generator().manual_seed(config.seed + 1)
         self.analysis_generator = torch.Generator(device=self.device).manual_seed(config.seed + 2)
@@ -244,10 +279,18 @@ class SAGESynthesizer:
                 f"{self.pool.capacity}, examples={self.profile.num_examples}, device={str(self.device)!r})")
 
     # ------------------------------------------------------------------ the profile
-    def observe(self, ids: torch.Tensor, per_example_loss: torch.Tensor, embeddings: torch.Tensor) -> None:
+    def observe(self, ids: torch.Tensor, per_example_loss: torch.Tensor, embeddings: torch.Tensor,
+                classes: torch.Tensor | None = None) -> None:
         """Fold one step's real rows into the profile: ``ids`` [B] example ids, ``per_example_loss``
-        [B] and ``embeddings`` [B, embedding_dim] (detached here), on the synthesizer's device."""
+        [B] and ``embeddings`` [B, embedding_dim] (detached here), on the synthesizer's device.
+        ``classes`` [B] (optional): each row's class, for ``partners='boundary'``; the teacher's
+        prediction is the natural choice, since the synthetic rows carry the teacher's labels."""
         self.profile.update(ids, per_example_loss.detach().float(), embeddings.detach())
+        if classes is not None:
+            _checks.tensor("classes", classes, ndim=1)
+            if classes.shape[0] != ids.shape[0]:
+                raise ValueError(f"classes must have one value per id: got {classes.shape[0]} for {ids.shape[0]} ids")
+            self.classes[ids.to(self.device, torch.int64)] = classes.detach().to(self.device, torch.int64)
 
     def refreshing(self):
         """Inside the block, ``observe`` overwrites: each row's statistics restart at its first
@@ -272,7 +315,8 @@ class SAGESynthesizer:
         if seen.numel() < self.config.min_examples:
             return None
         return ProfileSnapshot(ids=seen, embeddings=self.profile.embedding[seen], losses=self.profile.loss[seen],
-                               round=self.rounds + 1, generator_state=self.analysis_generator.get_state())
+                               round=self.rounds + 1, generator_state=self.analysis_generator.get_state(),
+                               classes=self.classes[seen])
 
     def plan(self, *, count: int | None = None, step: int | None = None) -> SynthesisPlan | None:
         """The next round's plan (``plan_round`` on a fresh ``snapshot``), or None when too few rows
@@ -358,7 +402,7 @@ class SAGESynthesizer:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {"format": STATE_FORMAT, "config": self.config.to_dict(), "rounds": self.rounds,
-                "profile": self.profile.state_dict(), "pool": self.pool.state_dict(),
+                "profile": self.profile.state_dict(), "classes": self.classes.clone(), "pool": self.pool.state_dict(),
                 "pool_generator": self.pool_generator.get_state(),
                 "analysis_generator": self.analysis_generator.get_state()}
 
@@ -377,6 +421,8 @@ class SAGESynthesizer:
         if changed:
             raise ValueError(f"state was saved with {', '.join(changed)}; build the synthesizer with the same settings")
         self.profile.load_state_dict(state["profile"])
+        if "classes" in state:  # states written before classes were kept have none: all unknown
+            self.classes.copy_(_checks.tensor("state['classes']", state["classes"], ndim=1))
         self.pool.load_state_dict(state["pool"], device=self.device)
         self.pool_generator.set_state(state["pool_generator"])
         self.analysis_generator.set_state(state["analysis_generator"])
@@ -392,5 +438,5 @@ def _check_vectors(vectors, mask, rows: int) -> None:
                          f"{tuple(getattr(mask, 'shape', ())) or type(mask).__name__}")
 
 
-__all__ = ["MODES", "ProfileSnapshot", "RoundRecord", "SAGESynthesizer", "SynthesisConfig", "SynthesisPlan",
-           "SyntheticRows", "make_analyzer", "plan_round"]
+__all__ = ["MODES", "PARTNERS", "ProfileSnapshot", "RoundRecord", "SAGESynthesizer", "SynthesisConfig", "SynthesisPlan",
+           "SyntheticRows", "boundary_partners", "make_analyzer", "plan_round"]

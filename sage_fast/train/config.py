@@ -22,8 +22,10 @@ from ..devices import DEVICE_HELP, DeviceError, check_device
 from ..errors import UsageError
 from .data import TASKS
 
-MODES = ("sage", "kd", "random")
+MODES = ("sage", "kd", "random", "inverse")
 POOL_POLICIES = ("fifo", "reservoir")
+PARTNERS = ("neighbours", "boundary")
+PROFILE_SIGNALS = ("loss", "disagreement")
 # Settings known by an older name: still read from config files, saved runs (--resume) and flags.
 RENAMED = {"train_limit": "max_train_examples", "eval_limit": "max_eval_examples", "warmup_fraction": "warmup_ratio"}
 
@@ -63,7 +65,8 @@ class DistillConfig:
     max_length: int = _opt(48, "tokens per example, padding and truncating")
     # --- method ---
     mode: str = _opt("sage", "sage: synthesise where the loss is high; kd: plain distillation, no synthesis; "
-                     "random: same number of synthetic examples, anchors drawn uniformly", choices=MODES)
+                     "random: same number of synthetic examples, anchors drawn uniformly; inverse: sage's anchors, partners "
+                     "found through the map's approximate inverse (jittered anchors mapped back)", choices=MODES)
     compare: list[str] = _opt(["kd"], "baseline modes to run after the main one with the same settings "
                               "(comma-separated, e.g. 'kd,random'; 'none' for no baseline)")
     alpha: float = _opt(0.5, "weight of the soft-label KL term; 1 - alpha weighs cross-entropy on real labels")
@@ -90,6 +93,16 @@ class DistillConfig:
     lam_low: float = _opt(0.3, "lower bound of the interpolation weight lam")
     lam_high: float = _opt(0.7, "upper bound of the interpolation weight lam")
     noise_std: float = _opt(0.0, "Gaussian noise added to synthetic vectors")
+    partners: str = _opt("neighbours", "each anchor's partner: any of its map neighbours ('neighbours'), or one the "
+                         "teacher puts in another class ('boundary', mixing across the decision boundary)",
+                         choices=PARTNERS)
+    profile_signal: str = _opt("loss", "what marks a training row as hard: its SAGE loss ('loss'), or only the "
+                               "student's disagreement with the teacher, T^2 KL ('disagreement')",
+                               choices=PROFILE_SIGNALS)
+    refresh_profile: bool = _opt(False, "before each round, recompute every training row's profile in one no-grad "
+                                 "pass (current, at the cost of a forward pass over the data)")
+    profile_decay: float | None = _opt(None, "unset: each row's profile is the mean over all its visits; in (0, 1]: "
+                                       "old visits fade, each moving it by max(decay, 1/visits)")
     # --- run ---
     device: str = _opt("auto", DEVICE_HELP)
     seed: int = _opt(0, "seed for data order, initialisation, analysis and synthesis")
@@ -128,7 +141,8 @@ class DistillConfig:
             setattr(self, name, float(value))
 
         self._check_types()
-        for name, options in (("mode", MODES), ("task", TASKS), ("pool_policy", POOL_POLICIES)):
+        for name, options in (("mode", MODES), ("task", TASKS), ("pool_policy", POOL_POLICIES),
+                              ("partners", PARTNERS), ("profile_signal", PROFILE_SIGNALS)):
             if getattr(self, name) not in options:
                 raise bad(name, f"one of {', '.join(options)}", getattr(self, name))
         try:
@@ -160,6 +174,12 @@ class DistillConfig:
         number("lam_low", 0.0, 1.0)
         number("lam_high", 0.0, 1.0)
         number("noise_std", 0.0, math.inf, hi_open=True)
+        if self.profile_decay is not None:
+            number("profile_decay", 0.0, 1.0, lo_open=True)
+        if self.partners == "boundary" and "inverse" in [self.mode, *self.compare]:
+            raise ConfigError("partners 'boundary' picks among map neighbours, while mode 'inverse' finds partners "
+                              "through the map's inverse: leave inverse out of --mode/--compare, or use "
+                              "--partners neighbours")
         if self.lam_low > self.lam_high:
             raise ConfigError(f"lam-low ({self.lam_low}) must not exceed lam-high ({self.lam_high})")
         if self.pool_size < self.synthetic_per_round:

@@ -208,7 +208,21 @@ def synthesis_config(config: DistillConfig, mode: str, device: torch.device) -> 
         mode=mode, synthetic_per_round=config.synthetic_per_round, pool_size=config.pool_size,
         pool_policy=config.pool_policy, quantile=config.quantile, n_neighbors=config.n_neighbors,
         lam_low=config.lam_low, lam_high=config.lam_high, noise_std=config.noise_std, seed=config.seed,
-        device=device)
+        device=device, profile_decay=config.profile_decay, partners=config.partners)
+
+
+def profile_signal(config: DistillConfig, per_example: torch.Tensor, student_logits: torch.Tensor,
+                   teacher_logits: torch.Tensor) -> torch.Tensor:
+    """What the error profile records for each real row: its SAGE loss, or only the part synthetic
+    rows can teach, the student's disagreement with the teacher ``T^2 KL(p_t || p_s)`` at the
+    distillation temperature (the cross-entropy on gold labels also rises where the labels are noisy,
+    which the teacher's labels on synthetic rows cannot fix)."""
+    if config.profile_signal == "loss":
+        return per_example
+    t = config.temperature
+    log_p_t = torch.log_softmax(teacher_logits.float() / t, dim=-1)
+    log_p_s = torch.log_softmax(student_logits.float() / t, dim=-1)
+    return (t * t) * (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
 
 
 class _StopRequest:
@@ -326,7 +340,8 @@ class Student:
                     teacher = {"logits": real["logits"],
                                "hidden_states": {k: v[:, :width].float() for k, v in real["hidden"].items()} or None}
                     result = self.loss_fn(out, teacher, labels=real["labels"], attention_mask=mask)
-                yield real["ids"], result.per_example.float(), pooled_embedding(out.hidden_states[-1], mask)
+                signal = profile_signal(self.config, result.per_example.float(), out.logits, real["logits"])
+                yield real["ids"], signal, pooled_embedding(out.hidden_states[-1], mask)
         finally:
             self.interface.train()
 
@@ -461,13 +476,18 @@ class ModeRun:
         if self.synthesizer is not None:
             with torch.no_grad():
                 embeddings = pooled_embedding(student_out.hidden_states[-1][:n_real].detach(), mask[:n_real])
-                self.synthesizer.observe(real["ids"], result.per_example[:n_real], embeddings)
+                signal = profile_signal(config, result.per_example[:n_real], student_out.logits[:n_real],
+                                        real["logits"])
+                self.synthesizer.observe(real["ids"], signal, embeddings, classes=real["logits"].argmax(-1))
         self.examples_seen["real"] += n_real
         self.examples_seen["synthetic"] += vectors.shape[0] - n_real
         return float(result.loss.detach())
 
     # ------------------------------------------------------------------ analysis and synthesis
     def analysis_round_now(self) -> RoundRecord | None:
+        if self.config.refresh_profile:
+            with self.timer.measure("analysis"):
+                self.synthesizer.refresh(self.model.profile_batches())
         record = self.synthesizer.round(
             self.model.vectors_of, self.model.label, step=self.global_step,
             plot_path=lambda number: self.out_dir / f"loss_map_round{number:03d}.png")

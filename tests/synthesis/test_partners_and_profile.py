@@ -1,0 +1,113 @@
+"""The synthesizer's choices about its profile and its partners: boundary partners, classes kept
+with the profile and its state, a decaying profile, and the driver's profile signal."""
+import pytest
+import torch
+
+from sage_fast.synthesis import SAGESynthesizer, SynthesisConfig
+from sage_fast.synthesis.synthesizer import boundary_partners
+
+
+def _graph():
+    # 6 points; each row lists its map neighbours
+    neighbours = torch.tensor([[1, 2, 3], [0, 2, 4], [0, 1, 5], [4, 5, 0], [3, 5, 1], [3, 4, 2]])
+    classes = torch.tensor([0, 0, 1, 1, 1, 1])
+    return neighbours, classes
+
+
+def test_boundary_partner_is_a_neighbour_of_another_class_whenever_one_exists():
+    neighbours, classes = _graph()
+    anchors = torch.tensor([0, 1, 2, 3, 4, 5] * 20)
+    given = torch.full_like(anchors, 99)
+    partners = boundary_partners(neighbours, classes, anchors, given, torch.Generator().manual_seed(0))
+    for a, p in zip(anchors.tolist(), partners.tolist()):
+        others = [n for n in neighbours[a].tolist() if classes[n] != classes[a]]
+        if others:
+            assert p in others, (a, p)
+        else:  # 4's neighbours (3, 5, 1): 1 is of class 0; 5's (3, 4, 2) are all class 1
+            assert p == 99, (a, p)
+    # the choice is spread over the candidates, not always the first
+    assert set(partners[anchors == 0].tolist()) == {2, 3}
+
+
+def test_boundary_partners_keep_the_given_partner_where_classes_are_unknown():
+    neighbours, classes = _graph()
+    classes = torch.full_like(classes, -1)
+    anchors = torch.arange(6)
+    given = torch.tensor([1, 2, 0, 4, 5, 3])
+    assert torch.equal(boundary_partners(neighbours, classes, anchors, given, torch.Generator()), given)
+
+
+def _observed(**settings):
+    g = torch.Generator().manual_seed(0)
+    n, dim = 40, 4
+    centres = torch.tensor([[5.0] * dim, [-5.0] * dim])
+    side = (torch.arange(n) % 2)
+    embeddings = centres[side] * 0.06 + torch.randn(n, dim, generator=g)  # the two classes overlap
+    config = SynthesisConfig(**{"synthetic_per_round": 64, "pool_size": 64, "n_neighbors": 6, "seed": 1, **settings})
+    synth = SAGESynthesizer(config, num_examples=n, embedding_dim=dim)
+    synth.observe(torch.arange(n), torch.rand(n, generator=g), embeddings, classes=side)
+    return synth, side
+
+
+def test_boundary_rounds_mix_across_classes_more_than_neighbour_rounds():
+    mixed = {}
+    for partners in ("neighbours", "boundary"):
+        synth, side = _observed(partners=partners)
+        plan = synth.plan()
+        a, p = plan.anchor_ids, plan.partner_ids
+        mixed[partners] = float((side[a] != side[p]).float().mean())
+    assert mixed["boundary"] > mixed["neighbours"] + 0.2, mixed
+    assert mixed["boundary"] > 0.9, mixed
+
+
+def test_classes_travel_with_the_state():
+    synth, side = _observed(partners="boundary")
+    state = synth.state_dict()
+    assert torch.equal(state["classes"], side)
+    other = SAGESynthesizer(synth.config, num_examples=40, embedding_dim=4)
+    other.load_state_dict(state)
+    assert torch.equal(other.classes, side)
+    old = {k: v for k, v in state.items() if k != "classes"}  # written before classes were kept
+    again = SAGESynthesizer(synth.config, num_examples=40, embedding_dim=4)
+    again.load_state_dict(old)
+    assert bool((again.classes == -1).all())
+
+
+def test_observe_checks_classes():
+    synth, _ = _observed()
+    with pytest.raises(ValueError, match="classes must have one value per id"):
+        synth.observe(torch.arange(3), torch.rand(3), torch.randn(3, 4), classes=torch.zeros(2, dtype=torch.long))
+
+
+def test_profile_decay_reaches_the_profile():
+    synth, _ = _observed(profile_decay=0.25)
+    assert synth.profile.decay == 0.25
+    assert _observed()[0].profile.decay is None
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(partners="far"), "partners must be one of"),
+    (dict(partners="boundary", mode="inverse"), "mode 'inverse' picks partners"),
+    (dict(profile_decay=0.0), "profile_decay must be in"),
+    (dict(profile_decay=2.0), "profile_decay must be in"),
+])
+def test_bad_knobs(settings, message):
+    with pytest.raises(ValueError, match=message):
+        SynthesisConfig(**settings)
+
+
+def test_disagreement_signal_is_the_tempered_kl():
+    from sage_fast.train.config import DistillConfig
+    from sage_fast.train.loop import profile_signal
+
+    torch.manual_seed(0)
+    s, t = torch.randn(7, 3) * 3, torch.randn(7, 3) * 3
+    per_example = torch.rand(7)
+    loss_config = DistillConfig(profile_signal="loss")
+    assert profile_signal(loss_config, per_example, s, t) is per_example
+    config = DistillConfig(profile_signal="disagreement", temperature=2.0)
+    got = profile_signal(config, per_example, s, t)
+    p_t = torch.softmax(t.double() / 2, -1)
+    expected = 4 * (p_t * (torch.log_softmax(t.double() / 2, -1) - torch.log_softmax(s.double() / 2, -1))).sum(-1)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    assert profile_signal(config, per_example, t, t).abs().max() < 1e-6  # agreeing with the teacher: nothing to fix
