@@ -1,0 +1,334 @@
+"""The accuracy study: does loss-aware synthesis (SAGE) give a better student than plain KD and than
+random-region synthesis, at equal optimizer steps?
+
+One command runs every experiment, resumes where it stopped, and writes the report::
+
+    python bench/accuracy_study.py                     # every stage of the plan, then the report
+    python bench/accuracy_study.py --stage explore     # the validation-only questions
+    python bench/accuracy_study.py --stage final       # the chosen settings, 3 seeds, test split once
+    python bench/accuracy_study.py --stage report      # tables and plots from what has run
+    python bench/accuracy_study.py --list              # the plan, with what is done
+
+How it stays honest:
+- One teacher per pair, fine-tuned once (cached) and shared by every seed and mode; its outputs on
+  every split are cached too, so a run pays only for the student.
+- Every comparison is KD / random / SAGE in the same driver, same settings, same optimizer steps.
+- Exploration reads the validation split only: the ledger of an exploration run keeps no test
+  number (the driver computes one, the study drops it). Only the ``final`` stage, whose settings are
+  fixed in the plan from the exploration's validation numbers, records test accuracy.
+
+How it resumes: each finished run appends one JSON line to the ledger
+(``docs/results/accuracy_study.jsonl``, flushed and fsynced, kept with the project), keyed by
+(experiment, mode, seed); a run that was cut off resumes from the checkpoint the driver left in its
+run folder (``runs/accuracy_study/``). Kill it at any point and start it again. Run it with
+``OMP_NUM_THREADS=1`` beside other work: torch's threads thrash on a shared two-core machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "runs" / "accuracy_study"           # run folders: checkpoints, metrics, loss maps
+DEFAULT_LEDGER = REPO / "docs" / "results" / "accuracy_study.jsonl"  # one line per finished run, kept
+REPORT = REPO / "docs" / "results.md"
+TABLE_START, TABLE_END = "<!-- study table: written by bench/accuracy_study.py -->", "<!-- end of study table -->"
+MODES = ("kd", "random", "sage")
+SEEDS = (0, 1, 2)
+
+
+# ------------------------------------------------------------------------------------------ the plan
+@dataclass(frozen=True)
+class Pair:
+    """A teacher/student pair on one data set: the teacher is fine-tuned once with these settings."""
+    name: str
+    teacher_base: str
+    teacher_epochs: float
+    student: str
+    settings: dict = field(default_factory=dict)  # distill settings every run of this pair shares
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    question: str
+    pair: str
+    overrides: dict
+    modes: tuple = MODES
+    seeds: tuple = (0,)
+    stage: str = "explore"  # explore: validation only; final: test recorded
+    # KD never synthesises, so an experiment that changes only synthesis settings runs random and
+    # SAGE and compares them with the KD runs of this experiment (same data, same steps).
+    kd_from: str | None = None
+
+
+PAIRS = {
+    # The offline pair: the packaged MiniLM-L6 fine-tuned one epoch on every training row is the
+    # teacher; the student keeps every third of its layers (2 of 6), weights copied.
+    "minilm": Pair("minilm", "minilm", 1.0, "from-teacher:3",
+                   {"task": "rotten_tomatoes", "max_train_examples": 0, "max_eval_examples": 0,
+                    "max_length": 48, "epochs": 3}),
+}
+
+# Each question of the study is a list of experiments; every experiment runs every mode it names.
+N2K = {"max_train_examples": 2000}  # the exploration scale: a fifth of the rows, five times cheaper
+
+PLAN: list[Experiment] = [
+    Experiment("n2k-defaults", "baseline: the driver's settings before the study, 2,000 rows", "minilm", N2K),
+    Experiment("n2k-often", "rounds: every 21 steps (3 an epoch) instead of once an epoch", "minilm",
+               {**N2K, "analysis_every": 21}, modes=("random", "sage"), kd_from="n2k-defaults"),
+    Experiment("n2k-current", "profile: disagreement with the teacher, decaying (0.3), not the all-time mean loss",
+               "minilm", {**N2K, "analysis_every": 21, "profile_signal": "disagreement", "profile_decay": 0.3},
+               modes=("random", "sage"), kd_from="n2k-defaults"),
+    Experiment("n2k-boundary", "partners: a map neighbour of the other (teacher) class", "minilm",
+               {**N2K, "analysis_every": 21, "partners": "boundary"}, modes=("random", "sage"),
+               kd_from="n2k-defaults"),
+    Experiment("n2k-volume", "volume: 512 a round, pool 2,048, 32 synthetic rows a step (half the batch)", "minilm",
+               {**N2K, "analysis_every": 21, "synthetic_per_round": 512, "pool_size": 2048,
+                "synthetic_per_batch": 32}, modes=("random", "sage"), kd_from="n2k-defaults"),
+]
+
+
+# ------------------------------------------------------------------------------------------ ledger
+def read_ledger(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill mid-write: that run simply runs again
+            continue
+    return records
+
+
+def append_ledger(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def done_keys(records: list[dict]) -> set[tuple]:
+    return {(r["experiment"], r["mode"], r["seed"]) for r in records}
+
+
+# ------------------------------------------------------------------------------------------ running
+def teacher_folder(pair: Pair, log) -> str:
+    from sage_fast.train.data import load_task
+    from sage_fast.train.teacher import TeacherSettings, fine_tune_teacher
+
+    s = pair.settings
+    data = load_task(s["task"], max_train_examples=s["max_train_examples"] or None,
+                     max_eval_examples=s["max_eval_examples"] or None, seed=0)
+    folder = fine_tune_teacher(pair.teacher_base, data, log=log, progress=False,
+                               settings=TeacherSettings(epochs=pair.teacher_epochs, max_length=s["max_length"]))
+    return str(folder)
+
+
+def run_one(exp: Experiment, mode: str, seed: int, teacher: str, out: Path, log) -> dict:
+    from sage_fast.train.checkpoint import CHECKPOINT_NAME
+    from sage_fast.train.config import DistillConfig
+    from sage_fast.train.loop import run
+
+    pair = PAIRS[exp.pair]
+    run_dir = out / "runs" / exp.name / f"{mode}-seed{seed}"
+    values = {**pair.settings, **exp.overrides, "teacher": teacher, "student": pair.student, "mode": mode,
+              "compare": [], "seed": seed, "output_dir": str(run_dir), "progress": False}
+    config = DistillConfig.from_dict(values, source=f"experiment {exp.name}").validate()
+    resume = (run_dir / mode / CHECKPOINT_NAME).exists()
+    started = time.perf_counter()
+    summary = run(config, resume=resume, log=lambda msg: None)
+    wall = time.perf_counter() - started
+    row = summary["modes"][0]
+    metrics = [json.loads(x) for x in (run_dir / mode / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    curve = [{"step": m["step"], "epoch": m["epoch"], "accuracy": m["accuracy"],
+              "epoch_seconds": m.get("epoch_seconds")} for m in metrics if m.get("kind") == "eval"]
+    record = {
+        "experiment": exp.name, "question": exp.question, "pair": exp.pair, "mode": mode, "seed": seed,
+        "stage": exp.stage, "overrides": exp.overrides,
+        "validation_accuracy": row.get("validation_accuracy"), "validation_curve": curve,
+        "steps": row.get("steps"), "real_examples": row.get("real_examples"),
+        "synthetic_examples": row.get("synthetic_examples"),
+        "examples_per_second": row.get("examples_per_second"), "train_seconds": row.get("train_seconds"),
+        "analysis_share": row.get("analysis_share"), "synthesis_share": row.get("synthesis_share"),
+        "wall_seconds": wall, "resumed": resume,
+        "teacher_validation_accuracy": summary.get("teacher_validation_accuracy"),
+    }
+    if exp.stage == "final":  # the test split is read once, for the settings fixed in advance
+        record["test_accuracy"] = row.get("accuracy")
+        record["teacher_test_accuracy"] = summary.get("teacher_test_accuracy")
+    return record
+
+
+def run_plan(plan: list[Experiment], out: Path, ledger: Path, stage: str | None, only: str | None, log) -> None:
+    todo = [(e, m, s) for e in plan if (stage is None or e.stage == stage) and (only is None or e.name == only)
+            for s in e.seeds for m in e.modes]
+    done = done_keys(read_ledger(ledger))
+    todo = [(e, m, s) for e, m, s in todo if (e.name, m, s) not in done]
+    log(f"{len(todo)} runs to do ({len(done)} already in {ledger})")
+    teachers: dict[str, str] = {}
+    for i, (exp, mode, seed) in enumerate(todo, 1):
+        if exp.pair not in teachers:
+            teachers[exp.pair] = teacher_folder(PAIRS[exp.pair], log)
+        log(f"[{i}/{len(todo)}] {exp.name} {mode} seed {seed} ...")
+        record = run_one(exp, mode, seed, teachers[exp.pair], out, log)
+        append_ledger(ledger, record)
+        log(f"    validation {record['validation_accuracy']:.4f}  ({record['wall_seconds']:.0f} s, "
+            f"{record['examples_per_second'] or 0:.0f} real ex/s)")
+
+
+# ------------------------------------------------------------------------------------------ report
+def mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt(values: list[float], scale: float = 100.0) -> str:
+    if not values:
+        return "—"
+    mean, std = mean_std(values)
+    return f"{scale * mean:.1f} ± {scale * std:.1f} (n={len(values)})" if len(values) > 1 else f"{scale * mean:.1f}"
+
+
+def group(records: list[dict]) -> dict[str, dict[str, list[dict]]]:
+    out: dict[str, dict[str, list[dict]]] = {}
+    for r in records:
+        out.setdefault(r["experiment"], {}).setdefault(r["mode"], []).append(r)
+    return out
+
+
+def report(plan: list[Experiment], ledger: Path) -> str:
+    records = read_ledger(ledger)
+    by_exp = group(records)
+    lines = ["| experiment | question | settings | KD | random | SAGE | SAGE − KD | real ex/s (KD / SAGE) | analysis share |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for exp in plan:
+        modes = dict(by_exp.get(exp.name, {}))
+        if not modes:
+            continue
+        if exp.kd_from and "kd" not in modes:
+            modes["kd"] = by_exp.get(exp.kd_from, {}).get("kd", [])
+        key = "test_accuracy" if exp.stage == "final" else "validation_accuracy"
+        vals = {m: [r[key] for r in modes.get(m, []) if r.get(key) is not None] for m in MODES}
+        diff = "—"
+        if vals["kd"] and vals["sage"]:
+            diff = f"{100 * (statistics.fmean(vals['sage']) - statistics.fmean(vals['kd'])):+.1f}"
+        speed = {m: [r["examples_per_second"] for r in modes.get(m, []) if r.get("examples_per_second")]
+                 for m in MODES}
+        speed_text = " / ".join(f"{statistics.fmean(speed[m]):.0f}" if speed[m] else "—" for m in ("kd", "sage"))
+        share = [r["analysis_share"] + (r.get("synthesis_share") or 0) for r in modes.get("sage", [])
+                 if r.get("analysis_share") is not None]
+        settings = ", ".join(f"{k}={v}" for k, v in exp.overrides.items()) or "defaults"
+        share_text = f"{100 * statistics.fmean(share):.0f}%" if share else "—"
+        name = f"{exp.name} (test)" if exp.stage == "final" else exp.name
+        lines.append(f"| {name} | {exp.question} | {settings} | {fmt(vals['kd'])} | {fmt(vals['random'])} | "
+                     f"{fmt(vals['sage'])} | {diff} | {speed_text} | {share_text} |")
+    return "\n".join(lines)
+
+
+def plot_curves(plan: list[Experiment], ledger: Path, png: Path) -> Path | None:
+    """Validation accuracy against optimizer steps, one line per mode (mean over seeds), per pair."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    by_exp = group(read_ledger(ledger))
+    names = [e.name for e in plan if e.name in by_exp]
+    if not names:
+        return None
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        exp = next(e for e in plan if e.name == name)
+        for mode, colour in zip(MODES, ("tab:gray", "tab:orange", "tab:blue")):
+            runs = by_exp[name].get(mode, []) or (by_exp.get(exp.kd_from, {}).get(mode, []) if exp.kd_from else [])
+            if not runs:
+                continue
+            steps = [p["step"] for p in runs[0]["validation_curve"]]
+            acc = [statistics.fmean(r["validation_curve"][i]["accuracy"] for r in runs
+                                    if i < len(r["validation_curve"])) for i in range(len(steps))]
+            ax.plot(steps, [100 * a for a in acc], marker="o", color=colour, label=f"{mode} (n={len(runs)})")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("validation accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", choices=("explore", "final", "report"), default=None,
+                        help="run only this stage (default: every stage, then the report)")
+    parser.add_argument("--only", metavar="EXPERIMENT", default=None, help="run only this experiment")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="run folders (default: runs/accuracy_study)")
+    parser.add_argument("--ledger", type=Path, default=DEFAULT_LEDGER,
+                        help="one JSON line per finished run (default: docs/results/accuracy_study.jsonl)")
+    parser.add_argument("--report", type=Path, default=REPORT,
+                        help="the markdown file whose study table is rewritten (default: docs/results.md)")
+    parser.add_argument("--list", action="store_true", help="print the plan and what is done, then stop")
+    args = parser.parse_args(argv)
+    names = {e.name for e in PLAN}
+    if args.only is not None and args.only not in names:
+        parser.error(f"--only must name an experiment of the plan ({', '.join(sorted(names))}), got {args.only!r}")
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    if args.list:
+        done = done_keys(read_ledger(args.ledger))
+        for e in PLAN:
+            n = sum((e.name, m, s) in done for m in e.modes for s in e.seeds)
+            log(f"{e.stage:8s} {e.name:28s} {n}/{len(e.modes) * len(e.seeds)} done  {e.question}")
+        return 0
+    if args.stage != "report":
+        run_plan(PLAN, args.out, args.ledger, args.stage, args.only, log)
+    table = report(PLAN, args.ledger)
+    png = plot_curves(PLAN, args.ledger, args.ledger.parent / "accuracy_vs_steps.png")
+    log(table)
+    if png:
+        log(f"plot: {png}")
+    write_table(args.report, table, log)
+    return 0
+
+
+def write_table(path: Path, table: str, log) -> None:
+    """Replace the study table between its markers in ``path`` (the prose around it is kept)."""
+    if not path.is_file():
+        log(f"no {path}: the table is printed above only")
+        return
+    text = path.read_text()
+    start, end = text.find(TABLE_START), text.find(TABLE_END)
+    if start < 0 or end < start:
+        log(f"{path} has no study-table markers: the table is printed above only")
+        return
+    text = text[:start + len(TABLE_START)] + "\n" + table + "\n" + text[end:]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    log(f"table written to {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""The accuracy study's bookkeeping: a finished run is never run again, a cut-off ledger line is,
+exploration records hold no test number, and the report rewrites only its own table. The training
+itself is the driver's, tested in tests/; here a run is a stand-in that returns a record."""
+import json
+
+import accuracy_study as study
+import pytest
+
+
+@pytest.fixture
+def plan():
+    return [
+        study.Experiment("base", "baseline", "minilm", {"max_train_examples": 50}, seeds=(0, 1)),
+        study.Experiment("knob", "a synthesis knob", "minilm", {"analysis_every": 3}, modes=("random", "sage"),
+                         kd_from="base"),
+        study.Experiment("final", "chosen settings", "minilm", {}, modes=("kd", "sage"), stage="final"),
+    ]
+
+
+def _fake_runs(monkeypatch, calls):
+    def run_one(exp, mode, seed, teacher, out, log):
+        calls.append((exp.name, mode, seed))
+        accuracy = {"kd": 0.70, "random": 0.71, "sage": 0.73}[mode] + 0.01 * seed
+        record = {"experiment": exp.name, "mode": mode, "seed": seed, "stage": exp.stage, "overrides": exp.overrides,
+                  "validation_accuracy": accuracy, "examples_per_second": 100.0 if mode == "kd" else 60.0,
+                  "analysis_share": None if mode == "kd" else 0.05, "synthesis_share": None if mode == "kd" else 0.01,
+                  "validation_curve": [{"step": 10, "epoch": 1, "accuracy": accuracy}], "wall_seconds": 1.0}
+        if exp.stage == "final":
+            record["test_accuracy"] = accuracy - 0.01
+        return record
+
+    monkeypatch.setattr(study, "run_one", run_one)
+    monkeypatch.setattr(study, "teacher_folder", lambda pair, log: "teacher")
+
+
+def test_a_second_call_runs_nothing_and_a_cut_line_runs_again(plan, monkeypatch, tmp_path):
+    calls = []
+    _fake_runs(monkeypatch, calls)
+    ledger = tmp_path / "ledger.jsonl"
+    study.run_plan(plan, tmp_path / "runs", ledger, None, None, log=lambda m: None)
+    assert len(calls) == 2 * 3 + 2 + 2
+    study.run_plan(plan, tmp_path / "runs", ledger, None, None, log=lambda m: None)
+    assert len(calls) == 10
+    lines = ledger.read_text().splitlines()
+    ledger.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])  # killed mid-write
+    study.run_plan(plan, tmp_path / "runs", ledger, None, None, log=lambda m: None)
+    assert calls[-1] == calls[9] and len(calls) == 11
+
+
+def test_stage_and_only_select_runs(plan, monkeypatch, tmp_path):
+    calls = []
+    _fake_runs(monkeypatch, calls)
+    study.run_plan(plan, tmp_path, tmp_path / "l.jsonl", "final", None, log=lambda m: None)
+    assert {c[0] for c in calls} == {"final"}
+    study.run_plan(plan, tmp_path, tmp_path / "l.jsonl", None, "knob", log=lambda m: None)
+    assert {c[0] for c in calls[2:]} == {"knob"}
+
+
+def test_report_uses_validation_in_exploration_and_test_in_final(plan, monkeypatch, tmp_path):
+    _fake_runs(monkeypatch, [])
+    ledger = tmp_path / "l.jsonl"
+    study.run_plan(plan, tmp_path, ledger, None, None, log=lambda m: None)
+    records = study.read_ledger(ledger)
+    assert all("test_accuracy" not in r for r in records if r["stage"] == "explore")
+    table = study.report(plan, ledger).splitlines()
+    base = next(line for line in table if line.startswith("| base |"))
+    assert "| 70.5 ± 0.7 (n=2) | 71.5 ± 0.7 (n=2) | 73.5 ± 0.7 (n=2) | +3.0 | 100 / 60 | 6% |" in base
+    knob = next(line for line in table if line.startswith("| knob |"))
+    assert "70.5 ± 0.7 (n=2)" in knob  # KD borrowed from the experiment it names
+    final = next(line for line in table if line.startswith("| final (test) |"))
+    assert "| 69.0 |" in final and "| 72.0 |" in final
+
+
+def test_write_table_keeps_the_prose(tmp_path):
+    page = tmp_path / "results.md"
+    page.write_text(f"intro\n{study.TABLE_START}\nold table\n{study.TABLE_END}\nreading\n")
+    study.write_table(page, "| new |", log=lambda m: None)
+    assert page.read_text() == f"intro\n{study.TABLE_START}\n| new |\n{study.TABLE_END}\nreading\n"
+    bare = tmp_path / "bare.md"
+    bare.write_text("no markers\n")
+    study.write_table(bare, "| new |", log=lambda m: None)
+    assert bare.read_text() == "no markers\n"
+
+
+def test_only_must_name_an_experiment(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        study.main(["--only", "nope", "--list"])
+    assert exit_info.value.code == 2
+    assert "--only must name an experiment" in capsys.readouterr().err
+
+
+def test_ledger_lines_are_json(plan, monkeypatch, tmp_path):
+    _fake_runs(monkeypatch, [])
+    ledger = tmp_path / "l.jsonl"
+    study.run_plan(plan, tmp_path, ledger, None, None, log=lambda m: None)
+    for line in ledger.read_text().splitlines():
+        assert json.loads(line)["experiment"] in {"base", "knob", "final"}
