@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import typing
 
 from ..train.config import RENAMED, DistillConfig
@@ -86,25 +87,29 @@ def run(args) -> int:
 
     from ..errors import UsageError
     from ..train import checkpoint
-    from ..train.loop import TrainingInterrupted, run as run_distillation
+    from ..train.loop import NonFiniteTraining, TrainingInterrupted, run as run_distillation
 
     config = resolve_config(args)
     try:
         summary = run_distillation(config, resume=args.resume)
     except checkpoint.CheckpointError as err:
         raise UsageError(f"{err}; delete it to start over, or pass another --output-dir") from None
+    except NonFiniteTraining as err:
+        # Exit 1, not 2: the command was valid, the training failed (as any crash would).
+        print(f"sage-fast distill: {err}", file=sys.stderr)
+        return 1
     except TrainingInterrupted as stop:
-        print(f"\nsage-fast distill: {stop}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        # Before the first checkpoint (data, teacher, teacher outputs) or at a second Ctrl-C.
+        print(f"\nsage-fast distill: {_signal_name(stop)}{stop}", file=sys.stderr)
+        return _exit_code(stop)
+    except KeyboardInterrupt as stop:
+        # Before the first checkpoint (data, teacher, teacher outputs) or at a second Ctrl-C / SIGTERM.
         out = config.output_dir
         if out and (Path(out) / "config.json").is_file():
             hint = f"continue with: sage-fast distill --resume --output-dir {out}"
         else:
             hint = "nothing was saved yet; run the same command again"
-        print(f"\nsage-fast distill: interrupted; {hint}", file=sys.stderr)
-        return 130
+        print(f"\nsage-fast distill: {_signal_name(stop)}interrupted; {hint}", file=sys.stderr)
+        return _exit_code(stop)
     print()
     print(summary["table"])
     out = summary["output_dir"]
@@ -115,3 +120,15 @@ def run(args) -> int:
     if main_mode != "kd":
         print(f"      sage-fast analyze {out}/{main_mode}   (the loss map of the trained student)")
     return 0
+
+
+def _signal_name(stop: KeyboardInterrupt) -> str:
+    signum = getattr(stop, "signum", signal.SIGINT)
+    return "" if signum == signal.SIGINT else f"{signal.Signals(signum).name} received; "
+
+
+def _exit_code(stop: KeyboardInterrupt) -> int:
+    """128 + the signal's number, the status a shell reports for a process a signal ended: 130 after
+    Ctrl-C, 143 after SIGTERM, so schedulers and scripts read a pre-empted run as they expect, even
+    though it stopped cleanly and wrote a checkpoint."""
+    return 128 + int(getattr(stop, "signum", signal.SIGINT))

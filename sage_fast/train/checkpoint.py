@@ -2,7 +2,10 @@
 
 A checkpoint is written to a temporary file in the same directory, flushed and fsync'ed, then moved
 over the previous one with ``os.replace`` (atomic on POSIX and Windows) and the directory fsync'ed.
-A crash at any moment leaves either the old checkpoint or the new one, never a torn file.
+A crash at any moment leaves either the old checkpoint or the new one, never a torn file. A writer
+killed mid-write leaves its temporary behind; the name of each temporary carries its writer's process
+id, so ``remove_stale_temporaries`` can delete those of writers that are gone (the driver does, on
+start and resume) without touching one a live process is still writing.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import torch
 
 from ..errors import UsageError
 from .config import MODES
+from .run_lock import process_alive
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
@@ -27,7 +31,7 @@ def save_atomic(obj, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(obj, buffer)  # serialise fully first: a failure here never touches the disk
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(buffer.getbuffer())
@@ -39,6 +43,25 @@ def save_atomic(obj, path: str | Path) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def remove_stale_temporaries(directory: str | Path, name: str = CHECKPOINT_NAME) -> list[Path]:
+    """Delete the temporaries that ``save_atomic`` left in ``directory`` for ``name`` when its writer
+    was killed mid-write; returns them. One whose writer (named in the file name) still runs on this
+    host is kept: it may be a write in progress. One without a writer in its name was left by an
+    earlier version of this module and is removed too: call this where no such version can be
+    writing (the driver does while it holds the run folder's lock)."""
+    removed = []
+    directory = Path(directory)
+    if not directory.is_dir():
+        return removed
+    for tmp in directory.glob(f".{name}.*.tmp"):
+        writer = tmp.name[len(name) + 2:].split(".")[0]
+        if writer.isdigit() and process_alive(int(writer)):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
 
 
 def _fsync_dir(directory: Path) -> None:

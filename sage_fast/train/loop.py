@@ -9,10 +9,13 @@ the analysis on the rows seen so far, pairs from high-loss regions (mode ``sage`
 Mode ``kd`` has no synthesizer.
 
 Evaluation is on real text only: validation accuracy each epoch, test accuracy at the end. Each
-epoch ends with an atomic checkpoint; Ctrl-C stops at the end of the current step, writes a
-checkpoint and says how to resume. On CPU with a fixed seed, a resumed run gives the same final
-metrics as an uninterrupted one: data order depends only on (seed, epoch), and every random stream
-(torch's global one for dropout, the synthesizer's generators) is checkpointed.
+epoch ends with an atomic checkpoint; Ctrl-C or SIGTERM (what cluster schedulers send before
+pre-empting a job) stops at the end of the current step, writes a checkpoint and says how to resume.
+One process at a time trains in a run folder (``run_lock``). A non-finite training loss, checked
+where the loss is logged anyway (no host synchronisation per step), stops the run and never
+overwrites the last checkpoint with a non-finite state. On CPU with a fixed seed, a resumed run
+gives the same final metrics as an uninterrupted one: data order depends only on (seed, epoch), and
+every random stream (torch's global one for dropout, the synthesizer's generators) is checkpointed.
 """
 from __future__ import annotations
 
@@ -41,14 +44,30 @@ from .data import encode, load_task
 from .metrics import MetricsLog, Timer, format_table
 from .models import (VectorInterface, load_classifier, load_tokenizer, resolve_model_path, save_interface,
                      student_from_config, student_from_teacher)
+from .run_lock import RunLock
 from .teacher import TeacherSettings, fine_tune_teacher, read_teacher_metrics
 
 DEFAULT_TEACHER_BASE = "minilm"
 RESULTS_FILE = "results.json"
 
 
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training: a checkpoint was written; the message says how to resume."""
+class Stopped(KeyboardInterrupt):
+    """A stop signal, Ctrl-C's SIGINT or SIGTERM (``signum`` says which), that ended the run where
+    it was: nothing was saved beyond the last checkpoint."""
+
+    def __init__(self, *args, signum: int = signal.SIGINT):
+        super().__init__(*args)
+        self.signum = signum
+
+
+class TrainingInterrupted(Stopped):
+    """Ctrl-C or SIGTERM during training, at the end of a step: a checkpoint was written; the
+    message says how to resume."""
+
+
+class NonFiniteTraining(RuntimeError):
+    """The training loss or the weights became non-finite: the run stopped and kept its last
+    checkpoint; the message names the mode and the step."""
 
 
 def default_cache_dir() -> Path:
@@ -226,28 +245,52 @@ def profile_signal(config: DistillConfig, per_example: torch.Tensor, student_log
 
 
 class _StopRequest:
-    """First Ctrl-C: finish the current step, checkpoint, stop. A second one interrupts at once."""
+    """First Ctrl-C or SIGTERM: finish the current step, checkpoint, stop. A second one stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.signum = None
+        self._previous = {}
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: Ctrl-C cannot reach us anyway
-            self._previous = None
+        for signum in self.SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: signals cannot reach us anyway
+                pass
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+            raise Stopped(signum=signum)
+        self.requested, self.signum = True, signum
 
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+    def __exit__(self, exc_type, exc, tb):
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        if isinstance(exc, TrainingInterrupted) and self.signum is not None:
+            exc.signum = self.signum
         return False
+
+
+@contextlib.contextmanager
+def _sigterm_stops():
+    """Outside the training steps (data, teacher, the teacher's outputs), SIGTERM stops the run as
+    Ctrl-C does, with a message, instead of ending the process without one."""
+    def stop(signum, frame):
+        raise Stopped(signum=signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def after_step(run: "ModeRun") -> None:
@@ -392,7 +435,9 @@ class ModeRun:
         self.timer = Timer()
         self.done = False
         self.read_only = read_only
+        # Nothing is written to the file before the first record: a failed resume leaves it whole.
         self.metrics = MetricsLog(None if read_only else self.out_dir / "metrics.jsonl")
+        self.checkpoint_step: int | None = None  # the step of the checkpoint on disk, if this run has one
 
     @property
     def analysis_rounds(self) -> int:
@@ -416,7 +461,10 @@ class ModeRun:
         }
 
     def save(self) -> Path:
-        return ckpt.save_atomic(self.state_dict(), self.checkpoint_path)
+        self._check_finite_weights()  # a non-finite state never replaces the last good checkpoint
+        path = ckpt.save_atomic(self.state_dict(), self.checkpoint_path)
+        self.checkpoint_step = self.global_step
+        return path
 
     def load(self, state: dict) -> None:
         if state["mode"] != self.mode:
@@ -437,6 +485,7 @@ class ModeRun:
         ckpt.set_rng_state(state["rng"])
         self.timer = Timer(state["timer"])
         self.metrics = MetricsLog(None if self.read_only else self.out_dir / "metrics.jsonl", state["metrics"])
+        self.checkpoint_step = self.global_step
 
     # ------------------------------------------------------------------ one step
     def train_step(self, rows: torch.Tensor) -> float:
@@ -535,6 +584,7 @@ class ModeRun:
                         self.global_step += 1
                         bar.update(1)
                         if self.global_step % config.log_every == 0 or self.global_step == 1:
+                            self._check_finite_loss(loss)
                             bar.set_postfix(loss=f"{loss:.4f}", pool=self.pool_size)
                             self.metrics.log(kind="train", mode=self.mode, epoch=self.epoch, step=self.global_step,
                                              loss=loss, lr=self.scheduler.get_last_lr()[0], pool=self.pool_size)
@@ -562,6 +612,7 @@ class ModeRun:
         return self.results()
 
     def _finish(self) -> None:
+        self._check_finite_weights()  # neither test nor export a student that diverged
         train_seconds = self.timer.seconds.get("train", 0.0)
         self.metrics.log(
             kind="final", mode=self.mode, split="test", accuracy=self.model.evaluate("test"),
@@ -583,6 +634,30 @@ class ModeRun:
     def results(self) -> dict:
         final = self.metrics.last("final") or {}
         return {"mode": self.mode, "out_dir": str(self.out_dir), **{k: v for k, v in final.items() if k != "kind"}}
+
+    # ------------------------------------------------------------------ non-finite values
+    # Checked where the host reads values anyway: the loss at each logging point (every log_every
+    # steps), the weights once before each checkpoint and before the final test, so a CUDA step never
+    # waits on the host for this.
+    def _check_finite_loss(self, loss) -> None:
+        if not math.isfinite(float(loss)):
+            self._stop_non_finite(f"the training loss is {float(loss)} at step {self.global_step}")
+
+    def _check_finite_weights(self) -> None:
+        params = [p.detach() for p in self.model.parameters()]
+        if params and not bool(torch.stack([p.isfinite().all() for p in params]).all()):
+            self._stop_non_finite(f"the weights hold non-finite values after step {self.global_step}")
+
+    def _stop_non_finite(self, what: str) -> None:
+        if self.checkpoint_step is None:
+            kept = "no checkpoint was written before it"
+        else:
+            kept = f"the last checkpoint, of step {self.checkpoint_step}, is kept unchanged in {self.checkpoint_path}"
+        message = (f"[{self.mode}] {what}: training diverged, so it stopped; {kept}. Usual causes: a learning rate "
+                   f"too high for this model (--lr), or non-finite values in the data or the teacher's outputs. "
+                   f"Start again with other settings in a new --output-dir.")
+        self.metrics.log(kind="error", mode=self.mode, step=self.global_step, message=message)
+        raise NonFiniteTraining(message)
 
     def _resume_hint(self) -> str:
         return (f"interrupted at step {self.global_step}/{self.total_steps}; a checkpoint is in {self.checkpoint_path}. "
@@ -610,16 +685,30 @@ def default_output_dir() -> Path:
 
 def run(config: DistillConfig, *, resume: bool = False, log=print) -> dict:
     """Train the main mode and every baseline in ``config.compare``; returns the summary that is
-    also written to ``<output_dir>/results.json``."""
+    also written to ``<output_dir>/results.json``.
+
+    The run folder is locked for the whole call (``RunFolderBusy`` when another live process holds
+    it), and temporaries that killed checkpoint writes left in it are removed first."""
     out_dir = Path(config.output_dir) if config.output_dir else default_output_dir()
     config.output_dir = str(out_dir)
-    if not resume and any((out_dir / m / ckpt.CHECKPOINT_NAME).exists() for m in [config.mode, *config.compare]):
-        raise DataError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another --output-dir")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config.save(out_dir)
+    modes = [config.mode, *config.compare]
+    with RunLock(out_dir, log=log), _sigterm_stops():
+        if not resume and any((out_dir / m / ckpt.CHECKPOINT_NAME).exists() for m in modes):
+            raise DataError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another "
+                            "--output-dir")
+        for mode in modes:
+            stale = [*ckpt.remove_stale_temporaries(out_dir / mode),
+                     *ckpt.remove_stale_temporaries(out_dir / mode, "metrics.jsonl")]
+            if stale:
+                log(f"[{mode}] removed {len(stale)} temporary file(s) of writes a killed run left unfinished")
+        config.save(out_dir)
+        return _run_modes(config, out_dir, modes, resume, log)
+
+
+def _run_modes(config: DistillConfig, out_dir: Path, modes: list[str], resume: bool, log) -> dict:
     setup = build_setup(config, log=log)
     rows, trained = [], {}
-    for mode in [config.mode, *config.compare]:
+    for mode in modes:
         mode_run = ModeRun(setup, mode, out_dir / mode, log=log)
         if resume and mode_run.checkpoint_path.exists():
             mode_run.load(ckpt.load(mode_run.checkpoint_path))  # on the CPU: RNG states must stay there

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,28 +13,43 @@ from pathlib import Path
 class MetricsLog:
     """Records kept in memory (they go into checkpoints) and mirrored to a JSONL file.
 
-    On resume the file is rewritten from the checkpoint's records, so lines written after the last
-    checkpoint by an interrupted run do not appear twice.
+    Nothing touches the file until the first record is logged: a run that fails before that (a
+    resume from a damaged checkpoint, say) leaves the file as it was. The first record rewrites the
+    file atomically, as the records given here (a resumed run's: its checkpoint's) plus itself, so
+    lines written after the last checkpoint by an interrupted run do not appear twice; later ones are
+    appended.
     """
 
     def __init__(self, path: str | Path | None, records: list[dict] | None = None):
-        self.path = None if path is None else Path(path)
+        self.path = None if path is None else Path(path)  # None: in memory only (reading a finished run)
         self.records: list[dict] = list(records or [])
-        if self.path is None:  # in memory only: reading a finished run must not rewrite its log
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("w") as f:
-            for record in self.records:
-                f.write(json.dumps(record) + "\n")
+        self._written = False  # whether the file holds self.records yet
 
     def log(self, **record) -> dict:
         record = {k: _plain(v) for k, v in record.items()}
         self.records.append(record)
         if self.path is None:
             return record
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if not self._written:
+            self._rewrite()
+        else:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
         return record
+
+    def _rewrite(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # The writer's process id in the name, as checkpoint.save_atomic does: see remove_stale_temporaries.
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.{os.getpid()}.", suffix=".tmp",
+                                   dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.records)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self._written = True
 
     def last(self, kind: str) -> dict | None:
         for record in reversed(self.records):

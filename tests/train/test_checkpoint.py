@@ -104,3 +104,18 @@ def test_a_checkpoint_with_impossible_entries_is_refused(tmp_path, key, value, m
     path = save_atomic({**driver_state(), key: value}, tmp_path / "checkpoint.pt")
     with pytest.raises(CheckpointError, match=message):
         checkpoint.load(path)
+
+
+def test_only_temporaries_of_writers_that_are_gone_are_removed(tmp_path, monkeypatch):
+    save_atomic(state(1), tmp_path / "checkpoint.pt")
+    alive = {os.getpid(), 4242}
+    monkeypatch.setattr(checkpoint, "process_alive", lambda pid: pid in alive)
+    names = [f".checkpoint.pt.{os.getpid()}.a1.tmp", ".checkpoint.pt.4242.b2.tmp",  # writes in progress
+             ".checkpoint.pt.4243.c3.tmp", ".checkpoint.pt.xk_2q9a0.tmp",  # a dead writer; an unnamed (older) one
+             ".other.pt.4243.d4.tmp", "notes.tmp"]  # not this checkpoint's
+    for name in names:
+        (tmp_path / name).write_bytes(b"partial")
+    removed = checkpoint.remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == [".checkpoint.pt.4243.c3.tmp", ".checkpoint.pt.xk_2q9a0.tmp"]
+    assert sorted(os.listdir(tmp_path)) == sorted(["checkpoint.pt", *names[:2], *names[4:]])
+    assert checkpoint.remove_stale_temporaries(tmp_path / "missing") == []
