@@ -27,7 +27,7 @@ def add_arguments(parser) -> None:
         help_text = field.metadata.get("help", "")
         default = getattr(defaults, field.name)
         shown = ",".join(default) if isinstance(default, list) else default
-        help_text = f"{help_text} (default: {shown})" if default is not None else help_text
+        help_text = f"{help_text} (default: {shown})" if default is not None and default is not False else help_text
         # SUPPRESS keeps flags the user did not give out of the namespace, so a --config file is
         # overridden only by what was actually typed.
         kwargs = {"default": argparse.SUPPRESS, "help": help_text.replace("%", "%%"), "dest": field.name}
