@@ -10,6 +10,10 @@ Rows are padded sequences. New rows narrower than the pool (fewer tokens ``L``) 
 zeros and mask 0; wider ones widen the pool the same way. Padding is masked out everywhere it is
 read (attention, the alignment term), so a training loop whose batches vary in width can keep
 one pool.
+
+The pool also keeps each row's used width (the last unmasked token + 1) on the host, taken once
+when rows are added: a training step trims the padding its batch shares from ``width_of(index)``
+without reading the device's masks back, which on CUDA would make every step wait.
 """
 from __future__ import annotations
 
@@ -20,6 +24,13 @@ import torch
 from .. import _checks
 
 POLICIES = ("fifo", "reservoir")
+
+
+def used_lengths(masks: torch.Tensor) -> torch.Tensor:
+    """Tokens each row of ``masks`` [M, L] uses: the position of its last non-zero entry + 1 (0 for
+    a row with none), so trimming to the largest keeps every unmasked token, padded left or right."""
+    positions = torch.arange(1, masks.shape[1] + 1, device=masks.device)
+    return torch.where(masks != 0, positions, 0).amax(dim=1) if masks.shape[1] else masks.new_zeros(masks.shape[0])
 
 
 def pad_tokens(t: torch.Tensor, length: int) -> torch.Tensor:
@@ -42,6 +53,7 @@ class SyntheticPool:
         self.masks: torch.Tensor | None = None     # [capacity, L]
         self.logits: torch.Tensor | None = None    # [capacity, C]
         self.hidden: dict[int, torch.Tensor] = {}  # teacher layer -> [capacity, L, d_t]
+        self.lengths = torch.zeros(capacity, dtype=torch.int64)  # used width of each slot, on the host
         self.size = 0
         self.offered = 0  # examples ever offered, for the reservoir and the FIFO cursor
 
@@ -115,6 +127,8 @@ class SyntheticPool:
                 rows.append(i)
         if not slots:
             return
+        # Once per add (a round), never per step: the new rows' widths come to the host here.
+        self.lengths[torch.tensor(slots)] = used_lengths(masks).cpu()[torch.tensor(rows)]
         slots_t = torch.tensor(slots, device=self.vectors.device)
         rows_t = torch.tensor(rows, device=vectors.device)
         self.vectors[slots_t] = vectors[rows_t].to(self.vectors)
@@ -123,18 +137,30 @@ class SyntheticPool:
         for layer, value in hidden.items():
             self.hidden[int(layer)][slots_t] = value[rows_t].to(self.hidden[int(layer)])
 
-    def sample(self, n: int, generator: torch.Generator | None = None):
-        """``min(n, len(self))`` examples drawn without replacement: (vectors, masks, logits, hidden),
-        or None when the pool is empty or ``n`` is 0. ``generator``: a CPU generator."""
+    def draw(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """``min(n, len(self))`` slots drawn without replacement (a CPU index tensor), or None when
+        the pool is empty or ``n`` is 0. ``generator``: a CPU generator."""
         _checks.integer("n", n, minimum=0)
         if self.size == 0 or n == 0:
             return None
-        n = min(n, self.size)
-        index = torch.randperm(self.size, generator=generator)[:n]
+        return torch.randperm(self.size, generator=generator)[: min(n, self.size)]
+
+    def width_of(self, index: torch.Tensor) -> int:
+        """The most tokens any of the slots ``index`` (a CPU index from ``draw``) uses, read on the host."""
+        return int(self.lengths[index].max()) if index.numel() else 0
+
+    def take(self, index: torch.Tensor):
+        """The rows at ``index`` (a CPU index from ``draw``): (vectors, masks, logits, hidden)."""
         if self.vectors.is_cuda:  # this runs every step: a pinned, asynchronous copy keeps the host from waiting
             index = index.pin_memory().to(self.vectors.device, non_blocking=True)
         return (self.vectors[index], self.masks[index], self.logits[index],
                 {layer: value[index] for layer, value in self.hidden.items()})
+
+    def sample(self, n: int, generator: torch.Generator | None = None):
+        """``min(n, len(self))`` examples drawn without replacement: (vectors, masks, logits, hidden),
+        or None when the pool is empty or ``n`` is 0. ``generator``: a CPU generator."""
+        index = self.draw(n, generator)
+        return None if index is None else self.take(index)
 
     def state_dict(self) -> dict:
         def cut(t):
@@ -150,6 +176,7 @@ class SyntheticPool:
                              f"this one {self.capacity} and {self.policy!r}")
         self.vectors = self.masks = self.logits = None
         self.hidden = {}
+        self.lengths.zero_()
         self.size = 0
         if state["size"] > 0:
             move = (lambda t: t.to(device)) if device is not None else (lambda t: t)
@@ -160,5 +187,6 @@ class SyntheticPool:
             self.vectors[:n], self.masks[:n], self.logits[:n] = vectors, masks, logits
             for k, v in hidden.items():
                 self.hidden[k][:n] = v
+            self.lengths[:n] = used_lengths(state["masks"]).cpu()  # the saved masks are on the host
             self.size = n
         self.offered = state["offered"]

@@ -135,6 +135,23 @@ class ProfileSnapshot:
     generator_state: torch.Tensor  # the analysis generator's state before this round's draw
     classes: torch.Tensor | None = None  # [n] int64 class of each seen row (-1: never given)
 
+    def state_dict(self) -> dict:
+        """Host copies of the fields, for a checkpoint taken while the snapshot's round is in flight."""
+        return {name: value.cpu() if isinstance(value, torch.Tensor) else value
+                for name, value in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_state(cls, state: Mapping, device: torch.device | str) -> "ProfileSnapshot":
+        if not isinstance(state, Mapping):
+            raise ValueError(f"state must be a dict from ProfileSnapshot.state_dict(), got {type(state).__name__}")
+        missing = sorted({"ids", "embeddings", "losses", "round", "generator_state"} - set(state))
+        if missing:
+            raise ValueError(f"state is missing {missing}: give a dict from ProfileSnapshot.state_dict()")
+        # The generator state stays on the host (torch keeps every generator's state there).
+        moved = {name: value.to(device) if isinstance(value, torch.Tensor) and name != "generator_state" else value
+                 for name, value in state.items()}
+        return cls(**moved)
+
 
 @dataclass
 class SynthesisPlan:
@@ -181,6 +198,12 @@ class RoundRecord:
     plot_seconds: float = 0.0
     png: str | None = None
     plot_error: str | None = None  # why there is no picture (matplotlib missing, say)
+    # A round made beside training (``sage_fast.synthesis.background``): the step its snapshot was
+    # taken at, and the seconds the training loop waited for it (the stage times above were spent
+    # by the worker, beside training; ``wait_seconds`` and ``commit_seconds`` are what training paid).
+    snapshot_step: int | None = None
+    wait_seconds: float = 0.0
+    commit_seconds: float = 0.0
 
     def metrics(self) -> dict:
         return dataclasses.asdict(self)
@@ -189,20 +212,35 @@ class RoundRecord:
 @dataclass
 class SyntheticRows:
     """Synthetic rows for a batch: teacher-space vectors and mask, the teacher's logits and the
-    hidden layers it was asked for (``{teacher layer: [n, L, d_t]}``, empty without alignment)."""
+    hidden layers it was asked for (``{teacher layer: [n, L, d_t]}``, empty without alignment).
+    ``width``: the most tokens any of these rows uses, known on the host (``sample`` sets it), so a
+    step can trim padding without reading the mask back from the device."""
     vectors: torch.Tensor
     mask: torch.Tensor
     logits: torch.Tensor
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    width: int | None = None
 
     def __len__(self) -> int:
         return int(self.vectors.shape[0])
 
 
+@dataclass
+class SynthesizedRound:
+    """A plan's synthetic rows and their teacher labels, made but not yet in the pool (``synthesize``
+    makes it, ``commit`` adds it), with what making them cost."""
+    plan: SynthesisPlan
+    rows: SyntheticRows
+    synthesis_seconds: float
+    labelling_seconds: float
+
+
 def _synchronize(device: torch.device) -> None:
     # Stage times are only honest once the device has finished the stage's work; once per round.
+    # Only the calling thread's stream: a round made beside training (on a side stream) must not
+    # wait for the training step's kernels, nor they for it.
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 def make_analyzer(config: SynthesisConfig, n_points: int, random_state: int) -> LossRegionAnalyzer:
@@ -324,14 +362,19 @@ class SAGESynthesizer:
         snapshot = self.snapshot()
         return None if snapshot is None else plan_round(snapshot, self.config, count, step)
 
-    @torch.no_grad()
-    def build(self, plan: SynthesisPlan, vectors_of: VectorsOf, label: Label) -> RoundRecord:
-        """The building half: interpolate the plan's pairs, label them, add them to the pool."""
+    def _check_next(self, plan) -> None:
         if not isinstance(plan, SynthesisPlan):
             raise ValueError(f"plan must be a SynthesisPlan, got {type(plan).__name__}")
         if plan.round != self.rounds + 1:
             raise ValueError(f"plan is for round {plan.round} but the synthesizer is at round {self.rounds}: build "
                              "each plan once, in order, and plan the next round after building this one")
+
+    @torch.no_grad()
+    def synthesize(self, plan: SynthesisPlan, vectors_of: VectorsOf, label: Label) -> "SynthesizedRound":
+        """Interpolate the plan's pairs and label them, without touching the pool or any other state
+        (so a worker may run it beside training): ``commit`` adds the result."""
+        if not isinstance(plan, SynthesisPlan):
+            raise ValueError(f"plan must be a SynthesisPlan, got {type(plan).__name__}")
         started = time.perf_counter()
         m = plan.count
         anchor_ids, partner_ids = plan.anchor_ids, plan.partner_ids
@@ -346,16 +389,34 @@ class SAGESynthesizer:
         interpolated = time.perf_counter()
         logits, hidden = label(out, out_mask)
         _synchronize(self.device)
-        labelled = time.perf_counter()
-        self.pool.add(out, out_mask, logits, dict(hidden or {}), generator=self.pool_generator)
+        return SynthesizedRound(plan=plan, rows=SyntheticRows(out, out_mask, logits, dict(hidden or {})),
+                                synthesis_seconds=interpolated - started,
+                                labelling_seconds=time.perf_counter() - interpolated)
+
+    @torch.no_grad()
+    def commit(self, made: "SynthesizedRound") -> RoundRecord:
+        """Add a synthesized round to the pool and advance the synthesizer to its round."""
+        if not isinstance(made, SynthesizedRound):
+            raise ValueError(f"made must be a SynthesizedRound from synthesize(), got {type(made).__name__}")
+        plan = made.plan
+        self._check_next(plan)
+        started = time.perf_counter()
+        rows = made.rows
+        self.pool.add(rows.vectors, rows.mask, rows.logits, rows.hidden, generator=self.pool_generator)
         _synchronize(self.device)
         self.rounds = plan.round
         self.analysis_generator.set_state(plan.generator_state)
         return RoundRecord(
-            round=plan.round, step=plan.step, examples=int(plan.ids.shape[0]), synthetic=m, pool_size=len(self.pool),
-            threshold=plan.threshold, analysis_seconds=plan.analysis_seconds,
-            synthesis_seconds=(interpolated - started) + (time.perf_counter() - labelled),
-            labelling_seconds=labelled - interpolated)
+            round=plan.round, step=plan.step, examples=int(plan.ids.shape[0]), synthetic=plan.count,
+            pool_size=len(self.pool), threshold=plan.threshold, analysis_seconds=plan.analysis_seconds,
+            synthesis_seconds=made.synthesis_seconds + (time.perf_counter() - started),
+            labelling_seconds=made.labelling_seconds)
+
+    def build(self, plan: SynthesisPlan, vectors_of: VectorsOf, label: Label) -> RoundRecord:
+        """The building half: interpolate the plan's pairs, label them, add them to the pool
+        (``synthesize`` then ``commit``)."""
+        self._check_next(plan)
+        return self.commit(self.synthesize(plan, vectors_of, label))
 
     def round(self, vectors_of: VectorsOf, label: Label, *, step: int | None = None,
               plot_path: str | Path | Callable[[int], str | Path] | None = None) -> RoundRecord | None:
@@ -393,11 +454,11 @@ class SAGESynthesizer:
     def sample(self, n: int, generator: torch.Generator | None = None) -> SyntheticRows | None:
         """Up to ``n`` pool rows for the next batch, drawn without replacement with ``generator``
         (a CPU generator; default: the synthesizer's own), or None when the pool is empty."""
-        drawn = self.pool.sample(n, self.pool_generator if generator is None else generator)
-        if drawn is None:
+        index = self.pool.draw(n, self.pool_generator if generator is None else generator)
+        if index is None:
             return None
-        vectors, mask, logits, hidden = drawn
-        return SyntheticRows(vectors, mask, logits, hidden)
+        vectors, mask, logits, hidden = self.pool.take(index)
+        return SyntheticRows(vectors, mask, logits, hidden, width=self.pool.width_of(index))
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -439,4 +500,4 @@ def _check_vectors(vectors, mask, rows: int) -> None:
 
 
 __all__ = ["MODES", "PARTNERS", "ProfileSnapshot", "RoundRecord", "SAGESynthesizer", "SynthesisConfig", "SynthesisPlan",
-           "SyntheticRows", "boundary_partners", "make_analyzer", "plan_round"]
+           "SynthesizedRound", "SyntheticRows", "boundary_partners", "make_analyzer", "plan_round"]

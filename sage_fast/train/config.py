@@ -83,6 +83,9 @@ class DistillConfig:
     # --- synthesis ---
     analysis_every: int | None = _opt(None, "steps between analysis rounds (unset: one round at the end of each "
                                       "epoch but the last)")
+    analysis_lag: int | None = _opt(None, "steps a round's analysis and synthesis run beside training before its "
+                                    "examples join the pool (0: training waits for each round, inline; unset: a "
+                                    "third of the steps between rounds)")
     synthetic_per_round: int = _opt(256, "synthetic examples made in each analysis round")
     synthetic_per_batch: int = _opt(16, "synthetic examples mixed into each step once the pool has some")
     pool_size: int = _opt(1024, "most synthetic examples kept; older ones leave first (fifo) or at random "
@@ -157,7 +160,7 @@ class DistillConfig:
             positive_int(name)
         for name in ("max_steps", "analysis_every"):
             positive_int(name, allow_none=True)
-        for name in ("max_train_examples", "max_eval_examples"):
+        for name in ("max_train_examples", "max_eval_examples", "analysis_lag"):
             positive_int(name, allow_none=True, allow_zero=True)
         positive_int("synthetic_per_batch", allow_zero=True)
         positive_int("seed", allow_zero=True)

@@ -35,7 +35,7 @@ from ..assets import cache_root
 from ..devices import resolve_device
 from ..nn import SAGELoss, SAGELossConfig
 from ..regions import pooled_embedding
-from ..synthesis import RoundRecord, SAGESynthesizer, SynthesisConfig
+from ..synthesis import BackgroundRounds, RoundRecord, SAGESynthesizer, SynthesisConfig, used_lengths
 from . import DataError, ModelError, require_transformers
 from . import checkpoint as ckpt
 from . import teacher_cache
@@ -230,6 +230,17 @@ def synthesis_config(config: DistillConfig, mode: str, device: torch.device) -> 
         device=device, profile_decay=config.profile_decay, partners=config.partners)
 
 
+def resolved_lag(config: DistillConfig, steps_per_epoch: int) -> int:
+    """Steps a round runs beside training before its rows join the pool: ``analysis_lag``, or by
+    default a third of the steps between rounds (at least 1), long enough for the worker to finish
+    the analysis of the offline default while training goes on, short enough that most of the
+    interval trains on the new rows."""
+    if config.analysis_lag is not None:
+        return config.analysis_lag
+    interval = config.analysis_every if config.analysis_every is not None else steps_per_epoch
+    return max(1, interval // 3)
+
+
 def profile_signal(config: DistillConfig, per_example: torch.Tensor, student_logits: torch.Tensor,
                    teacher_logits: torch.Tensor) -> torch.Tensor:
     """What the error profile records for each real row: its SAGE loss, or only the part synthetic
@@ -307,9 +318,25 @@ class Student:
         student = copy.deepcopy(setup.student_init)
         self.interface = VectorInterface(setup.teacher, student).to(self.device)
         self.loss_fn = build_loss(self.config, setup, student).to(self.device)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-                         else contextlib.nullcontext())
         self.n_train = setup.encoded["train"]["input_ids"].shape[0]
+        # Tokens each training row uses, on the host: a step trims its batch's shared padding from
+        # these, never from the device's masks (reading those back would make every step wait).
+        self.lengths = used_lengths(setup.encoded["train"]["attention_mask"])
+
+    @property
+    def autocast(self):
+        """A new autocast context on each use: an autocast object keeps the state it restores on
+        itself, so one shared by the training thread and a round's worker thread would mix them up."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the training device; on CUDA by a pinned, asynchronous copy, so the host
+        goes on queueing work instead of waiting for the copy."""
+        if self.device.type != "cuda":
+            return tensor.to(self.device)
+        return tensor.pin_memory().to(self.device, non_blocking=True)
 
     @property
     def embedding_dim(self) -> int:
@@ -329,18 +356,20 @@ class Student:
         self.loss_fn.load_state_dict(state["loss"])
 
     def real_batch(self, rows: torch.Tensor) -> dict:
-        """Training rows ``rows`` with their cached teacher outputs, on the device."""
-        device = self.device
+        """Training rows ``rows`` (a host index) with their cached teacher outputs, on the device;
+        ``width``: the most tokens any of them uses (a Python int)."""
         enc = self.setup.encoded["train"]
         cached = self.setup.teacher_outputs["train"]
+        move = self.to_device
         batch = {
-            "input_ids": enc["input_ids"][rows].to(device), "mask": enc["attention_mask"][rows].to(device),
-            "labels": enc["labels"][rows].to(device), "ids": enc["ids"][rows].to(device),
-            "logits": cached["logits"][rows].to(device),
-            "hidden": {k: v[rows].to(device) for k, v in cached["hidden"].items()},
+            "input_ids": move(enc["input_ids"][rows]), "mask": move(enc["attention_mask"][rows]),
+            "labels": move(enc["labels"][rows]), "ids": move(enc["ids"][rows]),
+            "logits": move(cached["logits"][rows]),
+            "hidden": {k: move(v[rows]) for k, v in cached["hidden"].items()},
+            "width": int(self.lengths[rows].max()),  # host tensors: no device read
         }
         if "token_type_ids" in enc:
-            batch["token_type_ids"] = enc["token_type_ids"][rows].to(device)
+            batch["token_type_ids"] = move(enc["token_type_ids"][rows])
         return batch
 
     def vectors_of(self, ids: torch.Tensor):
@@ -373,7 +402,7 @@ class Student:
         try:
             for start in range(0, n, step):
                 real = self.real_batch(torch.arange(start, min(n, start + step)))
-                width = int(real["mask"].sum(1).max())
+                width = real["width"]
                 mask = real["mask"][:, :width]
                 types = real.get("token_type_ids")
                 with self.autocast:
@@ -399,7 +428,7 @@ class Student:
         for start in range(0, n, self.config.eval_batch_size):
             sl = slice(start, start + self.config.eval_batch_size)
             mask = enc["attention_mask"][sl].to(device)
-            width = int(mask.sum(1).max())
+            width = int(used_lengths(enc["attention_mask"][sl]).max())  # from the host copy
             types = enc["token_type_ids"][sl, :width].to(device) if "token_type_ids" in enc else None
             with self.autocast:
                 out = self.interface.student_forward(self.interface.embed(enc["input_ids"][sl, :width].to(device)),
@@ -428,6 +457,10 @@ class ModeRun:
         self.scheduler = linear_schedule(self.optimizer, self.total_steps, config.warmup_ratio)
         self.synthesizer = None if mode == "kd" else SAGESynthesizer(
             synthesis_config(config, mode, device), num_examples=self.n_train, embedding_dim=self.model.embedding_dim)
+        self.analysis_lag = resolved_lag(config, self.steps_per_epoch)
+        self.background = None if self.synthesizer is None or self.analysis_lag == 0 else BackgroundRounds(
+            self.synthesizer, self.model.vectors_of, self.model.label, lag=self.analysis_lag,
+            plot_path=self._loss_map_path)
         self.epoch = 0            # completed epochs
         self.step_in_epoch = 0    # completed steps of the current epoch
         self.global_step = 0
@@ -456,6 +489,7 @@ class ModeRun:
             **self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_state(),
             "synthesizer": None if self.synthesizer is None else self.synthesizer.state_dict(),
+            "round_in_flight": None if self.background is None else self.background.state_dict(),
             "metrics": self.metrics.records, "timer": dict(self.timer.seconds),
             "total_steps": self.total_steps,
         }
@@ -482,13 +516,17 @@ class ModeRun:
         self.done = state["done"] and self.global_step >= self.total_steps
         if self.synthesizer is not None:
             self.synthesizer.load_state_dict(state["synthesizer"])
+        self._load_round_in_flight(state.get("round_in_flight"))
         ckpt.set_rng_state(state["rng"])
         self.timer = Timer(state["timer"])
         self.metrics = MetricsLog(None if self.read_only else self.out_dir / "metrics.jsonl", state["metrics"])
         self.checkpoint_step = self.global_step
 
     # ------------------------------------------------------------------ one step
-    def train_step(self, rows: torch.Tensor) -> float:
+    def train_step(self, rows: torch.Tensor) -> torch.Tensor:
+        """One optimiser step on the real rows ``rows`` (a host index) and a draw from the pool.
+        Returns the batch loss as a detached 0-d tensor on the device: the caller reads it only
+        where it logs, so on CUDA the host queues the next step without waiting for this one."""
         config = self.config
         real = self.model.real_batch(rows)
         vectors = self.interface.embed(real["input_ids"])
@@ -505,7 +543,8 @@ class ModeRun:
             labels = torch.cat([labels, labels.new_full((len(synthetic),), self.model.loss_fn.config.ignore_index)])
             if token_types is not None:  # synthetic rows were labelled with token type 0 throughout
                 token_types = torch.cat([token_types, token_types.new_zeros(synthetic.mask.shape)])
-        width = int(mask.sum(1).max())  # trim padding shared by every row of this batch
+        # Trim the padding every row of this batch shares; the widths are known on the host.
+        width = real["width"] if synthetic is None else max(real["width"], synthetic.width)
         vectors, mask = vectors[:, :width], mask[:, :width]
         hidden = {k: v[:, :width].float() for k, v in hidden.items()}
         if token_types is not None:
@@ -530,28 +569,68 @@ class ModeRun:
                 self.synthesizer.observe(real["ids"], signal, embeddings, classes=real["logits"].argmax(-1))
         self.examples_seen["real"] += n_real
         self.examples_seen["synthetic"] += vectors.shape[0] - n_real
-        return float(result.loss.detach())
+        return result.loss.detach()
 
     # ------------------------------------------------------------------ analysis and synthesis
+    def _loss_map_path(self, number: int) -> Path:
+        return self.out_dir / f"loss_map_round{number:03d}.png"
+
     def analysis_round_now(self) -> RoundRecord | None:
+        """The round due now. Inline (``analysis_lag`` 0) training waits for it and gets its record;
+        otherwise its snapshot goes to the worker and its rows join the pool ``analysis_lag`` steps
+        later (``finish_round``), and None is returned, as when too few rows have been seen."""
+        if self.background is not None and self.background.pending is not None:
+            self.finish_round()  # rounds join the pool in order: the one in flight first
         if self.config.refresh_profile:
             with self.timer.measure("analysis"):
                 self.synthesizer.refresh(self.model.profile_batches())
-        record = self.synthesizer.round(
-            self.model.vectors_of, self.model.label, step=self.global_step,
-            plot_path=lambda number: self.out_dir / f"loss_map_round{number:03d}.png")
+        # A round joins the pool analysis_lag steps after its snapshot, or before the last step
+        # when fewer remain (inline when none does): a rule of step counts alone, like the lag.
+        lag = min(self.analysis_lag, self.total_steps - 1 - self.global_step)
+        if self.background is not None and lag > 0:
+            with self.timer.measure("analysis"):  # the snapshot: what training pays to start a round
+                self.background.start(self.global_step, lag)
+            return None
+        record = self.synthesizer.round(self.model.vectors_of, self.model.label, step=self.global_step,
+                                        plot_path=self._loss_map_path)
         if record is None:  # too few examples seen yet
             return None
         for category in ("analysis", "synthesis", "labelling", "plot"):
-            seconds = getattr(record, f"{category}_seconds")
-            self.timer.seconds[category] = self.timer.seconds.get(category, 0.0) + seconds
+            self._add_seconds(category, getattr(record, f"{category}_seconds"))
+        self._log_round(record)
+        return record
+
+    def finish_round(self) -> RoundRecord:
+        """Add the round in flight to the pool, waiting for its worker if it is not done yet. The
+        wait counts as analysis time and the pool's copy as synthesis time, the time training paid;
+        the worker's own seconds (``background``) ran beside training."""
+        record = self.background.finish(step=self.global_step)
+        self._add_seconds("analysis", record.wait_seconds)
+        self._add_seconds("synthesis", record.commit_seconds)
+        self._add_seconds("background", record.analysis_seconds + record.synthesis_seconds
+                          + record.labelling_seconds + record.plot_seconds - record.commit_seconds)
+        self._log_round(record)
+        return record
+
+    def _add_seconds(self, category: str, seconds: float) -> None:
+        self.timer.seconds[category] = self.timer.seconds.get(category, 0.0) + seconds
+
+    def _log_round(self, record: RoundRecord) -> None:
         if record.plot_error:
             self.log(f"no loss map: {record.plot_error}")
         self.metrics.log(kind="analysis", mode=self.mode, round=record.round, step=self.global_step,
                          epoch=self.epoch, examples=record.examples, synthetic=record.synthetic, pool=record.pool_size,
                          threshold=record.threshold, png=record.png, analysis_seconds=record.analysis_seconds,
-                         synthesis_seconds=record.synthesis_seconds, labelling_seconds=record.labelling_seconds)
-        return record
+                         synthesis_seconds=record.synthesis_seconds, labelling_seconds=record.labelling_seconds,
+                         snapshot_step=record.snapshot_step, wait_seconds=record.wait_seconds)
+
+    def _load_round_in_flight(self, state) -> None:
+        if self.background is not None:
+            self.background.load_state_dict(state)
+        elif state is not None:
+            raise ckpt.CheckpointError(
+                f"{self.checkpoint_path} holds a round made beside training (analysis-lag > 0), but this run makes "
+                "rounds inline (analysis-lag 0): resume with the settings it was started with")
 
     @property
     def pool_size(self) -> int:
@@ -562,10 +641,11 @@ class ModeRun:
         if self.synthesizer is None:
             return False
         if self.config.analysis_every is not None:
-            # No round after the last step: nothing would train on what it makes.
-            return (not end_of_epoch and self.global_step % self.config.analysis_every == 0
-                    and self.global_step < self.total_steps)
-        return end_of_epoch and self.global_step < self.total_steps
+            due = not end_of_epoch and self.global_step % self.config.analysis_every == 0
+        else:
+            due = end_of_epoch
+        # No round after the last step: nothing would train on what it makes.
+        return due and self.global_step < self.total_steps
 
     def train(self) -> dict:
         config = self.config
@@ -584,10 +664,13 @@ class ModeRun:
                         self.global_step += 1
                         bar.update(1)
                         if self.global_step % config.log_every == 0 or self.global_step == 1:
+                            loss = float(loss)  # the step's only host read of the loss, where it is logged
                             self._check_finite_loss(loss)
                             bar.set_postfix(loss=f"{loss:.4f}", pool=self.pool_size)
                             self.metrics.log(kind="train", mode=self.mode, epoch=self.epoch, step=self.global_step,
                                              loss=loss, lr=self.scheduler.get_last_lr()[0], pool=self.pool_size)
+                        if self.background is not None and self.background.due(self.global_step):
+                            self.finish_round()
                         if self._analysis_due(end_of_epoch=False):
                             self.analysis_round_now()
                         after_step(self)

@@ -21,6 +21,7 @@ import copy
 import inspect
 import json
 import pickle
+import sys
 from pathlib import Path
 
 import torch
@@ -280,6 +281,36 @@ def _takes_token_types(model) -> bool:
     return accepts and getattr(model.config, "type_vocab_size", 0) > 1
 
 
+def _full_mask(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor):
+    """The attention mask to give ``model``: on CUDA the 4-D mask of ``full_attention_mask``, so no
+    forward waits for the device; elsewhere the 2-D mask (on the CPU the check costs nothing)."""
+    if not attention_mask.is_cuda:
+        return attention_mask
+    return full_attention_mask(model, inputs_embeds, attention_mask)
+
+
+def full_attention_mask(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor):
+    """The 4-D attention mask ``model`` would build from the 2-D ``attention_mask``, built without
+    its check for "no padding at all" (``padding_mask.all()`` in transformers' mask utilities, a
+    host read: on CUDA every forward would wait for the device). Models whose code builds masks
+    with transformers' ``create_bidirectional_mask`` take a 4-D mask as it is; for others (and
+    decoders, and a transformers without that function) the 2-D mask unchanged."""
+    if getattr(model.config, "is_decoder", False):
+        return attention_mask
+    base = getattr(model, "base_model", model)
+    build = getattr(sys.modules.get(type(base).__module__), "create_bidirectional_mask", None)
+    if build is None:
+        return attention_mask
+    # The model builds its mask for its embedding output, in the parameters' dtype: the same here
+    # (shape, dtype and device are all the builder reads of it).
+    like = inputs_embeds.new_empty(()).to(model.dtype).expand(inputs_embeds.shape)
+    try:
+        return build(config=model.config, inputs_embeds=like, attention_mask=attention_mask,
+                     allow_is_bidirectional_skip=False)
+    except TypeError:  # a transformers without that switch: the model's own mask, with the check
+        return attention_mask
+
+
 class VectorInterface(nn.Module):
     """Teacher and student fed through one vector space (see the module docstring).
 
@@ -335,8 +366,11 @@ class VectorInterface(nn.Module):
         return [p for p in list(self.student.parameters()) + list(self.adapter.parameters()) if p.requires_grad]
 
     def train(self, mode: bool = True):
-        super().train(mode)
-        self.teacher.eval()  # the teacher never trains: no dropout in its labels
+        # The teacher never trains (no dropout in its labels), and is never switched even for a
+        # moment: a round's worker thread may be labelling with it while the student switches modes.
+        self.training = mode
+        self.student.train(mode)
+        self.adapter.train(mode)
         return self
 
     @staticmethod
@@ -356,7 +390,7 @@ class VectorInterface(nn.Module):
             kwargs["position_ids"] = torch.cumsum(mask, dim=1) * mask + offset
         if token_type_ids is not None and takes_token_types:
             kwargs["token_type_ids"] = token_type_ids
-        return model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+        return model(inputs_embeds=inputs_embeds, attention_mask=_full_mask(model, inputs_embeds, attention_mask),
                      output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
 
     def teacher_forward(self, x, attention_mask, output_hidden_states: bool = False, token_type_ids=None):

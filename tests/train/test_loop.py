@@ -149,3 +149,68 @@ def test_n_neighbors_larger_than_the_data_is_capped_and_analyze_needs_no_optimiz
     assert main(["analyze", str(tmp_path / "big_k"), "--output", str(png), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert png.is_file() and "sage student after 7 steps: 120 training examples" in printed
+
+
+def test_rounds_beside_training_give_the_same_student_however_slow_the_worker(tiny, tmp_path, monkeypatch):
+    """analysis_lag 2: each round's snapshot is taken at its due step (6, 12) and its rows join the
+    pool two steps later (8, 14), whether the worker is done early or training has to wait for it."""
+    import time
+
+    from sage_fast.synthesis import background
+
+    fast = loop.run(tiny_config(tiny, tmp_path / "fast", analysis_lag=2), log=lambda *a: None)
+    plan_round = background.plan_round
+
+    def slow_plan_round(*args, **kwargs):
+        time.sleep(1.5)  # far longer than two steps of the tiny model: training waits at the due step
+        return plan_round(*args, **kwargs)
+
+    monkeypatch.setattr(background, "plan_round", slow_plan_round)
+    slow = loop.run(tiny_config(tiny, tmp_path / "slow", analysis_lag=2), log=lambda *a: None)
+    monkeypatch.undo()
+    inline = loop.run(tiny_config(tiny, tmp_path / "inline", analysis_lag=0), log=lambda *a: None)
+
+    a, a_records = final_state(tmp_path / "fast")
+    b, b_records = final_state(tmp_path / "slow")
+    c, c_records = final_state(tmp_path / "inline")
+    rounds = [(r["round"], r["snapshot_step"], r["step"]) for r in a_records if r["kind"] == "analysis"]
+    assert rounds == [(1, 6, 8), (2, 12, 14)]
+    assert [(r["round"], r["step"]) for r in c_records if r["kind"] == "analysis"] == [(1, 6), (2, 12)]
+    assert sum(r["wait_seconds"] for r in b_records if r["kind"] == "analysis") > 1.0  # the slow worker was waited for
+    assert slow["modes"][0]["accuracy"] == fast["modes"][0]["accuracy"]
+    for name, tensor in a["student"].items():
+        assert torch.equal(tensor, b["student"][name]), name
+    assert torch.equal(a["synthesizer"]["pool"]["vectors"], b["synthesizer"]["pool"]["vectors"])
+    assert torch.equal(a["synthesizer"]["profile"]["loss"], b["synthesizer"]["profile"]["loss"])
+    # The lag is the one difference from training that waits for each round: the students differ.
+    assert any(not torch.equal(tensor, c["student"][name]) for name, tensor in a["student"].items())
+    assert a["round_in_flight"] is None and c["round_in_flight"] is None
+
+
+def test_a_checkpoint_taken_while_a_round_is_in_flight_resumes_exactly(tiny, tmp_path, monkeypatch):
+    straight = loop.run(tiny_config(tiny, tmp_path / "straight", analysis_lag=2), log=lambda *a: None)
+
+    def ctrl_c_at_step_7(run):  # the round whose snapshot was taken after step 6 joins after step 8
+        if run.global_step == 7:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(loop, "after_step", ctrl_c_at_step_7)
+    with pytest.raises(loop.TrainingInterrupted):
+        loop.run(tiny_config(tiny, tmp_path / "resumed", analysis_lag=2), log=lambda *a: None)
+    monkeypatch.undo()
+    interrupted = checkpoint.load(tmp_path / "resumed" / "sage")
+    in_flight = interrupted["round_in_flight"]
+    assert in_flight["step"] == 6 and in_flight["due_step"] == 8 and in_flight["snapshot"]["round"] == 1
+    assert interrupted["synthesizer"]["rounds"] == 0 and interrupted["synthesizer"]["pool"]["size"] == 0
+    resumed = loop.run(tiny_config(tiny, tmp_path / "resumed", analysis_lag=2), resume=True, log=lambda *a: None)
+    assert resumed["modes"][0]["accuracy"] == straight["modes"][0]["accuracy"]
+    a, _ = final_state(tmp_path / "straight")
+    b, _ = final_state(tmp_path / "resumed")
+    for name, tensor in a["student"].items():
+        assert torch.equal(tensor, b["student"][name]), name
+    assert torch.equal(a["synthesizer"]["pool"]["vectors"], b["synthesizer"]["pool"]["vectors"])
+
+    with pytest.raises(checkpoint.CheckpointError, match="analysis-lag"):
+        run = loop.ModeRun(loop.build_setup(tiny_config(tiny, tmp_path / "other", analysis_lag=0),
+                                            log=lambda *a: None), "sage", tmp_path / "other" / "sage")
+        run.load(interrupted)

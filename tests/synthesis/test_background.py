@@ -1,0 +1,180 @@
+"""Rounds made beside training (BackgroundRounds): the same pool as a round made inline from the same
+snapshot, however slow the worker; a checkpoint with a round in flight; the pool's host-side widths."""
+import threading
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("umap")
+
+from sage_fast.synthesis import BackgroundRounds, SyntheticPool, background, used_lengths  # noqa: E402
+from test_synthesizer import N, label, planted, synthesizer, vectors_of  # noqa: E402
+
+
+def pool_of(synth):
+    n = len(synth.pool)
+    return synth.pool.vectors[:n], synth.pool.masks[:n], synth.pool.logits[:n], synth.pool.hidden[2][:n]
+
+
+def assert_same_pool(a, b):
+    for x, y in zip(pool_of(a), pool_of(b)):
+        assert torch.equal(x, y)
+    assert torch.equal(a.pool.lengths, b.pool.lengths)
+    assert torch.equal(a.analysis_generator.get_state(), b.analysis_generator.get_state())
+
+
+def train_a_little(synth, step):
+    """What training does to the profile while a round is in flight: new losses for some rows."""
+    g = torch.Generator().manual_seed(100 + step)
+    ids = torch.randint(0, N, (12,), generator=g)
+    synth.observe(ids, 5 * torch.rand(12, generator=g), torch.randn(12, planted()[0].shape[1], generator=g))
+
+
+def slowed(monkeypatch, seconds, calls=None):
+    """plan_round on the worker made slow, so training reaches the due step first."""
+    plan_round = background.plan_round
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        if calls is not None:
+            calls.append(threading.current_thread().name)
+        return plan_round(*args, **kwargs)
+
+    monkeypatch.setattr(background, "plan_round", slow)
+
+
+def test_a_round_beside_training_fills_the_pool_as_an_inline_round_from_its_snapshot(monkeypatch):
+    inline, beside = synthesizer(), synthesizer()
+    record_inline = inline.build(inline.plan(step=4), vectors_of, label)  # the snapshot is taken at step 4
+    calls = []
+    slowed(monkeypatch, 0.3, calls)
+    rounds = BackgroundRounds(beside, vectors_of, label, lag=3)
+    assert rounds.start(4) and rounds.pending.due_step == 7 and not rounds.due(6) and rounds.due(7)
+    for step in (5, 6, 7):  # training goes on and changes the profile; the round is not affected
+        train_a_little(beside, step)
+        assert len(beside.pool) == 0
+    record = rounds.finish()
+    assert calls and calls[0] != threading.current_thread().name  # planned on the worker thread
+    assert record.wait_seconds > 0  # the worker was slower than training here, so training waited
+    assert (record.round, record.step, record.snapshot_step, record.synthetic) == (1, 7, 4, record_inline.synthetic)
+    assert record.threshold == record_inline.threshold and rounds.pending is None
+    assert_same_pool(inline, beside)
+    assert beside.rounds == 1
+
+
+def test_the_worker_speed_never_changes_the_rows(monkeypatch):
+    def run(delay):
+        synth = synthesizer()
+        rounds = BackgroundRounds(synth, vectors_of, label, lag=2)
+        with monkeypatch.context() as patch:
+            slowed(patch, delay)
+            for step in range(1, 9):
+                train_a_little(synth, step)
+                if rounds.due(step):
+                    rounds.finish()
+                if step in (2, 5):
+                    rounds.start(step)
+        return synth
+
+    fast, slow = run(0.0), run(0.4)
+    assert fast.rounds == slow.rounds == 2
+    assert_same_pool(fast, slow)
+    assert torch.equal(fast.profile.loss, slow.profile.loss)
+
+
+def test_a_checkpoint_with_a_round_in_flight_resumes_to_the_same_pool(monkeypatch):
+    straight = synthesizer()
+    rounds = BackgroundRounds(straight, vectors_of, label, lag=2)
+    rounds.start(3)
+    saved = {"synth": straight.state_dict(), "rounds": rounds.state_dict()}
+    assert saved["rounds"]["due_step"] == 5 and saved["rounds"]["snapshot"]["round"] == 1
+    train_a_little(straight, 4)
+    rounds.finish()
+
+    resumed = synthesizer()
+    again = BackgroundRounds(resumed, vectors_of, label, lag=2)
+    resumed.load_state_dict(saved["synth"])
+    slowed(monkeypatch, 0.2)
+    again.load_state_dict(saved["rounds"])  # the worker plans it again when first needed
+    assert again.pending.due_step == 5 and again.due(5)
+    train_a_little(resumed, 4)
+    again.finish()
+    assert_same_pool(straight, resumed)
+
+    fresh = BackgroundRounds(synthesizer(), vectors_of, label, lag=2)
+    fresh.synthesizer.rounds = 1
+    with pytest.raises(ValueError, match="round 1 but the synthesizer is at round 1"):
+        fresh.load_state_dict(saved["rounds"])
+    fresh.load_state_dict(None)
+    assert fresh.pending is None and fresh.state_dict() is None
+
+
+def test_rounds_join_in_order_and_errors_reach_the_training_thread(monkeypatch):
+    synth = synthesizer()
+    rounds = BackgroundRounds(synth, vectors_of, label, lag=1)
+    with pytest.raises(RuntimeError, match="no round is in flight"):
+        rounds.finish()
+    rounds.start(1)
+    with pytest.raises(RuntimeError, match="still in flight"):
+        rounds.start(2)
+    rounds.finish()
+
+    def broken(*args, **kwargs):
+        raise ValueError("the analysis failed")
+
+    monkeypatch.setattr(background, "plan_round", broken)
+    rounds.start(3)
+    with pytest.raises(ValueError, match="the analysis failed"):
+        rounds.finish()
+    assert synth.rounds == 1  # nothing joined the pool
+
+
+def test_too_few_rows_start_nothing_and_bad_arguments():
+    from sage_fast.synthesis import SAGESynthesizer, SynthesisConfig
+
+    empty = SAGESynthesizer(SynthesisConfig(n_neighbors=5), num_examples=N, embedding_dim=6)
+    rounds = BackgroundRounds(empty, vectors_of, label, lag=2)
+    assert rounds.start(0) is False and rounds.pending is None
+    for lag in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="lag"):
+            BackgroundRounds(empty, vectors_of, label, lag=lag)
+    with pytest.raises(ValueError, match="synthesizer must be a SAGESynthesizer"):
+        BackgroundRounds("synth", vectors_of, label, lag=1)
+    with pytest.raises(ValueError, match="state must be None or a dict"):
+        rounds.load_state_dict({"snapshot": {}})
+
+
+def test_the_loss_map_is_drawn_by_the_worker(tmp_path):
+    pytest.importorskip("matplotlib")
+    synth = synthesizer()
+    rounds = BackgroundRounds(synth, vectors_of, label, lag=1, plot_path=lambda n: tmp_path / f"round{n}.png")
+    rounds.start(2)
+    record = rounds.finish()
+    assert record.png == str(tmp_path / "round1.png") and (tmp_path / "round1.png").stat().st_size > 0
+
+
+def test_used_lengths_and_pool_widths():
+    masks = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0], [0, 1, 1, 0]])
+    assert used_lengths(masks).tolist() == [2, 4, 0, 3]
+    pool = SyntheticPool(4)
+    vectors = torch.arange(4.0).view(4, 1, 1).expand(4, 4, 2).clone()
+    pool.add(vectors[:2], masks[:2], torch.zeros(2, 2))
+    pool.add(vectors[2:], masks[2:], torch.zeros(2, 2))
+    assert pool.lengths.tolist() == [2, 4, 0, 3]
+    index = pool.draw(4, torch.Generator().manual_seed(0))
+    assert pool.width_of(index) == 4 and pool.width_of(torch.tensor([0, 2])) == 2
+    pool.add(vectors[:1], torch.tensor([[1, 0, 0, 0]]), torch.zeros(1, 2))  # fifo: slot 0 is replaced
+    assert pool.lengths.tolist() == [1, 4, 0, 3]
+    copy = SyntheticPool(4)
+    copy.load_state_dict(pool.state_dict())
+    assert torch.equal(copy.lengths, pool.lengths)
+    vectors_, masks_, _, _ = copy.take(torch.tensor([3]))
+    assert torch.equal(masks_, masks[3:])
+
+
+def test_sample_knows_the_width_of_what_it_drew():
+    synth = synthesizer()
+    synth.build(synth.plan(), vectors_of, label)
+    rows = synth.sample(5, torch.Generator().manual_seed(2))
+    assert rows.width == int(used_lengths(rows.mask).max())
