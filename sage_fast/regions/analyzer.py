@@ -37,6 +37,7 @@ import inspect
 import math
 import os
 import sys
+import threading
 import warnings
 
 import numpy as np
@@ -62,6 +63,7 @@ class NotFittedError(ValueError, AttributeError):
 
 
 _CACHED_PACKAGES: set[str] = set()
+_IMPORT_LOCK = threading.Lock()
 
 
 def _numba_cache_dir() -> None:
@@ -113,15 +115,39 @@ def _cache_compilations(package: str) -> None:
 
 
 def _import_umap():
-    _numba_cache_dir()
-    try:
-        import umap
-    except ImportError as error:
-        raise ImportError(
-            "the loss-region analysis on the CPU needs umap-learn: pip install 'sage-fast[analysis]'"
-        ) from error
-    _cache_compilations("umap")
+    with _IMPORT_LOCK:  # a warm-up thread and a round's worker may both get here: cache before any compile
+        _numba_cache_dir()
+        try:
+            import umap
+        except ImportError as error:
+            raise ImportError(
+                "the loss-region analysis on the CPU needs umap-learn: pip install 'sage-fast[analysis]'"
+            ) from error
+        _cache_compilations("umap")
     return umap
+
+
+def warm_up() -> None:
+    """Import umap-learn and have numba compile its functions (or load them from the disk cache)
+    with a fit on a few random points, so that the first real round does not pay for it. Touches no
+    random stream but its own."""
+    g = torch.Generator().manual_seed(0)
+    LossRegionAnalyzer(n_neighbors=5, random_state=0).fit(torch.randn(64, 8, generator=g), torch.rand(64, generator=g))
+
+
+def warm_up_in_background() -> threading.Thread:
+    """``warm_up`` on a daemon thread, started now (a training driver calls it before loading its
+    models, so a first run compiles while the teacher is prepared). Failures are left to the first
+    real round, which reports them (umap-learn missing, say)."""
+    def run() -> None:
+        try:
+            warm_up()
+        except Exception:  # noqa: BLE001 - the real round raises the same error with its message
+            pass
+
+    thread = threading.Thread(target=run, name="sage-fast analysis warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 class LossRegionAnalyzer:

@@ -30,7 +30,9 @@ most of the work, so it proceeds beside the training step. On CUDA the worker's 
 side stream: it starts after the snapshot's copies (an event on the training stream), and the
 training stream waits for the worker's last kernel (an event) before the rows join the pool, so
 the host never waits on the device for this; the rows are marked as used on the training stream,
-so the caching allocator does not hand their memory to the next round early.
+so the caching allocator does not hand their memory to the next round early. What the host still
+waits for, once per round and never per step: the snapshot learns which rows have been seen
+(``nonzero``), and the worker's own reads (the kNN graph, UMAP's host side) wait on its stream only.
 """
 from __future__ import annotations
 

@@ -43,6 +43,15 @@ def pad_tokens(t: torch.Tensor, length: int) -> torch.Tensor:
     return out
 
 
+def _index(values: list[int], device: torch.device) -> torch.Tensor:
+    """A list of positions as an index on ``device``; on CUDA by a pinned, asynchronous copy, so the
+    host does not wait for the device."""
+    index = torch.tensor(values)
+    if device.type == "cuda":
+        return index.pin_memory().to(device, non_blocking=True)
+    return index.to(device)
+
+
 class SyntheticPool:
     def __init__(self, capacity: int, policy: str = "fifo"):
         _checks.integer("capacity", capacity, minimum=1)
@@ -99,10 +108,18 @@ class SyntheticPool:
 
     @torch.no_grad()
     def add(self, vectors: torch.Tensor, masks: torch.Tensor, logits: torch.Tensor,
-            hidden: Mapping[int, torch.Tensor] | None = None, *, generator: torch.Generator | None = None) -> None:
-        """Offer ``M`` new examples. ``generator`` drives the reservoir's choices (CPU generator)."""
+            hidden: Mapping[int, torch.Tensor] | None = None, *, generator: torch.Generator | None = None,
+            lengths: torch.Tensor | None = None) -> None:
+        """Offer ``M`` new examples. ``generator`` drives the reservoir's choices (CPU generator).
+        ``lengths``: the new rows' ``used_lengths(masks)`` on the host, when the caller has them
+        (otherwise they are read from ``masks`` here: on CUDA the host waits for the device once)."""
         hidden = dict(hidden or {})
         self._check(vectors, masks, logits, hidden)
+        if lengths is not None:
+            _checks.tensor("lengths", lengths, ndim=1)
+            if lengths.shape[0] != vectors.shape[0] or lengths.device.type != "cpu":
+                raise ValueError(f"lengths must be a host tensor with one value per row ({vectors.shape[0]}), got "
+                                 f"shape {tuple(lengths.shape)} on {lengths.device}")
         if self.vectors is None:
             self._allocate(vectors, masks, logits, hidden)
         length = self.vectors.shape[1]
@@ -127,10 +144,11 @@ class SyntheticPool:
                 rows.append(i)
         if not slots:
             return
-        # Once per add (a round), never per step: the new rows' widths come to the host here.
-        self.lengths[torch.tensor(slots)] = used_lengths(masks).cpu()[torch.tensor(rows)]
-        slots_t = torch.tensor(slots, device=self.vectors.device)
-        rows_t = torch.tensor(rows, device=vectors.device)
+        # Once per add (a round), never per step: the new rows' widths are kept on the host.
+        if lengths is None:
+            lengths = used_lengths(masks).cpu()
+        self.lengths[torch.tensor(slots)] = lengths[torch.tensor(rows)]
+        slots_t, rows_t = _index(slots, self.vectors.device), _index(rows, vectors.device)
         self.vectors[slots_t] = vectors[rows_t].to(self.vectors)
         self.masks[slots_t] = masks[rows_t].to(self.masks)
         self.logits[slots_t] = logits[rows_t].to(self.logits)

@@ -55,7 +55,7 @@ from ..devices import resolve_device
 from ..ops import interpolate
 from ..plot import loss_map
 from ..regions import ErrorProfile, LossRegionAnalyzer
-from .pool import POLICIES, SyntheticPool
+from .pool import POLICIES, SyntheticPool, used_lengths
 
 MODES = ("sage", "random", "inverse")
 PARTNERS = ("neighbours", "boundary")
@@ -231,6 +231,7 @@ class SynthesizedRound:
     makes it, ``commit`` adds it), with what making them cost."""
     plan: SynthesisPlan
     rows: SyntheticRows
+    lengths: torch.Tensor  # [M] used width of each row (``used_lengths(rows.mask)``), on the host
     synthesis_seconds: float
     labelling_seconds: float
 
@@ -389,9 +390,13 @@ class SAGESynthesizer:
         interpolated = time.perf_counter()
         logits, hidden = label(out, out_mask)
         _synchronize(self.device)
+        labelled = time.perf_counter()
+        # The rows' widths on the host, read here (beside training, when a worker runs this) rather
+        # than by the pool on the training thread.
+        lengths = used_lengths(out_mask).cpu()
         return SynthesizedRound(plan=plan, rows=SyntheticRows(out, out_mask, logits, dict(hidden or {})),
-                                synthesis_seconds=interpolated - started,
-                                labelling_seconds=time.perf_counter() - interpolated)
+                                lengths=lengths, synthesis_seconds=(interpolated - started)
+                                + (time.perf_counter() - labelled), labelling_seconds=labelled - interpolated)
 
     @torch.no_grad()
     def commit(self, made: "SynthesizedRound") -> RoundRecord:
@@ -402,7 +407,8 @@ class SAGESynthesizer:
         self._check_next(plan)
         started = time.perf_counter()
         rows = made.rows
-        self.pool.add(rows.vectors, rows.mask, rows.logits, rows.hidden, generator=self.pool_generator)
+        self.pool.add(rows.vectors, rows.mask, rows.logits, rows.hidden, generator=self.pool_generator,
+                      lengths=made.lengths)
         _synchronize(self.device)
         self.rounds = plan.round
         self.analysis_generator.set_state(plan.generator_state)

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ..assets import cache_root
 from ..devices import resolve_device
 from ..nn import SAGELoss, SAGELossConfig
-from ..regions import pooled_embedding
+from ..regions import pooled_embedding, warm_up_in_background
 from ..synthesis import BackgroundRounds, RoundRecord, SAGESynthesizer, SynthesisConfig, used_lengths
 from . import DataError, ModelError, require_transformers
 from . import checkpoint as ckpt
@@ -789,6 +789,8 @@ def run(config: DistillConfig, *, resume: bool = False, log=print) -> dict:
 
 
 def _run_modes(config: DistillConfig, out_dir: Path, modes: list[str], resume: bool, log) -> dict:
+    if any(mode != "kd" for mode in modes):  # numba compiles (or loads) UMAP while the models are prepared
+        warm_up_in_background()
     setup = build_setup(config, log=log)
     rows, trained = [], {}
     for mode in modes:

@@ -154,7 +154,7 @@ def test_the_loss_map_is_drawn_by_the_worker(tmp_path):
     assert record.png == str(tmp_path / "round1.png") and (tmp_path / "round1.png").stat().st_size > 0
 
 
-def test_used_lengths_and_pool_widths():
+def test_used_lengths_and_pool_widths(monkeypatch):
     masks = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0], [0, 1, 1, 0]])
     assert used_lengths(masks).tolist() == [2, 4, 0, 3]
     pool = SyntheticPool(4)
@@ -166,6 +166,12 @@ def test_used_lengths_and_pool_widths():
     assert pool.width_of(index) == 4 and pool.width_of(torch.tensor([0, 2])) == 2
     pool.add(vectors[:1], torch.tensor([[1, 0, 0, 0]]), torch.zeros(1, 2))  # fifo: slot 0 is replaced
     assert pool.lengths.tolist() == [1, 4, 0, 3]
+    with monkeypatch.context() as patch:  # given on the host: the masks are not read for them
+        patch.setattr("sage_fast.synthesis.pool.used_lengths", None)
+        pool.add(vectors[1:2], masks[1:2], torch.zeros(1, 2), lengths=torch.tensor([4]))
+    assert pool.lengths.tolist() == [1, 4, 0, 3]
+    with pytest.raises(ValueError, match="lengths must be a host tensor with one value per row"):
+        pool.add(vectors[:2], masks[:2], torch.zeros(2, 2), lengths=torch.tensor([4]))
     copy = SyntheticPool(4)
     copy.load_state_dict(pool.state_dict())
     assert torch.equal(copy.lengths, pool.lengths)
@@ -178,3 +184,39 @@ def test_sample_knows_the_width_of_what_it_drew():
     synth.build(synth.plan(), vectors_of, label)
     rows = synth.sample(5, torch.Generator().manual_seed(2))
     assert rows.width == int(used_lengths(rows.mask).max())
+
+
+def test_numba_keeps_the_analysis_compilations_under_the_cache_root(tmp_path):
+    """A round's first fit in a process loads umap-learn's compiled functions from disk: numba's
+    cache directory is <cache>/numba unless the user chose one, and umap's functions are cached
+    (the serial layout epoch, not its parallel twin, which would share the entry)."""
+    import os
+    import subprocess
+    import sys
+
+    from sage_fast.assets import cache_root
+
+    script = (
+        "import os, sys\n"
+        "from numba.core.caching import NullCache\n"
+        "from sage_fast.regions import analyzer\n"
+        "analyzer._import_umap()\n"
+        "import numba\n"
+        "layouts = sys.modules['umap.layouts']\n"
+        "print(os.environ['NUMBA_CACHE_DIR'], numba.config.CACHE_DIR)\n"
+        "print(isinstance(layouts._nb_optimize_layout_euclidean_single_epoch._cache, NullCache),\n"
+        "      isinstance(layouts._nb_optimize_layout_euclidean_single_epoch_parallel._cache, NullCache),\n"
+        "      isinstance(sys.modules['umap.umap_'].smooth_knn_dist._cache, NullCache))\n")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env["SAGE_FAST_CACHE"] = str(cache_root())  # where earlier runs left their compilations: quick
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    directories, cached = out.stdout.splitlines()
+    assert directories.split() == [str(cache_root() / "numba")] * 2
+    assert cached.split() == ["False", "True", "False"]
+
+    chosen = {**env, "NUMBA_CACHE_DIR": str(tmp_path / "mine")}
+    out = subprocess.run([sys.executable, "-c", "import os\nfrom sage_fast.regions import analyzer\n"
+                          "analyzer._numba_cache_dir()\nprint(os.environ['NUMBA_CACHE_DIR'])"],
+                         env=chosen, capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == str(tmp_path / "mine"), out.stderr
