@@ -64,7 +64,8 @@ class PendingRound:
 class _Worker:
     """One round made on a daemon thread (a run stopped with Ctrl-C does not wait for it)."""
 
-    def __init__(self, target: Callable[[], tuple[SynthesizedRound, dict]], device: torch.device):
+    def __init__(self, target: Callable[[], tuple[SynthesizedRound, dict]], device: torch.device,
+                 inputs: list[torch.Tensor]):
         self.result: tuple[SynthesizedRound, dict] | None = None
         self.error: BaseException | None = None
         self.stream = self.ready = self.done = None
@@ -73,6 +74,9 @@ class _Worker:
             self.ready = torch.cuda.Event()
             self.ready.record(torch.cuda.current_stream(device))  # after the snapshot's copies
             self.done = torch.cuda.Event()
+            for tensor in inputs:  # made on the training stream, read on the side stream
+                if tensor.is_cuda:
+                    tensor.record_stream(self.stream)
         self._target = target
         self._thread = threading.Thread(target=self._run, name="sage-fast analysis round", daemon=True)
         self._thread.start()
@@ -212,7 +216,10 @@ class BackgroundRounds:
                 plot["seconds"] = time.perf_counter() - started
             return made, plot
 
-        self._worker = _Worker(make, synthesizer.device)
+        snapshot = pending.snapshot
+        inputs = [snapshot.ids, snapshot.embeddings, snapshot.losses,
+                  *([] if snapshot.classes is None else [snapshot.classes])]
+        self._worker = _Worker(make, synthesizer.device, inputs)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict | None:
