@@ -81,9 +81,10 @@ PAIRS = {
 N2K = {"max_train_examples": 2000}  # the exploration scale: a fifth of the rows, five times cheaper
 
 PLAN: list[Experiment] = [
-    Experiment("n2k-defaults", "baseline: the driver's settings before the study, 2,000 rows", "minilm", N2K),
+    Experiment("n2k-defaults", "baseline: the driver's settings before the study, 2,000 rows", "minilm", N2K,
+               seeds=SEEDS),
     Experiment("n2k-often", "rounds: every 21 steps (3 an epoch) instead of once an epoch", "minilm",
-               {**N2K, "analysis_every": 21}, modes=("random", "sage"), kd_from="n2k-defaults"),
+               {**N2K, "analysis_every": 21}, modes=("random", "sage"), seeds=SEEDS, kd_from="n2k-defaults"),
     Experiment("n2k-current", "profile: disagreement with the teacher, decaying (0.3), not the all-time mean loss",
                "minilm", {**N2K, "analysis_every": 21, "profile_signal": "disagreement", "profile_decay": 0.3},
                modes=("random", "sage"), kd_from="n2k-defaults"),
@@ -177,6 +178,7 @@ def run_plan(plan: list[Experiment], out: Path, ledger: Path, stage: str | None,
             for s in e.seeds for m in e.modes]
     done = done_keys(read_ledger(ledger))
     todo = [(e, m, s) for e, m, s in todo if (e.name, m, s) not in done]
+    todo.sort(key=lambda run: run[2])  # every experiment's first seed before any second seed: a screen first
     log(f"{len(todo)} runs to do ({len(done)} already in {ledger})")
     teachers: dict[str, str] = {}
     for i, (exp, mode, seed) in enumerate(todo, 1):
