@@ -225,9 +225,14 @@ def report(plan: list[Experiment], ledger: Path) -> str:
             modes["kd"] = by_exp.get(exp.kd_from, {}).get("kd", [])
         key = "test_accuracy" if exp.stage == "final" else "validation_accuracy"
         vals = {m: [r[key] for r in modes.get(m, []) if r.get(key) is not None] for m in MODES}
+        # SAGE − KD over the seeds both have: a seed fixes the data subset and the initial order, so
+        # only paired runs compare like with like
+        by_seed = {m: {r["seed"]: r[key] for r in modes.get(m, []) if r.get(key) is not None} for m in ("kd", "sage")}
+        paired = sorted(set(by_seed["kd"]) & set(by_seed["sage"]))
         diff = "—"
-        if vals["kd"] and vals["sage"]:
-            diff = f"{100 * (statistics.fmean(vals['sage']) - statistics.fmean(vals['kd'])):+.1f}"
+        if paired:
+            gaps = [by_seed["sage"][seed] - by_seed["kd"][seed] for seed in paired]
+            diff = f"{100 * statistics.fmean(gaps):+.1f}" + (f" (n={len(gaps)})" if len(gaps) > 1 else "")
         speed = {m: [r["examples_per_second"] for r in modes.get(m, []) if r.get("examples_per_second")]
                  for m in MODES}
         speed_text = " / ".join(f"{statistics.fmean(speed[m]):.0f}" if speed[m] else "—" for m in ("kd", "sage"))

@@ -64,7 +64,7 @@ def test_report_uses_validation_in_exploration_and_test_in_final(plan, monkeypat
     assert all("test_accuracy" not in r for r in records if r["stage"] == "explore")
     table = study.report(plan, ledger).splitlines()
     base = next(line for line in table if line.startswith("| base |"))
-    assert "| 70.5 ± 0.7 (n=2) | 71.5 ± 0.7 (n=2) | 73.5 ± 0.7 (n=2) | +3.0 | 100 / 60 | 6% |" in base
+    assert "| 70.5 ± 0.7 (n=2) | 71.5 ± 0.7 (n=2) | 73.5 ± 0.7 (n=2) | +3.0 (n=2) | 100 / 60 | 6% |" in base
     knob = next(line for line in table if line.startswith("| knob |"))
     assert "70.5 ± 0.7 (n=2)" in knob  # KD borrowed from the experiment it names
     final = next(line for line in table if line.startswith("| final (test) |"))
