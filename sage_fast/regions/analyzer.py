@@ -33,6 +33,7 @@ naming ``losses``): a NaN would silently poison the mean of every region it fall
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import os
@@ -112,6 +113,22 @@ def _cache_compilations(package: str) -> None:
                 serial[0].enable_caching()
             except Exception:  # a function numba cannot locate on disk (defined in a notebook, say)
                 pass
+
+
+@contextlib.contextmanager
+def _keep_torch_threads():
+    """Give the calling thread back the torch thread count it had. numba's OpenMP threading layer
+    (umap-learn's and pynndescent's parallel functions) sets the OpenMP thread count of the thread
+    that starts it to ``NUMBA_NUM_THREADS`` (all cores), and that count is torch's intra-op count in
+    that thread: a training loop that asked for one thread (``OMP_NUM_THREADS=1``,
+    ``torch.set_num_threads``) went on with all of them after its first round, with other numerics
+    and a busy machine, and which thread started numba first decided it."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def _import_umap():
@@ -235,6 +252,10 @@ class LossRegionAnalyzer:
     def fit(self, embeddings: torch.Tensor, losses: torch.Tensor) -> "LossRegionAnalyzer":
         """Fit on pooled embeddings [N, d] and losses [N] (any float dtype; not modified)."""
         self._check_fit_inputs(embeddings, losses)
+        with _keep_torch_threads():
+            return self._fit(embeddings, losses)
+
+    def _fit(self, embeddings: torch.Tensor, losses: torch.Tensor) -> "LossRegionAnalyzer":
         device = self.device or embeddings.device
         x = embeddings.detach().to(device=device, dtype=torch.float32).contiguous()
         loss = losses.detach().to(device=device, dtype=torch.float32)
@@ -376,7 +397,8 @@ class LossRegionAnalyzer:
         inverse = getattr(self.umap_, "inverse_transform", None)
         if inverse is None or not type(self.umap_).__module__.startswith("umap"):
             return self._neighbour_inverse(points.to(self.device_, torch.float32))
-        pooled = inverse(points.detach().cpu().numpy().astype(np.float32))
+        with _keep_torch_threads():
+            pooled = inverse(points.detach().cpu().numpy().astype(np.float32))
         return torch.from_numpy(np.ascontiguousarray(pooled, dtype=np.float32)).to(self.device_)
 
     def _neighbour_inverse(self, points):

@@ -220,3 +220,24 @@ def test_numba_keeps_the_analysis_compilations_under_the_cache_root(tmp_path):
                           "analyzer._numba_cache_dir()\nprint(os.environ['NUMBA_CACHE_DIR'])"],
                          env=chosen, capture_output=True, text=True, timeout=300)
     assert out.stdout.strip() == str(tmp_path / "mine"), out.stderr
+
+
+def test_the_analysis_leaves_the_training_threads_as_they_were():
+    """numba's OpenMP layer, started by UMAP's first parallel function in a process, sets its
+    thread's OpenMP count (torch's intra-op count there) to all cores: a run that asked for one
+    thread trained on all of them after its first inline round, and a warm-up on another thread
+    changed which. A new process, since numba starts its layer once per process."""
+    import subprocess
+    import sys
+
+    script = ("import torch\n"
+              "from sage_fast.regions import LossRegionAnalyzer\n"
+              "torch.set_num_threads(1)\n"
+              "g = torch.Generator().manual_seed(0)\n"
+              "LossRegionAnalyzer(n_neighbors=5, random_state=0).fit(torch.randn(80, 8, generator=g),\n"
+              "                                                      torch.rand(80, generator=g))\n"
+              "print(torch.get_num_threads())\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "NUMBA_NUM_THREADS": "2"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"

@@ -168,6 +168,7 @@ def test_rounds_beside_training_give_the_same_student_however_slow_the_worker(ti
 
     from sage_fast.synthesis import background
 
+    warm_up(tiny, tmp_path / "warm-up")
     fast = loop.run(tiny_config(tiny, tmp_path / "fast", analysis_lag=2), log=lambda *a: None)
     plan_round = background.plan_round
 
@@ -198,6 +199,7 @@ def test_rounds_beside_training_give_the_same_student_however_slow_the_worker(ti
 
 
 def test_a_checkpoint_taken_while_a_round_is_in_flight_resumes_exactly(tiny, tmp_path, monkeypatch):
+    warm_up(tiny, tmp_path / "warm-up")
     straight = loop.run(tiny_config(tiny, tmp_path / "straight", analysis_lag=2), log=lambda *a: None)
 
     def ctrl_c_at_step_7(run):  # the round whose snapshot was taken after step 6 joins after step 8
