@@ -249,8 +249,12 @@ def test_sigterm_checkpoints_a_second_process_is_refused_and_resume_matches(tiny
     assert comparable(out / "kd") == comparable(straight / "kd")
     assert records(out / "kd")[-1]["kind"] == "final"
     resumed, uninterrupted = checkpoint.load(out / "kd"), checkpoint.load(straight / "kd")
+    # The records above match exactly. The weights match to float32 rounding, not bit for bit: the
+    # first steps ran in a fresh process and the rest in this one, and the first training run in a
+    # process differs from later ones in the last bits (see tests/train/test_loop.py, warm_up), so
+    # how many trainings this pytest process ran before decides the last bits.
     for name, tensor in uninterrupted["student"].items():
-        assert torch.equal(tensor, resumed["student"][name]), name
+        torch.testing.assert_close(resumed["student"][name], tensor, rtol=0, atol=1e-5, msg=name)
 
 
 def test_sigterm_before_training_says_so_and_exits_143(tiny, tmp_path, monkeypatch, capsys):
