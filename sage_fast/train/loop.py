@@ -42,7 +42,7 @@ from . import teacher_cache
 from .config import DistillConfig
 from .data import encode, load_task
 from .metrics import MetricsLog, Timer, format_table
-from .models import (VectorInterface, load_classifier, load_tokenizer, resolve_model_path, save_interface,
+from .models import (VectorInterface, load_classifier, load_tokenizer, save_interface, saved_label_count,
                      student_from_config, student_from_teacher)
 from .run_lock import RunLock
 from .teacher import TeacherSettings, fine_tune_teacher, read_teacher_metrics
@@ -98,21 +98,6 @@ def _check_teacher_labels(teacher, num_labels: int, name: str) -> None:
                          "use a teacher fine-tuned on this task, or leave --teacher unset to fine-tune one")
 
 
-def _teacher_label_count(name_or_path: str) -> int | None:
-    """The label count a saved classifier was trained with, or None when it has no task head."""
-    path = Path(resolve_model_path(name_or_path))
-    config_file = path / "config.json" if path.is_dir() else None
-    if config_file is None or not config_file.is_file():
-        return None
-    config = json.loads(config_file.read_text())
-    if not any("ForSequenceClassification" in a for a in config.get("architectures") or []):
-        return None
-    if "id2label" in config:
-        return len(config["id2label"])
-    # Recent transformers leave the label count out of config.json when it is the default (2).
-    return int(config.get("num_labels", 2))
-
-
 def build_setup(config: DistillConfig, log=print) -> Setup:
     device = resolve_device(config.device)
     task = config.task if config.train_file is None else Path(config.train_file).name.split(".")[0]
@@ -132,7 +117,7 @@ def build_setup(config: DistillConfig, log=print) -> Setup:
         teacher_metrics = read_teacher_metrics(folder)
     else:
         teacher_name = config.teacher
-        saved_labels = _teacher_label_count(teacher_name)
+        saved_labels = saved_label_count(teacher_name)
         if saved_labels is not None and saved_labels != data.num_labels:
             raise ModelError(f"the teacher {teacher_name} was trained with {saved_labels} labels but the task has "
                              f"{data.num_labels} ({data.label_names}); use a teacher fine-tuned on this task")
@@ -188,7 +173,7 @@ def build_student(spec: str, teacher, num_labels: int):
         if not Path(spec).is_file():
             raise ModelError(f"no student config file at {spec}")
         return student_from_config(str(Path(spec).parent) if Path(spec).name == "config.json" else spec, num_labels)
-    saved_labels = _teacher_label_count(spec)
+    saved_labels = saved_label_count(spec)
     if saved_labels is not None and saved_labels != num_labels:
         raise ModelError(f"the student {spec} was trained with {saved_labels} labels but the teacher and task have "
                          f"{num_labels}; teacher and student must predict the same label set")
