@@ -59,10 +59,6 @@ def run(args) -> int:
     except checkpoint.CheckpointError as err:
         raise UsageError(f"{err}; it may be damaged (an interrupted copy) or from another program: give a "
                          "checkpoint.pt written by sage-fast distill, or run the distillation again") from None
-    missing = sorted({"mode", "config", "global_step", "student", "adapter", "loss"} - set(state))
-    if missing:
-        raise UsageError(f"{path} lacks {', '.join(missing)}: it is not a whole sage-fast distill checkpoint; give "
-                         "one written by sage-fast distill, or run the distillation again")
     if args.anchors is not None and args.anchors < 1:
         raise UsageError(f"--anchors must be a positive integer, got {args.anchors}")
     config = DistillConfig.from_dict(state["config"], source=str(path))
