@@ -105,8 +105,6 @@ def build_setup(config: DistillConfig, log=print) -> Setup:
                      text_column=config.text_column, text_pair_column=config.text_pair_column,
                      label_column=config.label_column, max_train_examples=config.max_train_examples or None,
                      max_eval_examples=config.max_eval_examples or None, seed=config.seed)
-    if data.num_labels < 2:
-        raise DataError(f"the training data has a single label ({data.label_names}); a classifier needs at least two")
     log(f"data: {data.summary()}")
     teacher_metrics = {}
     if config.teacher is None:
