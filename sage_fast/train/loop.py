@@ -549,7 +549,9 @@ class ModeRun:
                 embeddings = pooled_embedding(student_out.hidden_states[-1][:n_real].detach(), mask[:n_real])
                 signal = profile_signal(config, result.per_example[:n_real], student_out.logits[:n_real],
                                         real["logits"])
-                self.synthesizer.observe(real["ids"], signal, embeddings, classes=real["logits"].argmax(-1))
+                # classes only matter to boundary partners: no per-step argmax and scatter otherwise
+                classes = real["logits"].argmax(-1) if config.partners == "boundary" else None
+                self.synthesizer.observe(real["ids"], signal, embeddings, classes=classes)
         self.examples_seen["real"] += n_real
         self.examples_seen["synthetic"] += vectors.shape[0] - n_real
         return result.loss.detach()
