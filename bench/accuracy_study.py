@@ -94,6 +94,11 @@ PLAN: list[Experiment] = [
     Experiment("n2k-volume", "volume: 512 a round, pool 2,048, 32 synthetic rows a step (half the batch)", "minilm",
                {**N2K, "analysis_every": 21, "synthetic_per_round": 512, "pool_size": 2048,
                 "synthetic_per_batch": 32}, modes=("random", "sage"), kd_from="n2k-defaults"),
+    # The one test read. Settings fixed from the 2,000-row screen: no knob beat the noise there, so
+    # the final keeps every default but the one change with a positive sign in both screens that
+    # used it (three rounds an epoch: 107 of the 320 steps an epoch has on all rows).
+    Experiment("all-final", "all rows, three rounds an epoch, 3 seeds: the target", "minilm",
+               {"analysis_every": 107}, seeds=SEEDS, stage="final"),
 ]
 
 
@@ -173,9 +178,10 @@ def run_one(exp: Experiment, mode: str, seed: int, teacher: str, out: Path, log)
     return record
 
 
-def run_plan(plan: list[Experiment], out: Path, ledger: Path, stage: str | None, only: str | None, log) -> None:
+def run_plan(plan: list[Experiment], out: Path, ledger: Path, stage: str | None, only: str | None, log,
+             seed: int | None = None) -> None:
     todo = [(e, m, s) for e in plan if (stage is None or e.stage == stage) and (only is None or e.name == only)
-            for s in e.seeds for m in e.modes]
+            for s in e.seeds for m in e.modes if seed is None or s == seed]
     done = done_keys(read_ledger(ledger))
     todo = [(e, m, s) for e, m, s in todo if (e.name, m, s) not in done]
     todo.sort(key=lambda run: run[2])  # every experiment's first seed before any second seed: a screen first
@@ -289,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", choices=("explore", "final", "report"), default=None,
                         help="run only this stage (default: every stage, then the report)")
     parser.add_argument("--only", metavar="EXPERIMENT", default=None, help="run only this experiment")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="run only this seed (several processes can share the plan, one seed each)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="run folders (default: runs/accuracy_study)")
     parser.add_argument("--ledger", type=Path, default=DEFAULT_LEDGER,
                         help="one JSON line per finished run (default: docs/results/accuracy_study.jsonl)")
@@ -310,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{e.stage:8s} {e.name:28s} {n}/{len(e.modes) * len(e.seeds)} done  {e.question}")
         return 0
     if args.stage != "report":
-        run_plan(PLAN, args.out, args.ledger, args.stage, args.only, log)
+        run_plan(PLAN, args.out, args.ledger, args.stage, args.only, log, seed=args.seed)
     table = report(PLAN, args.ledger)
     png = plot_curves(PLAN, args.ledger, args.ledger.parent / "accuracy_vs_steps.png")
     log(table)

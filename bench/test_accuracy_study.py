@@ -56,6 +56,13 @@ def test_stage_and_only_select_runs(plan, monkeypatch, tmp_path):
     assert {c[0] for c in calls[2:]} == {"knob"}
 
 
+def test_seed_selects_one_seed_so_processes_can_share_a_plan(plan, monkeypatch, tmp_path):
+    calls = []
+    _fake_runs(monkeypatch, calls)
+    study.run_plan(plan, tmp_path, tmp_path / "l.jsonl", None, "base", log=lambda m: None, seed=1)
+    assert calls == [("base", "kd", 1), ("base", "random", 1), ("base", "sage", 1)]
+
+
 def test_report_uses_validation_in_exploration_and_test_in_final(plan, monkeypatch, tmp_path):
     _fake_runs(monkeypatch, [])
     ledger = tmp_path / "l.jsonl"
