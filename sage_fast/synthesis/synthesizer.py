@@ -34,6 +34,14 @@ synthesizer's device, seeded ``seed + 2``; the pool generator on the CPU, seeded
 and the interpolation noise from ``seed * 1000 + round``), and ``state_dict()`` holds them with the
 profile and the pool, so a resumed run draws what an uninterrupted one would (bit-identical on CPU).
 
+Several processes (``world``, a :class:`sage_fast.distributed.World`; ``torchrun``): ``observe``
+gathers every rank's rows, so every rank holds the same profile and makes the same plan (same seed,
+same snapshot: no plan is sent); ``synthesize`` interpolates every row of the plan (memory-bound and
+cheap, from the rank's own copy of the data, so no token vectors cross the network) but labels only
+this rank's share; ``commit`` gathers the labels, checks that every rank planned the same round,
+and adds the same rows to every rank's pool; ``sample`` draws the same rows on every rank (same
+generator) and returns this rank's part. The state is the same on every rank: rank 0 saves it.
+
 Knobs left open on purpose: how the profile is kept (``profile`` is an ``ErrorProfile``: refreshed
 with ``refresh`` / ``refreshing``; a decaying mean would be another profile class), how partners are
 chosen (``plan_round``'s draw), how synthetic rows are weighted or tempered in the loss (fields of
@@ -43,6 +51,7 @@ the pool in ``build``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -52,6 +61,7 @@ import torch
 
 from .. import _checks
 from ..devices import resolve_device
+from ..distributed import SINGLE, World
 from ..ops import interpolate
 from ..plot import loss_map
 from ..regions import ErrorProfile, LossRegionAnalyzer
@@ -234,6 +244,9 @@ class SynthesizedRound:
     lengths: torch.Tensor  # [M] used width of each row (``used_lengths(rows.mask)``), on the host
     synthesis_seconds: float
     labelling_seconds: float
+    # the rows this rank labelled (every row under one process): ``rows.logits`` and ``rows.hidden``
+    # hold only those until ``commit`` gathers the other ranks' shares
+    labelled: slice = field(default_factory=lambda: slice(None))
 
 
 def _synchronize(device: torch.device) -> None:
@@ -299,12 +312,16 @@ class SAGESynthesizer:
         embedding_dim: width of the pooled student embeddings given to ``observe``.
     """
 
-    def __init__(self, config: SynthesisConfig, *, num_examples: int, embedding_dim: int):
+    def __init__(self, config: SynthesisConfig, *, num_examples: int, embedding_dim: int,
+                 world: World = SINGLE):
         if not isinstance(config, SynthesisConfig):
             raise ValueError(f"config must be a SynthesisConfig, got {type(config).__name__}")
         _checks.integer("num_examples", num_examples, minimum=1)
         _checks.integer("embedding_dim", embedding_dim, minimum=1)
+        if not isinstance(world, World):
+            raise ValueError(f"world must be a sage_fast.distributed.World, got {type(world).__name__}")
         self.config = config
+        self.world = world
         self.device = config.device
         self.profile = ErrorProfile(num_examples, embedding_dim, self.device, decay=config.profile_decay)
         self.classes = torch.full((num_examples,), -1, dtype=torch.int64, device=self.device)
@@ -319,11 +336,28 @@ class SAGESynthesizer:
 
     # ------------------------------------------------------------------ the profile
     def observe(self, ids: torch.Tensor, per_example_loss: torch.Tensor, embeddings: torch.Tensor,
-                classes: torch.Tensor | None = None) -> None:
+                classes: torch.Tensor | None = None, *, sizes: list[int] | None = None) -> None:
         """Fold one step's real rows into the profile: ``ids`` [B] example ids, ``per_example_loss``
         [B] and ``embeddings`` [B, embedding_dim] (detached here), on the synthesizer's device.
         ``classes`` [B] (optional): each row's class, for ``partners='boundary'``; the teacher's
-        prediction is the natural choice, since the synthetic rows carry the teacher's labels."""
+        prediction is the natural choice, since the synthetic rows carry the teacher's labels.
+
+        Under several processes every rank calls this each step with its own rows (a collective):
+        the rows of all ranks are gathered and folded in on every rank. ``sizes``: each rank's row
+        count this step, when the caller knows them on the host (it usually does: they follow from
+        the global batch); otherwise they are gathered first, which makes the host wait."""
+        if self.world.distributed:
+            if sizes is None:
+                sizes = self.world.all_gather_objects(int(ids.shape[0]))
+            gather = functools.partial(self.world.all_gather_rows, sizes=sizes)
+            ids, per_example_loss, embeddings = (gather(ids.to(self.device, torch.int64)),
+                                                 gather(per_example_loss.detach().float().to(self.device)),
+                                                 gather(embeddings.detach().float().to(self.device)))
+            if classes is not None:
+                classes = gather(classes.detach().to(self.device, torch.int64))
+        self._fold(ids, per_example_loss, embeddings, classes)
+
+    def _fold(self, ids, per_example_loss, embeddings, classes) -> None:
         self.profile.update(ids, per_example_loss.detach().float(), embeddings.detach())
         if classes is not None:
             _checks.tensor("classes", classes, ndim=1)
@@ -337,10 +371,11 @@ class SAGESynthesizer:
         return self.profile.refreshing()
 
     def refresh(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
-        """Recompute the profile from ``(ids, per_example_loss, embeddings)`` batches."""
+        """Recompute the profile from ``(ids, per_example_loss, embeddings)`` batches. Under several
+        processes each rank passes every row (nothing is gathered)."""
         with self.refreshing():
             for ids, losses, embeddings in batches:
-                self.observe(ids, losses, embeddings)
+                self._fold(ids, losses, embeddings, None)
 
     @property
     def seen(self) -> int:
@@ -388,7 +423,8 @@ class SAGESynthesizer:
                                     noise_std=self.config.noise_std, seed=plan.noise_seed)
         _synchronize(self.device)
         interpolated = time.perf_counter()
-        logits, hidden = label(out, out_mask)
+        share = self.world.share(m)  # every row under one process
+        logits, hidden = label(out[share], out_mask[share])
         _synchronize(self.device)
         labelled = time.perf_counter()
         # The rows' widths on the host, read here (beside training, when a worker runs this) rather
@@ -396,7 +432,8 @@ class SAGESynthesizer:
         lengths = used_lengths(out_mask).cpu()
         return SynthesizedRound(plan=plan, rows=SyntheticRows(out, out_mask, logits, dict(hidden or {})),
                                 lengths=lengths, synthesis_seconds=(interpolated - started)
-                                + (time.perf_counter() - labelled), labelling_seconds=labelled - interpolated)
+                                + (time.perf_counter() - labelled), labelling_seconds=labelled - interpolated,
+                                labelled=share)
 
     @torch.no_grad()
     def commit(self, made: "SynthesizedRound") -> RoundRecord:
@@ -406,7 +443,7 @@ class SAGESynthesizer:
         plan = made.plan
         self._check_next(plan)
         started = time.perf_counter()
-        rows = made.rows
+        rows = self._gather_labels(made)
         self.pool.add(rows.vectors, rows.mask, rows.logits, rows.hidden, generator=self.pool_generator,
                       lengths=made.lengths)
         _synchronize(self.device)
@@ -417,6 +454,34 @@ class SAGESynthesizer:
             pool_size=len(self.pool), threshold=plan.threshold, analysis_seconds=plan.analysis_seconds,
             synthesis_seconds=made.synthesis_seconds + (time.perf_counter() - started),
             labelling_seconds=made.labelling_seconds)
+
+    def _gather_labels(self, made: "SynthesizedRound") -> SyntheticRows:
+        """The round's rows with every rank's labels (this rank labelled ``made.labelled``). Runs
+        on the training thread, in ``commit``: collectives are issued in one order on every rank."""
+        rows, m = made.rows, made.plan.count
+        if not self.world.distributed:
+            return rows
+        if made.labelled != self.world.share(m):
+            raise ValueError(f"this round was labelled for share {made.labelled} but this rank's share is "
+                             f"{self.world.share(m)}: synthesize and commit under the same world")
+        self._check_same_plan(made.plan)
+        sizes = self.world.share_sizes(m)
+        logits = self.world.all_gather_rows(rows.logits.contiguous(), sizes)
+        hidden = {k: self.world.all_gather_rows(v.contiguous(), sizes) for k, v in sorted(rows.hidden.items())}
+        return SyntheticRows(rows.vectors, rows.mask, logits, hidden)
+
+    def _check_same_plan(self, plan: SynthesisPlan) -> None:
+        """Every rank made its plan itself, from the same profile and seed; a plan that differs
+        (an analysis that is not deterministic on some device) would give each rank other rows
+        under the same labels, so it stops the run instead. One host read per round."""
+        digest = torch.stack([plan.anchor_ids.sum(), plan.partner_ids.sum(),
+                              (plan.anchor_ids * torch.arange(1, plan.count + 1, device=plan.ids.device)).sum(),
+                              (plan.lam.double() * 2.0 ** 20).round().sum().to(torch.int64)]).to(torch.int64)
+        digests = self.world.all_gather_rows(digest.unsqueeze(0).to(self.device), [1] * self.world.size)
+        if not bool((digests == digests[0]).all()):
+            raise RuntimeError(f"round {plan.round}: the ranks planned different synthetic rows from the same "
+                               "profile and seed, so the analysis is not deterministic on this device (GPU UMAP, say); "
+                               "train this mode with one process, or with --device cpu")
 
     def build(self, plan: SynthesisPlan, vectors_of: VectorsOf, label: Label) -> RoundRecord:
         """The building half: interpolate the plan's pairs, label them, add them to the pool
@@ -457,12 +522,27 @@ class SAGESynthesizer:
                         title=title)
 
     # ------------------------------------------------------------------ the pool
-    def sample(self, n: int, generator: torch.Generator | None = None) -> SyntheticRows | None:
+    def sample(self, n: int, generator: torch.Generator | None = None, *, parts: int | None = None):
         """Up to ``n`` pool rows for the next batch, drawn without replacement with ``generator``
-        (a CPU generator; default: the synthesizer's own), or None when the pool is empty."""
+        (a CPU generator; default: the synthesizer's own), or None when the pool is empty.
+
+        Under several processes every rank draws the same ``n`` rows (same generator, same pool)
+        and gets its part: of ``world.size`` parts, rank ``r`` takes rows ``r, r + size, ...``.
+        ``parts=K`` (micro-batches a step: gradient accumulation) splits the draw in ``size * K``
+        parts and returns this rank's K of them as a list (an empty part is None), so K
+        micro-batches on one process see the rows K processes would."""
         index = self.pool.draw(n, self.pool_generator if generator is None else generator)
         if index is None:
             return None
+        if parts is None and not self.world.distributed:
+            return self._rows(index)
+        k = 1 if parts is None else _checks.integer("parts", parts, minimum=1)
+        total = self.world.size * k
+        pieces = [index[j::total] for j in range(self.world.rank * k, (self.world.rank + 1) * k)]
+        rows = [self._rows(piece) if piece.numel() else None for piece in pieces]
+        return rows if parts is not None else rows[0]
+
+    def _rows(self, index: torch.Tensor) -> SyntheticRows:
         vectors, mask, logits, hidden = self.pool.take(index)
         return SyntheticRows(vectors, mask, logits, hidden, width=self.pool.width_of(index))
 

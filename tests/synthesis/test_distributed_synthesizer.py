@@ -1,0 +1,116 @@
+"""SAGESynthesizer under two real processes (torch.distributed, gloo): each rank observes its own
+rows, labels only its share of each round, and still holds the same profile and pool as one process
+that saw every row; each rank's draw is its part of the one-process draw."""
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+pytest.importorskip("umap")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_synthesizer import DIM, N, label, planted, vectors_of  # noqa: E402
+
+from sage_fast.distributed import World  # noqa: E402
+from sage_fast.synthesis import SAGESynthesizer, SynthesisConfig  # noqa: E402
+
+WORLD = 2
+STEPS = 3  # steps of 20 rows, each dealt out as rows[r::2]
+
+
+def config(**settings):
+    return SynthesisConfig(**{"synthetic_per_round": 15, "pool_size": 40, "n_neighbors": 5, "seed": 3, **settings})
+
+
+def drive(world: World, labelled_rows: list):
+    """Three steps of observations, one round, then four draws of 7 rows; what a rank ends with."""
+    def counting_label(vectors, mask):
+        labelled_rows.append(vectors.shape[0])
+        return label(vectors, mask)
+
+    synth = SAGESynthesizer(config(), num_examples=N, embedding_dim=DIM, world=world)
+    embeddings, losses = planted()
+    for step in range(STEPS):
+        rows = torch.arange(step * 20, (step + 1) * 20)
+        mine = rows[world.rank::world.size]
+        sizes = [len(rows[r::world.size]) for r in range(world.size)]
+        synth.observe(mine, losses[mine], embeddings[mine], classes=(mine % 2), sizes=sizes)
+    record = synth.round(vectors_of, counting_label)
+    draws = [synth.sample(7) for _ in range(4)]
+    return synth, record, draws
+
+
+def _rank_main(rank: int, port: int, out: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        labelled = []
+        synth, record, draws = drive(World(rank=rank, size=WORLD), labelled)
+        torch.save({"state": synth.state_dict(), "threshold": record.threshold, "labelled": labelled,
+                    "draws": [(d.vectors, d.logits, d.hidden[2]) for d in draws]}, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ranks")
+    mp.start_processes(_rank_main, args=(_free_port(), str(out)), nprocs=WORLD, start_method="spawn")
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def one_process():
+    labelled = []
+    synth, record, draws = drive(World(), labelled)
+    return synth, record, draws, labelled
+
+
+def _same_state(a: dict, b: dict):
+    assert a["rounds"] == b["rounds"] == 1
+    for key in ("loss", "count", "embedding"):
+        if key in a["profile"]:
+            assert torch.equal(a["profile"][key], b["profile"][key]), key
+    assert torch.equal(a["classes"], b["classes"])
+    for key, value in a["pool"].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, b["pool"][key]), key
+    assert torch.equal(a["pool_generator"], b["pool_generator"])
+    assert torch.equal(a["analysis_generator"], b["analysis_generator"])
+
+
+def test_every_rank_holds_the_one_process_profile_and_pool(ranks, one_process):
+    synth, record, _, _ = one_process
+    reference = synth.state_dict()
+    assert reference["profile"]["count"].sum() == STEPS * 20  # every row observed once, whichever rank had it
+    for rank in ranks:
+        _same_state(rank["state"], reference)
+        assert rank["threshold"] == record.threshold
+
+
+def test_each_rank_labels_only_its_share(ranks, one_process):
+    *_, labelled = one_process
+    assert labelled == [15]
+    assert [r["labelled"] for r in ranks] == [[8], [7]]  # 15 rows, the first rank takes the odd one
+
+
+def test_each_rank_draws_its_part_of_the_one_process_draw(ranks, one_process):
+    _, _, draws, _ = one_process
+    for step, whole in enumerate(draws):
+        for rank, result in enumerate(ranks):
+            vectors, logits, hidden = result["draws"][step]
+            assert torch.equal(vectors, whole.vectors[rank::WORLD])
+            assert torch.equal(logits, whole.logits[rank::WORLD])
+            assert torch.equal(hidden, whole.hidden[2][rank::WORLD])
+        assert sum(r["draws"][step][0].shape[0] for r in ranks) == 7
