@@ -5,6 +5,12 @@ CUDA tensors run the Triton kernels. CPU tensors run the plain-torch path, unles
 (this is how the kernels are tested on machines without a GPU). ``SAGE_FAST_BACKEND=torch`` or
 ``use_backend("torch")`` forces the plain-torch path everywhere, for comparisons.
 
+Under ``torch.compile`` the decision is made while tracing and is part of the compiled code: the
+forced backend is a thread-local value that dynamo reads and guards, so a compiled function called
+inside a different ``use_backend`` block than before compiles once more for it, and a
+``use_backend`` block inside a compiled function applies to the ops it encloses. The environment
+variables are read when a function is compiled (set them before that, as for ``TRITON_INTERPRET``).
+
 triton is optional: without it the package imports and CPU tensors take the plain-torch path, while
 an op on CUDA tensors raises an ``ImportError`` that names the package to install (a silent fall back
 to the slow path would hide a broken install), unless the plain-torch path is forced.
@@ -12,9 +18,8 @@ to the slow path would hide a broken install), unless the plain-torch path is fo
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import functools
 import os
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,7 +27,19 @@ if TYPE_CHECKING:
     import torch
 
 BACKENDS = ("auto", "triton", "torch")
-_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("sage_fast_backend", default=None)
+
+
+class _ForcedBackend(threading.local):
+    """The backend ``use_backend`` forces in this thread; ``None`` where none is forced. A thread-local
+    rather than a ``ContextVar`` because dynamo can read and guard it (a ``ContextVar`` splits the
+    graph). The attribute is set in ``__init__``, so that every thread holds it from the start:
+    dynamo guards an attribute's value, but mishandles one that appears inside a compiled block."""
+
+    def __init__(self):
+        self.name: str | None = None
+
+
+_forced = _ForcedBackend()
 
 
 @dataclass(frozen=True)
@@ -35,14 +52,21 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=1)
+# Whether triton imports, once known. A module value rather than functools.lru_cache, which dynamo
+# traces through with a warning each time a function is compiled.
+_triton_imports: bool | None = None
+
+
 def triton_available() -> bool:
     """Whether triton imports here (an install that fails to import counts as absent)."""
-    try:
-        import triton  # noqa: F401 - imported only to learn whether it can be; the ops hold their own
-    except Exception:  # noqa: BLE001 - ImportError, or whatever a broken install raises
-        return False
-    return True
+    global _triton_imports
+    if _triton_imports is None:
+        try:
+            import triton  # noqa: F401 - imported only to learn whether it can be; the ops hold their own
+            _triton_imports = True
+        except Exception:  # noqa: BLE001 - ImportError, or whatever a broken install raises
+            _triton_imports = False
+    return _triton_imports
 
 
 MISSING_TRITON = ("sage_fast runs CUDA tensors through Triton kernels, and triton is not installed here: "
@@ -51,7 +75,7 @@ MISSING_TRITON = ("sage_fast runs CUDA tensors through Triton kernels, and trito
 
 
 def requested_backend() -> str:
-    name = _forced.get() or os.environ.get("SAGE_FAST_BACKEND", "auto")
+    name = _forced.name or os.environ.get("SAGE_FAST_BACKEND", "auto")
     if name not in BACKENDS:
         raise ValueError(f"SAGE_FAST_BACKEND must be one of {BACKENDS}, got {name!r}")
     return name
@@ -59,14 +83,15 @@ def requested_backend() -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Force ``"triton"``, ``"torch"`` or ``"auto"`` for the ops called inside the block."""
+    """Force ``"triton"``, ``"torch"`` or ``"auto"`` for the ops this thread calls inside the block."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    token = _forced.set(name)
+    previous = _forced.name
+    _forced.name = name
     try:
         yield
     finally:
-        _forced.reset(token)
+        _forced.name = previous
 
 
 def decide(device: torch.device | str) -> Decision:
