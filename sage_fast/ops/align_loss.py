@@ -27,7 +27,7 @@ with a quarter of its lanes idle); a row wider than ``MAX_BLOCK_H`` is walked in
 kernel arguments in float32 (for float64 states they carry float32 rounding, about 6e-8 relative).
 
 Value checks: the mask must hold only 0 and 1 (or be bool); other values are refused with a
-``ValueError`` where values are checked (always for CPU tensors; on CUDA with
+``ValueError`` where values are checked (for CPU tensors, except under ``torch.compile``; on CUDA with
 ``sage_fast.check_values(True)`` or ``SAGE_FAST_CHECK_VALUES=1``, since the check costs a device
 synchronisation). Unchecked, any non-zero value counts as a valid token.
 """
@@ -482,8 +482,10 @@ def _check_inputs(student_hidden, teacher_hidden, attention_mask, mse_weight, co
             raise ValueError(f"attention_mask must have shape [N, L] = {tuple(first.shape[:2])}, "
                              f"got {tuple(attention_mask.shape)}")
         _checks.same_device("attention_mask", attention_mask, "student_hidden[0]", first)
-        # A value check needs the mask on the host: free on CPU, a device sync on CUDA (opt-in there).
-        if attention_mask.dtype != torch.bool and _checks.values_checked(attention_mask):
+        # A value check needs the mask on the host: free on CPU, a device sync on CUDA (opt-in there),
+        # a graph split under torch.compile (left out there).
+        if (attention_mask.dtype != torch.bool and _checks.values_checked(attention_mask)
+                and not torch.compiler.is_compiling()):
             if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
                 raise ValueError("attention_mask has values other than 0 and 1; pass a bool or 0/1 integer "
                                  "attention mask")

@@ -33,10 +33,11 @@ near 1e-6, and noise costs about as much as the memory traffic); the interpreter
 so interpreter and GPU agree to that precision.
 
 **Value checks.** Index ranges, ``lam`` in [0, 1] and 0/1 mask values are checked where values are
-checked (always on CPU; on CUDA with ``sage_fast.check_values(True)`` or ``SAGE_FAST_CHECK_VALUES=1``,
-since the checks cost a device synchronisation). Unchecked on CUDA, the kernel turns a row whose
-anchor or partner index is outside ``[0, N)`` into NaN with an all-zero mask (it never reads out of
-bounds), a ``lam`` outside [0, 1] extrapolates, and any non-zero mask value counts as 1.
+checked (on CPU, except under ``torch.compile``; on CUDA with ``sage_fast.check_values(True)`` or
+``SAGE_FAST_CHECK_VALUES=1``, since the checks cost a device synchronisation). Unchecked on CUDA,
+the kernel turns a row whose anchor or partner index is outside ``[0, N)`` into NaN with an all-zero
+mask (it never reads out of bounds), a ``lam`` outside [0, 1] extrapolates, and any non-zero mask
+value counts as 1.
 """
 from __future__ import annotations
 
@@ -324,7 +325,8 @@ def _check(vectors, mask, anchors, partners, lam, noise_std, seed):
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be an int in [0, 2**63 - 1], got {seed!r}")
 
-    if _checks.values_checked(vectors):
+    # under torch.compile a value read on the host would split the graph: unchecked there, as on CUDA
+    if _checks.values_checked(vectors) and not torch.compiler.is_compiling():
         _check_values(mask, anchors, partners, lam, N)
     return noise_std
 

@@ -551,7 +551,11 @@ def _scale_in_place_triton(grad: torch.Tensor, factor: torch.Tensor) -> None:
 
 def _keep_graph() -> bool:
     """Whether the running backward keeps its graph (retain_graph or create_graph): then backward
-    may run again and the stored gradient must stay as it is. Unknown (an older torch): assume so."""
+    may run again and the stored gradient must stay as it is. Unknown: assume so. It is unknown on an
+    older torch, and while torch.compile traces backward: the traced code serves every later
+    backward, kept graphs included (and the private getter would split the graph)."""
+    if torch.compiler.is_compiling():
+        return True
     getter = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     return True if getter is None else bool(getter())
 
@@ -722,9 +726,11 @@ def _check(student_logits, teacher_logits, labels, temperature, alpha, ignore_in
         if labels.shape != (n_rows,):
             raise ValueError(f"labels must have shape ({n_rows},) to match student_logits, got {tuple(labels.shape)}")
         _checks.same_device("labels", labels, "student_logits", student_logits)
-    if not _checks.values_checked(teacher_logits):
+    if not _checks.values_checked(teacher_logits) or torch.compiler.is_compiling():
         # CUDA without SAGE_FAST_CHECK_VALUES: reading values would make the host wait for the device;
-        # the kernel turns an out-of-range label into a NaN loss instead
+        # the kernel turns an out-of-range label into a NaN loss instead. Under torch.compile a value
+        # read on the host would split the graph, so the checks are left out there too (on the CPU,
+        # the compiled gather then refuses such a label with a RuntimeError).
         return temperature, alpha
     # both value checks in one device round trip
     sum_dtype = torch.float64 if teacher_logits.dtype == torch.float64 else torch.float32
@@ -765,11 +771,11 @@ def kd_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, alp
 
     Returns the loss (float32; float64 when an input is float64), or ``(loss, per_example)``.
     Runs the fused Triton kernel on CUDA (or under ``TRITON_INTERPRET=1``), a chunked plain-torch
-    implementation otherwise. Values (finite teacher, labels in range) are checked on CPU tensors,
-    and on CUDA only when asked (``sage_fast.check_values(True)`` or ``SAGE_FAST_CHECK_VALUES=1``),
-    as the check makes the host wait for the device; unchecked, a label out of range gives that
-    row a NaN loss. On CUDA the first call for a class count and batch size class tunes the
-    kernel's tiles (and synchronises); later calls never wait for the device.
+    implementation otherwise. Values (finite teacher, labels in range) are checked on CPU tensors
+    (except under ``torch.compile``), and on CUDA only when asked (``sage_fast.check_values(True)``
+    or ``SAGE_FAST_CHECK_VALUES=1``), as the check makes the host wait for the device; unchecked, a
+    label out of range gives that row a NaN loss. On CUDA the first call for a class count and batch
+    size class tunes the kernel's tiles (and synchronises); later calls never wait for the device.
     """
     temperature, alpha = _check(student_logits, teacher_logits, labels, temperature, alpha, ignore_index, reduction)
     student = student_logits if student_logits.stride(1) == 1 else student_logits.contiguous()
