@@ -53,7 +53,8 @@ def add_arguments(parser) -> None:
                              "--epochs / --max-steps may extend it)")
 
 
-RESUMABLE_CHANGES = {"epochs", "max_steps", "device", "progress", "compare", "cache_dir", "output_dir"}
+RESUMABLE_CHANGES = {"epochs", "max_steps", "device", "progress", "compare", "cache_dir", "output_dir", "dist_timeout",
+                     "grad_accumulation"}
 
 
 def resolve_config(args) -> DistillConfig:
@@ -85,21 +86,27 @@ def run(args) -> int:
     import sys
     from pathlib import Path
 
+    from ..distributed import PeerLost, launched_world
     from ..errors import UsageError
     from ..train import checkpoint
     from ..train.loop import NonFiniteTraining, TrainingInterrupted, run as run_distillation
 
     config = resolve_config(args)
+    main = launched_world().is_main  # under torchrun, rank 0 speaks for the run
     try:
         summary = run_distillation(config, resume=args.resume)
     except checkpoint.CheckpointError as err:
         raise UsageError(f"{err}; delete it to start over, or pass another --output-dir") from None
+    except PeerLost as err:
+        print(f"sage-fast distill: {err}", file=sys.stderr)
+        return 1
     except NonFiniteTraining as err:
         # Exit 1, not 2: the command was valid, the training failed (as any crash would).
         print(f"sage-fast distill: {err}", file=sys.stderr)
         return 1
     except TrainingInterrupted as stop:
-        print(f"\nsage-fast distill: {_signal_name(stop)}{stop}", file=sys.stderr)
+        if main:
+            print(f"\nsage-fast distill: {_signal_name(stop)}{stop}", file=sys.stderr)
         return _exit_code(stop)
     except KeyboardInterrupt as stop:
         # Before the first checkpoint (data, teacher, teacher outputs) or at a second Ctrl-C / SIGTERM.
@@ -110,6 +117,8 @@ def run(args) -> int:
             hint = "nothing was saved yet; run the same command again"
         print(f"\nsage-fast distill: {_signal_name(stop)}interrupted; {hint}", file=sys.stderr)
         return _exit_code(stop)
+    if not main:
+        return 0
     print()
     print(summary["table"])
     out = summary["output_dir"]

@@ -75,7 +75,10 @@ class DistillConfig:
     # --- optimisation ---
     epochs: int = _opt(3, "passes over the training data")
     max_steps: int | None = _opt(None, "stop after this many optimiser steps in total (unset: epochs decide)")
-    batch_size: int = _opt(32, "real examples per step")
+    batch_size: int = _opt(32, "real examples per optimizer step, over all processes and micro-batches (under "
+                                "torchrun each process trains on its share, so the same command gives the same run)")
+    grad_accumulation: int = _opt(1, "micro-batches each process splits its share of a step into (gradient "
+                                     "accumulation): the same step in less memory")
     eval_batch_size: int = _opt(128, "examples per forward pass in evaluation and teacher labelling")
     lr: float = _opt(1e-4, "peak learning rate (AdamW, linear warm-up then linear decay)")
     weight_decay: float = _opt(0.01, "AdamW weight decay")
@@ -114,6 +117,8 @@ class DistillConfig:
                                  "else ~/.cache/sage_fast/teacher_outputs)")
     progress: bool = _opt(True, "show progress bars")
     log_every: int = _opt(10, "steps between training-loss lines in metrics.jsonl")
+    dist_timeout: float = _opt(300.0, "under torchrun: seconds a process waits for the others before it stops with "
+                                      "a message (a process that died ends the run within this time)")
 
     # ---------------------------------------------------------------- checks
     def validate(self) -> "DistillConfig":
@@ -155,8 +160,8 @@ class DistillConfig:
         self.compare = parse_compare(self.compare)
         if self.mode in self.compare:
             self.compare = [m for m in self.compare if m != self.mode]
-        for name in ("batch_size", "eval_batch_size", "synthetic_per_round", "pool_size", "n_neighbors", "epochs",
-                     "log_every"):
+        for name in ("batch_size", "grad_accumulation", "eval_batch_size", "synthetic_per_round", "pool_size",
+                     "n_neighbors", "epochs", "log_every"):
             positive_int(name)
         for name in ("max_steps", "analysis_every"):
             positive_int(name, allow_none=True)
@@ -177,6 +182,10 @@ class DistillConfig:
         number("lam_low", 0.0, 1.0)
         number("lam_high", 0.0, 1.0)
         number("noise_std", 0.0, math.inf, hi_open=True)
+        number("dist_timeout", 0.0, math.inf, lo_open=True, hi_open=True)
+        if self.batch_size % self.grad_accumulation:
+            raise ConfigError(f"batch-size ({self.batch_size}) must be a multiple of grad-accumulation "
+                              f"({self.grad_accumulation}): each micro-batch takes an equal share of the step")
         if self.profile_decay is not None:
             number("profile_decay", 0.0, 1.0, lo_open=True)
         if self.partners == "boundary" and "inverse" in [self.mode, *self.compare]:

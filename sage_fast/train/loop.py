@@ -33,6 +33,8 @@ from tqdm.auto import tqdm
 
 from ..assets import cache_root
 from ..devices import resolve_device
+from ..errors import UsageError
+from ..distributed import SINGLE, DistributedError, PeerLost, World, close_world, init_world, launched_world
 from ..nn import SAGELoss, SAGELossConfig
 from ..regions import pooled_embedding, warm_up_in_background
 from ..synthesis import BackgroundRounds, RoundRecord, SAGESynthesizer, SynthesisConfig, used_lengths
@@ -42,13 +44,14 @@ from . import teacher_cache
 from .config import DistillConfig
 from .data import encode, load_task
 from .metrics import MetricsLog, Timer, format_table
-from .models import (VectorInterface, load_classifier, load_tokenizer, save_interface, saved_label_count,
+from .models import (VectorInterface, _first_line, load_classifier, load_tokenizer, save_interface, saved_label_count,
                      student_from_config, student_from_teacher)
 from .run_lock import RunLock
 from .teacher import TeacherSettings, fine_tune_teacher, read_teacher_metrics
 
 DEFAULT_TEACHER_BASE = "minilm"
 RESULTS_FILE = "results.json"
+RANK_SEED_STRIDE = 1_000_003  # rank r's torch / numpy / python streams start at seed + r * this
 
 
 class Stopped(KeyboardInterrupt):
@@ -90,6 +93,7 @@ class Setup:
     student_init: torch.nn.Module
     layer_map: dict[int, int]
     teacher_metrics: dict = field(default_factory=dict)
+    world: World = SINGLE
 
 
 def _check_teacher_labels(teacher, num_labels: int, name: str) -> None:
@@ -98,8 +102,10 @@ def _check_teacher_labels(teacher, num_labels: int, name: str) -> None:
                          "use a teacher fine-tuned on this task, or leave --teacher unset to fine-tune one")
 
 
-def build_setup(config: DistillConfig, log=print) -> Setup:
-    device = resolve_device(config.device)
+def build_setup(config: DistillConfig, log=print, *, world: World = SINGLE, device: torch.device | None = None) -> Setup:
+    """Data, teacher, tokenizer and the teacher's cached outputs. Under several processes rank 0
+    fine-tunes the teacher and fills the caches first; the others then read them."""
+    device = resolve_device(config.device) if device is None else device
     task = config.task if config.train_file is None else Path(config.train_file).name.split(".")[0]
     data = load_task(task, train_file=config.train_file, eval_file=config.eval_file,
                      text_column=config.text_column, text_pair_column=config.text_pair_column,
@@ -108,9 +114,10 @@ def build_setup(config: DistillConfig, log=print) -> Setup:
     log(f"data: {data.summary()}")
     teacher_metrics = {}
     if config.teacher is None:
-        folder = fine_tune_teacher(DEFAULT_TEACHER_BASE, data, device=device, progress=config.progress, log=log,
-                                   settings=TeacherSettings(epochs=config.teacher_epochs, lr=config.teacher_lr,
-                                                            max_length=config.max_length, seed=config.seed))
+        with world.main_first():
+            folder = fine_tune_teacher(DEFAULT_TEACHER_BASE, data, device=device, progress=config.progress, log=log,
+                                       settings=TeacherSettings(epochs=config.teacher_epochs, lr=config.teacher_lr,
+                                                                max_length=config.max_length, seed=config.seed))
         teacher_name = str(folder)
         teacher_metrics = read_teacher_metrics(folder)
     else:
@@ -143,19 +150,20 @@ def build_setup(config: DistillConfig, log=print) -> Setup:
     identity = teacher_cache.model_identity(teacher)
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     outputs = {}
-    for name in ("train", "validation", "test"):
-        layers = teacher_layers if name == "train" else []
-        key = teacher_cache.cache_key(identity, data.fingerprint(), name, config.max_length, layers)
-        outputs[name], hit = teacher_cache.load_or_compute(
-            cache_dir, key, lambda: teacher_cache.compute(forward, encoded[name], layers, config.eval_batch_size,
-                                                          device, config.progress, f"teacher outputs ({name})"))
-        if hit:
-            log(f"teacher outputs for {name} from the cache ({cache_dir})")
+    with world.main_first():
+        for name in ("train", "validation", "test"):
+            layers = teacher_layers if name == "train" else []
+            key = teacher_cache.cache_key(identity, data.fingerprint(), name, config.max_length, layers)
+            outputs[name], hit = teacher_cache.load_or_compute(
+                cache_dir, key, lambda: teacher_cache.compute(forward, encoded[name], layers, config.eval_batch_size,
+                                                              device, config.progress, f"teacher outputs ({name})"))
+            if hit:
+                log(f"teacher outputs for {name} from the cache ({cache_dir})")
     for name in ("validation", "test"):
         predicted = outputs[name]["logits"].argmax(-1)
         teacher_metrics[f"{name}_accuracy_vector"] = float((predicted == encoded[name]["labels"]).float().mean())
     return Setup(config, device, data, tokenizer, teacher, teacher_name, encoded, outputs, teacher_layers,
-                 student, layer_map, teacher_metrics)
+                 student, layer_map, teacher_metrics, world)
 
 
 def build_student(spec: str, teacher, num_labels: int):
@@ -402,14 +410,16 @@ class Student:
 
     @torch.no_grad()
     def evaluate(self, split: str) -> float:
-        """Accuracy on a real split (validation or test)."""
+        """Accuracy on a real split (validation or test); under several processes each rank counts
+        its share of the rows and the counts are summed (every rank gets the same accuracy)."""
         enc = self.setup.encoded[split]
-        device = self.device
+        device, world = self.device, self.setup.world
         self.interface.eval()
         correct = 0
         n = enc["input_ids"].shape[0]
-        for start in range(0, n, self.config.eval_batch_size):
-            sl = slice(start, start + self.config.eval_batch_size)
+        share = world.share(n)
+        for start in range(share.start, share.stop, self.config.eval_batch_size):
+            sl = slice(start, min(share.stop, start + self.config.eval_batch_size))
             mask = enc["attention_mask"][sl].to(device)
             width = int(used_lengths(enc["attention_mask"][sl]).max())  # from the host copy
             types = enc["token_type_ids"][sl, :width].to(device) if "token_type_ids" in enc else None
@@ -418,7 +428,60 @@ class Student:
                                                      mask[:, :width], token_type_ids=types)
             correct += int((out.logits.argmax(-1).cpu() == enc["labels"][sl]).sum())
         self.interface.train()
+        if world.distributed:
+            correct = int(world.all_reduce_sum(torch.tensor([correct], device=device)).item())
         return correct / n
+
+
+class StudentStep(torch.nn.Module):
+    """The student's forward and the loss as one module: what DistributedDataParallel wraps, so the
+    student, the adapter and the loss's projections are all-reduced together."""
+
+    def __init__(self, interface: VectorInterface, loss_fn: SAGELoss):
+        super().__init__()
+        self.interface, self.loss_fn = interface, loss_fn
+
+    def forward(self, vectors, mask, token_types, teacher_outputs, labels):
+        out = self.interface.student_forward(vectors, mask, output_hidden_states=True, token_type_ids=token_types)
+        return out, self.loss_fn(out, teacher_outputs, labels=labels, attention_mask=mask)
+
+    def ignored_by_ddp(self) -> list[str]:
+        """Names DDP must neither broadcast nor reduce: the frozen teacher (the same on every rank)
+        and the student's own word table, which the vector interface never reads."""
+        unused = {id(p) for p in self.interface.student.get_input_embeddings().parameters()}
+        return [name for name, p in self.named_parameters(remove_duplicate=False)
+                if name.startswith("interface.teacher.") or id(p) in unused] + \
+               [name for name, _ in self.named_buffers() if name.startswith("interface.teacher.")]
+
+
+def part_sizes(n: int, parts: int) -> list[int]:
+    """Sizes of ``rows[j::parts]`` for j in 0..parts-1 (how a step's rows are dealt out)."""
+    return [n // parts + (j < n % parts) for j in range(parts)]
+
+
+def rank_device(config: DistillConfig, world: World) -> torch.device:
+    """This process's device: under several processes on GPUs, the GPU of its ``LOCAL_RANK``."""
+    if not world.distributed or config.device == "cpu":
+        return resolve_device(config.device)
+    if config.device not in ("auto", "cuda"):
+        raise DistributedError(f"under torchrun each process takes the GPU of its LOCAL_RANK, so --device must be "
+                               f"auto, cuda or cpu, got {config.device!r}")
+    if not torch.cuda.is_available():
+        if config.device == "cuda":
+            return resolve_device("cuda")  # refused there, with the usual message
+        return torch.device("cpu")
+    return resolve_device(f"cuda:{world.local_rank}")
+
+
+def _collective_failed(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that failed because another rank is gone or too slow."""
+    dist_error = getattr(torch.distributed, "DistError", ())
+    if dist_error and isinstance(error, dist_error):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        word in text for word in ("Gloo", "gloo", "NCCL", "Connection closed", "Connection reset", "timed out",
+                                  "Timed out", "peer"))
 
 
 # ------------------------------------------------------------------------------------------ one mode
@@ -428,31 +491,55 @@ class ModeRun:
     def __init__(self, setup: Setup, mode: str, out_dir: Path, log=print, read_only: bool = False):
         self.setup, self.config, self.mode, self.out_dir, self.log = setup, setup.config, mode, Path(out_dir), log
         config, device = self.config, setup.device
-        ckpt.seed_everything(config.seed)
+        self.world = world = setup.world
+        # Every rank starts the same weights (DDP also broadcasts rank 0's); dropout differs by rank.
+        ckpt.seed_everything(config.seed + RANK_SEED_STRIDE * world.rank)
         self.model = Student(setup)
         self.interface = self.model.interface
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.step_module = StudentStep(self.interface, self.model.loss_fn)
+        self.ddp = None
+        if world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                self.step_module, self.step_module.ignored_by_ddp())
+            self.ddp = DistributedDataParallel(self.step_module, device_ids=[device] if device.type == "cuda" else None,
+                                               broadcast_buffers=False)
+        # A step's rows are dealt out to world.size * grad_accumulation parts; part j = rank * K + k.
+        self.accumulation = config.grad_accumulation
+        self.parts = world.size * self.accumulation
+        if config.batch_size % self.parts:
+            raise DistributedError(
+                f"batch-size ({config.batch_size}) must split evenly over {world.size} process(es) x "
+                f"{self.accumulation} micro-batch(es): use a multiple of {self.parts}")
         self.n_train = self.model.n_train
-        self.steps_per_epoch = math.ceil(self.n_train / config.batch_size)
+        # A last batch too small to give every part a row is left out (its rows come back next epoch).
+        full, rest = divmod(self.n_train, config.batch_size)
+        self.steps_per_epoch = full + (rest >= self.parts)
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{self.n_train} training rows cannot give each of the {self.parts} parts of a step a row")
         self.total_steps = self.steps_per_epoch * config.epochs
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
         self.scheduler = linear_schedule(self.optimizer, self.total_steps, config.warmup_ratio)
         self.synthesizer = None if mode == "kd" else SAGESynthesizer(
-            synthesis_config(config, mode, device), num_examples=self.n_train, embedding_dim=self.model.embedding_dim)
+            synthesis_config(config, mode, device), num_examples=self.n_train, embedding_dim=self.model.embedding_dim,
+            world=world)
         self.analysis_lag = resolved_lag(config, self.steps_per_epoch)
         self.background = None if self.synthesizer is None or self.analysis_lag == 0 else BackgroundRounds(
             self.synthesizer, self.model.vectors_of, self.model.label, lag=self.analysis_lag,
-            plot_path=self._loss_map_path)
+            plot_path=self._loss_map_path if world.is_main else None)
         self.epoch = 0            # completed epochs
         self.step_in_epoch = 0    # completed steps of the current epoch
         self.global_step = 0
         self.examples_seen = {"real": 0, "synthetic": 0}
         self.timer = Timer()
         self.done = False
-        self.read_only = read_only
         # Nothing is written to the file before the first record: a failed resume leaves it whole.
-        self.metrics = MetricsLog(None if read_only else self.out_dir / "metrics.jsonl")
+        # Every rank keeps the records (they are the same); rank 0 writes them.
+        self.read_only = read_only or not world.is_main
+        self.metrics = MetricsLog(None if self.read_only else self.out_dir / "metrics.jsonl")
         self.checkpoint_step: int | None = None  # the step of the checkpoint on disk, if this run has one
 
     @property
@@ -474,18 +561,30 @@ class ModeRun:
             "synthesizer": None if self.synthesizer is None else self.synthesizer.state_dict(),
             "round_in_flight": None if self.background is None else self.background.state_dict(),
             "metrics": self.metrics.records, "timer": dict(self.timer.seconds),
-            "total_steps": self.total_steps,
+            "total_steps": self.total_steps, "world_size": self.world.size,
         }
 
     def save(self) -> Path:
+        """The checkpoint, written once (rank 0), atomically, with every rank's random state; every
+        rank calls it at the same step (it gathers those states)."""
         self._check_finite_weights()  # a non-finite state never replaces the last good checkpoint
-        path = ckpt.save_atomic(self.state_dict(), self.checkpoint_path)
+        state = self.state_dict()
+        if self.world.distributed:
+            state["rank_rng"] = self.world.all_gather_objects(state["rng"])
+        if self.world.is_main:
+            ckpt.save_atomic(state, self.checkpoint_path)
         self.checkpoint_step = self.global_step
-        return path
+        return self.checkpoint_path
 
     def load(self, state: dict) -> None:
         if state["mode"] != self.mode:
             raise ckpt.CheckpointError(f"{self.checkpoint_path} holds a {state['mode']!r} run, not {self.mode!r}")
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.world.size:
+            raise ckpt.CheckpointError(
+                f"{self.checkpoint_path} was written by a run of {saved_world} process(es), and this one has "
+                f"{self.world.size}: each process's random state is saved, so resume with {saved_world} "
+                f"(torchrun --nproc-per-node {saved_world}, or no torchrun for 1)")
         state = _upgraded(state)
         self.model.load_state_dict(state)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -500,16 +599,54 @@ class ModeRun:
         if self.synthesizer is not None:
             self.synthesizer.load_state_dict(state["synthesizer"])
         self._load_round_in_flight(state.get("round_in_flight"))
-        ckpt.set_rng_state(state["rng"])
+        ckpt.set_rng_state(state["rank_rng"][self.world.rank] if self.world.distributed else state["rng"])
         self.timer = Timer(state["timer"])
         self.metrics = MetricsLog(None if self.read_only else self.out_dir / "metrics.jsonl", state["metrics"])
         self.checkpoint_step = self.global_step
 
     # ------------------------------------------------------------------ one step
     def train_step(self, rows: torch.Tensor) -> torch.Tensor:
-        """One optimiser step on the real rows ``rows`` (a host index) and a draw from the pool.
-        Returns the batch loss as a detached 0-d tensor on the device: the caller reads it only
-        where it logs, so on CUDA the host queues the next step without waiting for this one."""
+        """One optimiser step on the real rows ``rows`` (a host index: the whole step's, over every
+        process) and a draw from the pool. The rows are dealt out to ``world.size * grad_accumulation``
+        parts, ``rows[j::parts]``, and so is the draw; this process trains on its parts, part
+        ``rank * K + k`` as micro-batch ``k``, each loss scaled by ``1 / K`` (DDP averages over the
+        processes). Returns the mean loss of this process's parts as a detached 0-d tensor on the
+        device: the caller reads it only where it logs, so on CUDA the host queues the next step
+        without waiting for this one."""
+        config, k_parts = self.config, self.accumulation
+        first = self.world.rank * k_parts
+        synthetic = (None if self.synthesizer is None
+                     else self.synthesizer.sample(config.synthetic_per_batch, parts=k_parts))
+        drawn = 0 if synthetic is None else min(config.synthetic_per_batch, self.pool_size)
+        total_loss, observed = None, []
+        for k in range(k_parts):
+            last = k == k_parts - 1
+            # DDP all-reduces the gradients once, in the last micro-batch's backward
+            sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
+            with sync:
+                loss, seen = self._micro_batch(rows[first + k::self.parts], None if synthetic is None else synthetic[k])
+                (loss / k_parts).backward()
+            observed.append(seen)
+            total_loss = loss.detach() if total_loss is None else total_loss + loss.detach()
+        torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.synthesizer is not None:
+            with torch.no_grad():
+                ids, signal, embeddings, classes = (torch.cat(parts) if parts[0] is not None else None
+                                                    for parts in zip(*observed))
+                # every rank's row count this step, from the step's size alone: no device read
+                counts = part_sizes(rows.shape[0], self.parts)
+                sizes = [sum(counts[r * k_parts:(r + 1) * k_parts]) for r in range(self.world.size)]
+                self.synthesizer.observe(ids, signal, embeddings, classes=classes, sizes=sizes)
+        self.examples_seen["real"] += rows.shape[0]
+        self.examples_seen["synthetic"] += drawn
+        return total_loss / k_parts
+
+    def _micro_batch(self, rows: torch.Tensor, synthetic):
+        """Forward and loss of one micro-batch (real ``rows``, ``synthetic`` rows or None); returns
+        the loss and what the profile records of its real rows: (ids, signal, embeddings, classes)."""
         config = self.config
         real = self.model.real_batch(rows)
         vectors = self.interface.embed(real["input_ids"])
@@ -517,7 +654,6 @@ class ModeRun:
         labels = real["labels"]
         token_types = real.get("token_type_ids")
         n_real = vectors.shape[0]
-        synthetic = None if self.synthesizer is None else self.synthesizer.sample(config.synthetic_per_batch)
         if synthetic is not None:
             vectors = torch.cat([vectors, synthetic.vectors.to(vectors.dtype)])
             mask = torch.cat([mask, synthetic.mask.to(mask.dtype)])
@@ -536,25 +672,17 @@ class ModeRun:
 
         self.interface.train()
         with self.model.autocast:
-            student_out = self.interface.student_forward(vectors, mask, output_hidden_states=True,
-                                                         token_type_ids=token_types)
-            result = self.model.loss_fn(student_out, teacher_outputs, labels=labels, attention_mask=mask)
-        result.loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], 1.0)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            student_out, result = (self.ddp or self.step_module)(vectors, mask, token_types, teacher_outputs, labels)
+        seen = (None, None, None, None)
         if self.synthesizer is not None:
             with torch.no_grad():
                 embeddings = pooled_embedding(student_out.hidden_states[-1][:n_real].detach(), mask[:n_real])
-                signal = profile_signal(config, result.per_example[:n_real], student_out.logits[:n_real],
+                signal = profile_signal(config, result.per_example[:n_real].detach(), student_out.logits[:n_real],
                                         real["logits"])
                 # classes only matter to boundary partners: no per-step argmax and scatter otherwise
                 classes = real["logits"].argmax(-1) if config.partners == "boundary" else None
-                self.synthesizer.observe(real["ids"], signal, embeddings, classes=classes)
-        self.examples_seen["real"] += n_real
-        self.examples_seen["synthetic"] += vectors.shape[0] - n_real
-        return result.loss.detach()
+                seen = (real["ids"], signal, embeddings, classes)
+        return result.loss, seen
 
     # ------------------------------------------------------------------ analysis and synthesis
     def _loss_map_path(self, number: int) -> Path:
@@ -633,9 +761,34 @@ class ModeRun:
         return due and self.global_step < self.total_steps
 
     def train(self) -> dict:
+        """Train to the end (or to a stop request); under several processes a failed collective (a
+        rank that died or hung past ``dist_timeout``) ends this rank with :class:`PeerLost`."""
+        if not self.world.distributed:
+            return self._train()
+        try:
+            return self._train()
+        except (RuntimeError, ValueError) as error:
+            if isinstance(error, PeerLost) or not _collective_failed(error):
+                raise
+            kept = (f"the last checkpoint, of step {self.checkpoint_step}, is in {self.checkpoint_path}"
+                    if self.checkpoint_step is not None else "no checkpoint was written yet")
+            raise PeerLost(
+                f"[{self.mode}] rank {self.world.rank}: another process of this run stopped or stopped answering "
+                f"(no reply within --dist-timeout {self.config.dist_timeout:g} s) at step {self.global_step}; "
+                f"{kept}. See that process's own message for why; then start the same torchrun command with "
+                f"--resume --output-dir {self.out_dir.parent}. ({_first_line(error)})") from error
+
+    def _stop_agreed(self, stop: "_StopRequest", logging_point: bool) -> bool:
+        """Whether to stop after this step. One process stops as soon as asked; several agree first,
+        at logging points (where the host reads the loss anyway), so all stop at the same step."""
+        if not self.world.distributed:
+            return stop.requested
+        return logging_point and self.world.any(stop.requested, self.setup.device)
+
+    def _train(self) -> dict:
         config = self.config
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc=f"distill [{self.mode}]", unit="step",
-                   disable=not config.progress)
+                   disable=not config.progress or not self.world.is_main)
         with _StopRequest() as stop:
             while not self.done and self.global_step < self.total_steps:
                 order = torch.randperm(self.n_train, generator=torch.Generator().manual_seed(
@@ -648,7 +801,10 @@ class ModeRun:
                         self.step_in_epoch += 1
                         self.global_step += 1
                         bar.update(1)
-                        if self.global_step % config.log_every == 0 or self.global_step == 1:
+                        logging_point = self.global_step % config.log_every == 0 or self.global_step == 1
+                        if logging_point:
+                            if self.world.distributed:  # the step's loss over every process's parts
+                                loss = self.world.all_reduce_sum(loss.clone()) / self.world.size
                             loss = float(loss)  # the step's only host read of the loss, where it is logged
                             self._check_finite_loss(loss)
                             bar.set_postfix(loss=f"{loss:.4f}", pool=self.pool_size)
@@ -659,7 +815,7 @@ class ModeRun:
                         if self._analysis_due(end_of_epoch=False):
                             self.analysis_round_now()
                         after_step(self)
-                        if stop.requested:
+                        if self._stop_agreed(stop, logging_point):
                             bar.close()
                             self.save()
                             raise TrainingInterrupted(self._resume_hint())
@@ -691,8 +847,9 @@ class ModeRun:
             analysis_share=self.timer.share("analysis"), synthesis_share=self.timer.share("synthesis"),
             labelling_share=self.timer.share("labelling"), analysis_rounds=self.analysis_rounds)
         teacher_dir = Path(self.setup.teacher_name)
-        save_interface(self.interface, self.trained_dir, tokenizer=self.setup.tokenizer,
-                       teacher_path=str(teacher_dir) if teacher_dir.is_dir() else None)
+        if self.world.is_main:
+            save_interface(self.interface, self.trained_dir, tokenizer=self.setup.tokenizer,
+                           teacher_path=str(teacher_dir) if teacher_dir.is_dir() else None)
 
     @property
     def trained_dir(self) -> Path:
@@ -708,8 +865,12 @@ class ModeRun:
     # steps), the weights once before each checkpoint and before the final test, so a CUDA step never
     # waits on the host for this.
     def _check_finite_loss(self, loss) -> None:
-        if not math.isfinite(float(loss)):
-            self._stop_non_finite(f"the training loss is {float(loss)} at step {self.global_step}")
+        finite = math.isfinite(float(loss))
+        if self.world.distributed:  # every rank stops together, whichever rank's loss it was
+            finite = not self.world.any(not finite, self.setup.device)
+        if not finite:
+            self._stop_non_finite(f"the training loss is {float(loss)} at step {self.global_step}"
+                                  + (f" on rank {self.world.rank}" if self.world.distributed else ""))
 
     def _check_finite_weights(self) -> None:
         params = [p.detach() for p in self.model.parameters()]
@@ -756,27 +917,60 @@ def run(config: DistillConfig, *, resume: bool = False, log=print) -> dict:
     also written to ``<output_dir>/results.json``.
 
     The run folder is locked for the whole call (``RunFolderBusy`` when another live process holds
-    it), and temporaries that killed checkpoint writes left in it are removed first."""
-    out_dir = Path(config.output_dir) if config.output_dir else default_output_dir()
-    config.output_dir = str(out_dir)
-    modes = [config.mode, *config.compare]
-    with RunLock(out_dir, log=log), _sigterm_stops():
-        if not resume and any((out_dir / m / ckpt.CHECKPOINT_NAME).exists() for m in modes):
-            raise DataError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another "
-                            "--output-dir")
-        for mode in modes:
-            stale = [*ckpt.remove_stale_temporaries(out_dir / mode),
-                     *ckpt.remove_stale_temporaries(out_dir / mode, "metrics.jsonl")]
-            if stale:
-                log(f"[{mode}] removed {len(stale)} temporary file(s) of writes a killed run left unfinished")
-        config.save(out_dir)
-        return _run_modes(config, out_dir, modes, resume, log)
+    it), and temporaries that killed checkpoint writes left in it are removed first.
+
+    Under ``torchrun`` every process calls this with the same config: each trains on its share of
+    every step (DDP), rank 0 writes the files (lock, config, metrics, checkpoints, pictures, results)
+    and logs; the others stay quiet. On one process nothing of this applies."""
+    world = launched_world()
+    device = rank_device(config, world)
+    world = init_world(device, timeout=config.dist_timeout)
+    try:
+        if not world.is_main:
+            log = _quiet
+        out_dir = Path(config.output_dir) if config.output_dir else default_output_dir()
+        out_dir = Path(world.broadcast_object(str(out_dir)))  # one folder, whatever each clock said
+        config.output_dir = str(out_dir)
+        modes = [config.mode, *config.compare]
+        with (RunLock(out_dir, log=log) if world.is_main else contextlib.nullcontext()), _sigterm_stops():
+            refusal = None
+            if world.is_main:
+                try:
+                    _prepare_folder(config, out_dir, modes, resume, log)
+                except UsageError as error:
+                    refusal = error
+            # a folder rank 0 refused stops every rank now, with rank 0's message
+            said = world.broadcast_object(None if refusal is None else str(refusal))
+            if refusal is not None:
+                raise refusal
+            if said is not None:
+                raise DistributedError(f"rank 0 refused the run: {said}")
+            return _run_modes(config, out_dir, modes, resume, log, world, device)
+    finally:
+        close_world(world)
 
 
-def _run_modes(config: DistillConfig, out_dir: Path, modes: list[str], resume: bool, log) -> dict:
+def _quiet(message: str) -> None:
+    """The log of ranks other than 0: rank 0 says everything once."""
+
+
+def _prepare_folder(config: DistillConfig, out_dir: Path, modes: list[str], resume: bool, log) -> None:
+    if not resume and any((out_dir / m / ckpt.CHECKPOINT_NAME).exists() for m in modes):
+        raise DataError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another "
+                        "--output-dir")
+    for mode in modes:
+        stale = [*ckpt.remove_stale_temporaries(out_dir / mode),
+                 *ckpt.remove_stale_temporaries(out_dir / mode, "metrics.jsonl")]
+        if stale:
+            log(f"[{mode}] removed {len(stale)} temporary file(s) of writes a killed run left unfinished")
+    config.save(out_dir)
+
+
+def _run_modes(config: DistillConfig, out_dir: Path, modes: list[str], resume: bool, log,
+               world: World = SINGLE, device: torch.device | None = None) -> dict:
     if any(mode != "kd" for mode in modes):  # numba compiles (or loads) UMAP while the models are prepared
         warm_up_in_background()
-    setup = build_setup(config, log=log)
+    setup = build_setup(config, log=log, world=world, device=device)
     rows, trained = [], {}
     for mode in modes:
         mode_run = ModeRun(setup, mode, out_dir / mode, log=log)
@@ -790,9 +984,10 @@ def _run_modes(config: DistillConfig, out_dir: Path, modes: list[str], resume: b
                "teacher_validation_accuracy": setup.teacher_metrics.get("validation_accuracy_vector"),
                "teacher_test_accuracy": setup.teacher_metrics.get("test_accuracy_vector"), "modes": rows,
                "trained": trained}
-    (out_dir / RESULTS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     table = results_table(summary)
-    (out_dir / "results.txt").write_text(table + "\n")
+    if world.is_main:
+        (out_dir / RESULTS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        (out_dir / "results.txt").write_text(table + "\n")
     summary["table"] = table
     return summary
 

@@ -15,8 +15,9 @@ from sage_fast.train import checkpoint, loop  # noqa: E402
 from sage_fast.train.config import resolve  # noqa: E402
 
 
-def make_tiny_task(root):
-    """A 4-layer, 32-wide BERT classifier over MiniLM's tokenizer, and a 150-row sentiment CSV."""
+def make_tiny_task(root, dropout: float = 0.1):
+    """A 4-layer, 32-wide BERT classifier over MiniLM's tokenizer, and a 150-row sentiment CSV.
+    ``dropout`` 0 makes runs that deal a step's rows out differently comparable number for number."""
     import transformers
 
     from sage_fast.assets import minilm_path
@@ -25,7 +26,7 @@ def make_tiny_task(root):
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=4,
                                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
-                                     num_labels=2)
+                                     num_labels=2, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     transformers.BertForSequenceClassification(config).save_pretrained(root / "teacher")
     tokenizer.save_pretrained(root / "teacher")
     rng = random.Random(0)

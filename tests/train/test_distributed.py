@@ -1,0 +1,180 @@
+"""`sage-fast distill` under real `torchrun`: two CPU processes (gloo) on a tiny model.
+
+(a) Two processes train the student one process trains when it deals each step out to two
+    micro-batches (`--grad-accumulation 2`): the same rows in the same parts, so the same numbers.
+(b) Every rank holds the same synthetic pool (checked at the component's level in
+    tests/synthesis/test_distributed_synthesizer.py; here: the pool rank 0 saved is the one-process pool).
+(c) A run stopped by SIGTERM under torchrun and resumed under torchrun ends where the uninterrupted
+    run ends.
+(d) A rank that is killed makes the other stop with a message, well within --dist-timeout.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("umap")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_loop import make_tiny_task  # noqa: E402
+
+from sage_fast.train import checkpoint  # noqa: E402
+
+TIMEOUT = 20  # --dist-timeout of these runs: seconds before a silent peer counts as lost
+LAUNCH_LIMIT = 240  # seconds any one launch may take on a loaded two-core machine
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_task(tmp_path_factory.mktemp("tiny"), dropout=0.0)
+
+
+def flags(tiny, out, *extra):
+    # eval-batch-size 8: one process labels a round's 16 synthetic rows in two forwards of 8, as
+    # two ranks each label their 8, so the teacher's labels are the same numbers too
+    return ["distill", "--teacher", str(tiny / "teacher"), "--student", "from-teacher:2",
+            "--train-file", str(tiny / "data.csv"), "--epochs", "3", "--batch-size", "16", "--max-length", "16",
+            "--analysis-every", "6", "--synthetic-per-round", "16", "--pool-size", "32", "--synthetic-per-batch", "4",
+            "--n-neighbors", "5", "--eval-batch-size", "8", "--log-every", "1", "--compare", "kd", "--no-progress",
+            "--device", "cpu", "--dist-timeout", str(TIMEOUT), "--output-dir", str(out),
+            "--cache-dir", str(tiny / "cache"), *extra]
+
+
+def env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def torchrun_command(args, nproc=2):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            "--monitor-interval", "0.2", "-m", "sage_fast.cli", *args]
+
+
+def launch(command, **kwargs):
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), **kwargs)
+
+
+def finish(process, limit=LAUNCH_LIMIT):
+    out, err = process.communicate(timeout=limit)
+    return process.returncode, out, err
+
+
+def run_to_end(command):
+    code, out, err = finish(launch(command))
+    assert code == 0, f"exit {code}\n{out[-3000:]}\n{err[-3000:]}"
+    return out, err
+
+
+def wait_for(path: Path, process, limit=LAUNCH_LIMIT):
+    deadline = time.monotonic() + limit
+    while not path.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended (exit {process.returncode}) before {path.name} appeared:\n"
+                                 + process.stderr.read()[-3000:])
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {path} after {limit} s")
+        time.sleep(0.05)
+
+
+def rank_pids(agent_pid: int) -> dict[int, int]:
+    """The worker processes torchrun started, by their RANK."""
+    pids = {}
+    for child in Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split():
+        environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        for entry in environ:
+            if entry.startswith(b"RANK="):
+                pids[int(entry[5:])] = int(child)
+    return pids
+
+
+def students(out: Path) -> dict:
+    return {mode: checkpoint.load(out / mode)["student"] for mode in ("sage", "kd")}
+
+
+def records(out: Path, mode: str) -> list[dict]:
+    lines = (out / mode / "metrics.jsonl").read_text().splitlines()
+    keep = ("kind", "step", "epoch", "accuracy", "round", "synthetic", "pool", "threshold", "loss")
+    return [{k: r[k] for k in keep if k in r} for r in map(json.loads, lines) if r["kind"] != "train"] + \
+           [{"loss": round(r["loss"], 5), "step": r["step"]} for r in map(json.loads, lines) if r["kind"] == "train"]
+
+
+def assert_same_students(a: dict, b: dict, atol: float):
+    for mode in ("sage", "kd"):
+        assert a[mode].keys() == b[mode].keys()
+        for name, value in a[mode].items():
+            torch.testing.assert_close(value, b[mode][name], atol=atol, rtol=0, msg=f"{mode}: {name}")
+
+
+@pytest.fixture(scope="module")
+def two_processes(tiny):
+    out = tiny / "two"
+    stdout, _ = run_to_end(torchrun_command(flags(tiny, out)))
+    return out, stdout
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny):
+    out = tiny / "one"
+    run_to_end([sys.executable, "-m", "sage_fast.cli", *flags(tiny, out, "--grad-accumulation", "2")])
+    return out
+
+
+def test_two_processes_train_what_one_process_trains_with_two_micro_batches(two_processes, one_process):
+    two, stdout = two_processes
+    assert stdout.count("val acc") == 1 and stdout.count("[sage] test accuracy") == 1, "rank 0 alone logs and prints"
+    assert_same_students(students(two), students(one_process), atol=1e-6)
+    for mode in ("sage", "kd"):
+        assert records(two, mode) == records(one_process, mode)
+    analysis = [r for r in records(two, "sage") if r.get("kind") == "analysis"]
+    assert len(analysis) >= 2 and all(r["synthetic"] == 16 for r in analysis)
+    # every rank holds the same pool; rank 0 saved it, and it is the one-process pool
+    pool_two = checkpoint.load(two / "sage")["synthesizer"]["pool"]
+    pool_one = checkpoint.load(one_process / "sage")["synthesizer"]["pool"]
+    for key, value in pool_one.items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(pool_two[key], value, atol=1e-6, rtol=0, msg=key)
+
+
+def test_a_run_stopped_by_sigterm_resumes_under_torchrun_to_the_same_end(tiny, two_processes):
+    out = tiny / "stopped"
+    process = launch(torchrun_command(flags(tiny, out)))
+    wait_for(out / "sage" / checkpoint.CHECKPOINT_NAME, process)  # the end of the first epoch
+    process.send_signal(signal.SIGTERM)  # to torchrun, which passes it to every rank, as a scheduler would
+    code, _, err = finish(process)
+    assert code != 0 and "Resume with" in err, err[-3000:]
+    stopped_at = checkpoint.load(out / "sage")["global_step"]
+    total = checkpoint.load(out / "sage")["total_steps"]
+    assert 0 < stopped_at < total
+    state = checkpoint.load(out / "sage")
+    assert state["world_size"] == 2 and len(state["rank_rng"]) == 2
+    run_to_end(torchrun_command(flags(tiny, out, "--resume")))
+    two, _ = two_processes
+    assert_same_students(students(out), students(two), atol=1e-6)
+    assert records(out, "sage") == records(two, "sage")
+
+
+def test_a_checkpoint_of_two_processes_is_refused_by_one(tiny, two_processes):
+    two, _ = two_processes
+    code, _, err = finish(launch([sys.executable, "-m", "sage_fast.cli", *flags(tiny, two, "--resume",
+                                                                               "--epochs", "4")]))
+    assert code == 2 and "2 process(es)" in err and "Traceback" not in err, err[-2000:]
+
+
+def test_a_killed_rank_ends_the_other_with_a_message(tiny):
+    out = tiny / "killed"
+    started = time.monotonic()
+    process = launch(torchrun_command(flags(tiny, out, "--epochs", "30")))
+    wait_for(out / "sage" / checkpoint.CHECKPOINT_NAME, process)
+    os.kill(rank_pids(process.pid)[1], signal.SIGKILL)
+    killed = time.monotonic()
+    code, _, err = finish(process, limit=TIMEOUT + 60)
+    assert code != 0
+    assert time.monotonic() - killed < TIMEOUT + 30, "the surviving rank outlived the collective timeout"
+    assert "another process of this run stopped" in err, err[-3000:]
+    assert time.monotonic() - started < LAUNCH_LIMIT
