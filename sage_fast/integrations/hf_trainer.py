@@ -25,6 +25,12 @@ Per-example losses can also be handed to a callable ``on_per_example(ids, losses
 training step: ``losses`` is the detached ``[B]`` float32 ``SAGELossOutput.per_example`` of the real
 rows; ``ids`` is the batch's ``example_id`` column (``None`` when the batch has none).
 
+``synthetic_per_batch`` counts the synthetic rows of one optimizer step, over every process and
+gradient-accumulation micro-batch: they are drawn once a step and dealt out, micro-batch ``k`` of
+rank ``r`` taking rows ``j::size*K`` with ``j = r*K + k`` (``K`` the step's micro-batches). So one
+process with ``gradient_accumulation_steps=K`` trains on the rows ``K`` processes would, and the
+synthetic share of the global batch does not change with the number of processes.
+
 Checkpoints: each checkpoint folder the Trainer writes also gets ``sage_fast_state.pt`` with the
 synthesizer's state (profile, pool, generators, round count) and the loss's projections; resuming
 (``trainer.train(resume_from_checkpoint=...)``) loads it, so the pool survives and, on CPU, a resumed
@@ -33,9 +39,28 @@ run continues as the uninterrupted one would.
 The loss is a per-batch mean over real and synthetic rows, so the Trainer divides it by the
 gradient-accumulation steps, as it does for any mean loss. When the hidden sizes differ,
 ``SAGELoss`` owns learned projections; they are trained with the student (an extra optimizer group;
-add ``trainer.sage_loss.parameters()`` to an optimizer you pass in yourself). Under several
-processes neither those projections nor the synthesizer are synchronised across ranks: use one
-process with synthesis, and equal hidden sizes or ``beta = 0`` under several.
+add ``trainer.sage_loss.parameters()`` to an optimizer you pass in yourself).
+
+Several processes (``torchrun``, ``accelerate launch``; the Trainer's process group, any backend):
+every rank ends each step with the same student, projections and synthesizer.
+
+- The student is the Trainer's: it wraps it in ``DistributedDataParallel``.
+- The projections' gradients are averaged over the ranks by the trainer itself, once a step, right
+  after the backward of the step's last micro-batch (where DDP averages the student's): the
+  projections stay out of the model the Trainer wraps and saves, so the saved student is a
+  standard Hugging Face model with nothing of the loss in its weights. Rank 0's projections are
+  sent to every rank when ``train`` starts, as DDP does for the student.
+- The synthesizer is built for the process group's world (``sage_fast.distributed.current_world``):
+  every micro-batch each rank's ids, losses and embeddings are gathered (with the ranks' row counts,
+  gathered first since a sampler may give ranks batches of different sizes), so every rank holds
+  the same profile; rounds run on every rank at the same step and make the same plan, each rank
+  labels its share of the rows and every rank's pool gets them all; every rank draws the same
+  synthetic rows and trains on its part. Loss maps are drawn by rank 0.
+- ``sage_examples_seen`` counts the rows of every rank; ``on_per_example`` gets this rank's rows.
+- ``sage_fast_state.pt`` is the same on every rank: the process that saves the model writes it
+  (``args.should_save``) and every rank reads it on resume.
+
+The teacher is not wrapped or synchronised: every rank must load the same teacher.
 """
 from __future__ import annotations
 
@@ -55,6 +80,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
     ) from err
 
 from .. import _checks
+from ..distributed import current_world
 from ..nn.sage_loss import SAGELoss, SAGELossConfig
 from ..regions import pooled_embedding
 from ..synthesis import RoundRecord, SAGESynthesizer, SynthesisConfig, SyntheticRows, pad_tokens
@@ -68,12 +94,18 @@ _MIXABLE_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 class SAGESynthesisCallback(TrainerCallback):
-    """Runs the synthesizer's rounds on the trainer's schedule and writes SAGE's state (synthesizer,
-    loss projections, counts) into each checkpoint folder. ``SAGEDistillTrainer`` adds it, and reads
-    that state back when it resumes."""
+    """Runs the synthesizer's rounds on the trainer's schedule, clears the loss projections'
+    gradients after each optimizer step (the Trainer clears only the model's), and writes SAGE's
+    state (synthesizer, loss projections, counts) into each checkpoint folder.
+    ``SAGEDistillTrainer`` adds it, and reads that state back when it resumes."""
 
     def __init__(self, trainer: "SAGEDistillTrainer"):
         self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # Otherwise each step's projection gradients would add to all earlier steps' (and a resumed
+        # run, which starts from none, would not continue the uninterrupted one).
+        self.trainer.sage_loss.zero_grad(set_to_none=True)
 
     def _round_due(self, state) -> bool:
         return self.trainer.synthesizer is not None and state.global_step < state.max_steps
@@ -89,7 +121,9 @@ class SAGESynthesisCallback(TrainerCallback):
             self.trainer.synthesis_round(state.global_step)
 
     def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
+        # The state is the same on every rank: written by the process that writes the model (rank 0,
+        # or each node's first with save_on_each_node).
+        if not args.should_save:
             return
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if not folder.is_dir():  # a hyperparameter-search trial keeps its checkpoints elsewhere
@@ -110,7 +144,8 @@ class SAGEDistillTrainer(Trainer):
         example_id_column: the batch key that holds example ids.
         synthesis: ``None`` (plain distillation), a :class:`SynthesisConfig` (its ``device`` is
             replaced by the trainer's), or a built :class:`SAGESynthesizer` on the trainer's device.
-        synthetic_per_batch: synthetic rows added to each training batch once the pool has some.
+        synthetic_per_batch: synthetic rows added to each optimizer step once the pool has some, over
+            every process and accumulation micro-batch (each takes its part).
         analysis_every: optimizer steps between rounds (default ``None``: at the end of each epoch
             but the last).
         loss_maps: write each round's loss map to ``<output_dir>/loss_maps/round<NNN>.png``.
@@ -118,7 +153,7 @@ class SAGEDistillTrainer(Trainer):
 
     After training, ``trainer.synthesizer`` holds the synthesizer, ``trainer.sage_rounds`` each
     round's :class:`RoundRecord`, and ``trainer.sage_examples_seen`` the real and synthetic rows the
-    loss saw.
+    loss saw (on every process together). ``trainer.world`` is this process's place in the run.
     """
 
     def __init__(self, *args, teacher: torch.nn.Module, loss: SAGELoss | SAGELossConfig | None = None,
@@ -145,6 +180,8 @@ class SAGEDistillTrainer(Trainer):
         if analysis_every is not None:
             _checks.integer("analysis_every", analysis_every, minimum=1)
         super().__init__(*args, **kwargs)
+        # The Trainer's arguments have joined torchrun's process group by now (if there is one).
+        self.world = current_world()
         self.teacher = teacher.requires_grad_(False).eval().to(self.args.device)
         self.sage_loss = loss.to(self.args.device)
         self.on_per_example = on_per_example
@@ -154,6 +191,8 @@ class SAGEDistillTrainer(Trainer):
         self.loss_maps = bool(loss_maps)
         self.sage_rounds: list[RoundRecord] = []
         self.sage_examples_seen = {"real": 0, "synthetic": 0}
+        # This optimizer step's synthetic rows still to train on, one entry a micro-batch (see _synthetic_part).
+        self._synthetic_parts: list[SyntheticRows | None] = []
         self.synthesizer = None if synthesis is None else self._make_synthesizer(synthesis)
         # The loss is a per-batch mean: have the Trainer scale it for gradient accumulation and not
         # pass num_items_in_batch to the models (the attribute names differ across versions).
@@ -163,7 +202,9 @@ class SAGEDistillTrainer(Trainer):
 
     # ------------------------------------------------------------------ set-up
     def _make_synthesizer(self, synthesis) -> SAGESynthesizer:
-        device = self.args.device
+        device = torch.device(self.args.device)
+        if device.type == "cpu":  # the Trainer says cpu:0 under torchrun; there is one CPU device
+            device = torch.device("cpu")
         if self.train_dataset is None or not hasattr(self.train_dataset, "__len__"):
             raise ValueError("synthesis needs a train_dataset with a length whose rows are found by position "
                              "(train_dataset[example_id])")
@@ -180,8 +221,11 @@ class SAGEDistillTrainer(Trainer):
         if isinstance(synthesis, SynthesisConfig):
             synthesis = SAGESynthesizer(dataclasses.replace(synthesis, device=device),
                                         num_examples=len(self.train_dataset),
-                                        embedding_dim=self.model.config.hidden_size)
-        elif synthesis.device != torch.device(device):
+                                        embedding_dim=self.model.config.hidden_size, world=self.world)
+        elif synthesis.world != self.world:
+            raise ValueError(f"the synthesizer was built for {synthesis.world} but the trainer runs as {self.world}; "
+                             "build it with world=sage_fast.distributed.current_world(), or pass a SynthesisConfig")
+        elif synthesis.device != device:
             raise ValueError(f"the synthesizer lives on {synthesis.device} but the trainer trains on {device}; build "
                              "it with SynthesisConfig(device=...) set to the trainer's device")
         return synthesis
@@ -200,6 +244,47 @@ class SAGEDistillTrainer(Trainer):
             optimizer.add_param_group({"params": projections, "weight_decay": self.args.weight_decay})
         return optimizer
 
+    # ------------------------------------------------------------------ several processes
+    def _share_projections(self) -> None:
+        """Rank 0's projections on every rank, as DDP starts every rank from rank 0's student (each
+        process built its loss with its own random state)."""
+        if not self.world.distributed or not self.sage_loss.state_dict():
+            return
+        state = {name: value.detach().cpu() for name, value in self.sage_loss.state_dict().items()}
+        self.sage_loss.load_state_dict(self.world.broadcast_object(state))
+
+    def _average_projection_gradients(self) -> None:
+        """The projections' gradients averaged over the ranks, as DDP averages the student's: one
+        all-reduce of all of them, flattened. A projection without a gradient on a rank counts as zero
+        there, so every rank issues the same collective."""
+        projections = [p for p in self.sage_loss.parameters() if p.requires_grad]
+        if not projections:
+            return
+        for p in projections:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1).float() for p in projections])
+        self.world.all_reduce_sum(flat).div_(self.world.size)
+        for p, averaged in zip(projections, flat.split([p.numel() for p in projections])):
+            p.grad.copy_(averaged.view_as(p.grad))
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # The step's last micro-batch (the Trainer lets DDP reduce the student's gradients on it):
+        # before gradient clipping and the optimizer step.
+        if self.world.distributed and self.accelerator.sync_gradients:
+            self._average_projection_gradients()
+        return loss
+
+    def _batch_sizes(self, rows: int) -> list[int]:
+        """Every rank's real rows in this micro-batch (a small collective and a host read): they
+        are equal under accelerate's even batches, but a sampler of varying batch sizes, or
+        ``even_batches=False`` at an epoch's end, gives ranks different counts."""
+        if not self.world.distributed:
+            return [rows]
+        counts = torch.tensor([rows], dtype=torch.int64, device=self.args.device)
+        return self.world.all_gather_rows(counts, [1] * self.world.size).tolist()
+
     # ------------------------------------------------------------------ checkpoints
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         # Resolved here as the Trainer does, so that SAGE's state is read from the same folder.
@@ -210,6 +295,9 @@ class SAGEDistillTrainer(Trainer):
         if resume_from_checkpoint:
             # Before the Trainer's own loading, so a checkpoint of another kind of run is named as such.
             self.load_sage_state(resume_from_checkpoint)
+        self._share_projections()
+        self.sage_loss.zero_grad(set_to_none=True)  # as the Trainer clears the model's before its first step
+        self._synthetic_parts = []
         return super().train(resume_from_checkpoint or None, *args, **kwargs)
 
     def sage_state_dict(self) -> dict:
@@ -217,7 +305,8 @@ class SAGEDistillTrainer(Trainer):
                 "sage_loss": self.sage_loss.state_dict(), "examples_seen": dict(self.sage_examples_seen)}
 
     def save_sage_state(self, folder: str | Path) -> Path:
-        """Write ``sage_state_dict()`` to ``folder/sage_fast_state.pt`` (whole or not at all)."""
+        """Write ``sage_state_dict()`` to ``folder/sage_fast_state.pt`` (whole or not at all). Under
+        several processes the state is the same on every rank: one process writes it."""
         path = Path(folder) / STATE_FILE
         partial = path.with_name(f".{STATE_FILE}.partial")
         torch.save(self.sage_state_dict(), partial)
@@ -225,7 +314,7 @@ class SAGEDistillTrainer(Trainer):
         return path
 
     def load_sage_state(self, folder: str | Path) -> None:
-        """Restore what ``save_sage_state`` wrote into a checkpoint folder."""
+        """Restore what ``save_sage_state`` wrote into a checkpoint folder (every rank reads it)."""
         path = Path(folder) / STATE_FILE
         if not path.is_file():
             raise ValueError(f"{folder} holds no {STATE_FILE}: it was not written by a SAGEDistillTrainer, so the "
@@ -296,7 +385,7 @@ class SAGEDistillTrainer(Trainer):
     def synthesis_round(self, step: int | None = None) -> RoundRecord | None:
         """One analysis round now (the callback calls this on schedule); logged as ``sage_*``."""
         plot_path = None
-        if self.loss_maps:
+        if self.loss_maps and self.world.is_main:  # every rank's map is the same: one draws it
             plot_path = lambda number: Path(self.args.output_dir) / "loss_maps" / f"round{number:03d}.png"  # noqa: E731
         record = self.synthesizer.round(self._vectors_of, self._label, step=step, plot_path=plot_path)
         if record is not None:
@@ -306,6 +395,20 @@ class SAGEDistillTrainer(Trainer):
                       "sage_synthesis_seconds": record.synthesis_seconds,
                       "sage_labelling_seconds": record.labelling_seconds})
         return record
+
+    def _synthetic_part(self) -> SyntheticRows | None:
+        """This micro-batch's synthetic rows: at a step's first micro-batch ``synthetic_per_batch``
+        rows are drawn (the same on every rank) and dealt out to every rank's micro-batches of the
+        step; each later micro-batch takes the next part. None when the pool is empty."""
+        if not self._synthetic_parts:
+            micro_batches = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+            drawn = self.synthesizer.sample(self.synthetic_per_batch, parts=micro_batches)
+            if drawn is None:
+                drawn = [None] * micro_batches
+            else:
+                self.sage_examples_seen["synthetic"] += min(self.synthetic_per_batch, len(self.synthesizer.pool))
+            self._synthetic_parts = drawn
+        return self._synthetic_parts.pop(0)
 
     def _mixed_batch(self, model_inputs: dict, teacher_outputs, labels, synthetic: SyntheticRows):
         """Real rows (as the teacher's vectors) and synthetic rows in one batch, padded to one width:
@@ -359,7 +462,7 @@ class SAGEDistillTrainer(Trainer):
         with torch.no_grad():
             teacher_outputs = self.teacher(**model_inputs, output_hidden_states=aligning)
         n_real = int(teacher_outputs["logits"].shape[0])
-        synthetic = self.synthesizer.sample(self.synthetic_per_batch) if observing else None
+        synthetic = self._synthetic_part() if observing else None
         if synthetic is None:
             student_outputs = model(**model_inputs, output_hidden_states=aligning or observing)
             result = self.sage_loss(student_outputs, teacher_outputs, labels=labels, attention_mask=attention_mask)
@@ -372,8 +475,8 @@ class SAGEDistillTrainer(Trainer):
             result = self.sage_loss(student_outputs, teacher_outputs, labels=labels, attention_mask=attention_mask)
 
         if training:
-            self.sage_examples_seen["real"] += n_real
-            self.sage_examples_seen["synthetic"] += 0 if synthetic is None else len(synthetic)
+            sizes = self._batch_sizes(n_real)
+            self.sage_examples_seen["real"] += sum(sizes)
             per_example = result.per_example[:n_real]
             if self.on_per_example is not None:
                 self.on_per_example(ids, per_example)
@@ -381,7 +484,7 @@ class SAGEDistillTrainer(Trainer):
                 with torch.no_grad():
                     real_mask = None if attention_mask is None else attention_mask[:n_real]
                     embeddings = pooled_embedding(student_outputs["hidden_states"][-1][:n_real].detach(), real_mask)
-                self.synthesizer.observe(ids, per_example, embeddings)
+                self.synthesizer.observe(ids, per_example, embeddings, sizes=sizes)
         if return_outputs:
             # Only the real rows' logits: evaluation gathers every output across batches.
             return result.loss, {"logits": student_outputs["logits"][:n_real]}
