@@ -51,7 +51,6 @@ the pool in ``build``).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -349,13 +348,28 @@ class SAGESynthesizer:
         if self.world.distributed:
             if sizes is None:
                 sizes = self.world.all_gather_objects(int(ids.shape[0]))
-            gather = functools.partial(self.world.all_gather_rows, sizes=sizes)
-            ids, per_example_loss, embeddings = (gather(ids.to(self.device, torch.int64)),
-                                                 gather(per_example_loss.detach().float().to(self.device)),
-                                                 gather(embeddings.detach().float().to(self.device)))
-            if classes is not None:
-                classes = gather(classes.detach().to(self.device, torch.int64))
+            ids, per_example_loss, embeddings, classes = self._gather_rows(ids, per_example_loss, embeddings, classes,
+                                                                          sizes)
         self._fold(ids, per_example_loss, embeddings, classes)
+
+    def _gather_rows(self, ids, losses, embeddings, classes, sizes):
+        """Every rank's rows in one collective: the int64 columns travel as their bits (two float32
+        words each, copied, never computed on) beside the float32 ones."""
+        def bits(values):  # int64 [B] -> float32 [B, 2], the same bytes
+            return values.detach().to(self.device, torch.int64).contiguous().reshape(-1, 1).view(torch.float32)
+
+        columns = [bits(ids), losses.detach().float().to(self.device).reshape(-1, 1),
+                   embeddings.detach().float().to(self.device)]
+        if classes is not None:
+            columns.append(bits(classes))
+        gathered = self.world.all_gather_rows(torch.cat(columns, dim=1), sizes)
+        d = embeddings.shape[1]
+        ids = gathered[:, 0:2].contiguous().view(torch.int64).reshape(-1)
+        losses = gathered[:, 2]
+        embeddings = gathered[:, 3:3 + d]
+        if classes is not None:
+            classes = gathered[:, 3 + d:5 + d].contiguous().view(torch.int64).reshape(-1)
+        return ids, losses, embeddings, classes
 
     def _fold(self, ids, per_example_loss, embeddings, classes) -> None:
         self.profile.update(ids, per_example_loss.detach().float(), embeddings.detach())
