@@ -189,6 +189,26 @@ def test_decay_follows_the_reference_and_forgets_old_visits(decay):
             assert profile.loss[i].item() == pytest.approx(v, rel=1e-6)
 
 
+@pytest.mark.parametrize("decay", [0.1, 0.6])
+def test_decay_with_an_id_repeated_in_a_batch_moves_it_toward_the_copies_mean(decay):
+    """n copies of an id seen c times before move it by max(decay, n / (c + n)) toward their mean,
+    whatever the batch's order (the copies are counted by a sort of the batch, not a table of N)."""
+    profile = ErrorProfile(9, 2, decay=decay)
+    for _ in range(6):  # id 4 seen 6 times before, id 7 twice
+        profile.update(torch.tensor([4]), torch.tensor([1.0]), torch.ones(1, 2))
+    for _ in range(2):
+        profile.update(torch.tensor([7]), torch.tensor([2.0]), torch.zeros(1, 2))
+    ids = torch.tensor([7, 4, 0, 4, 7, 4])
+    losses = torch.tensor([5.0, 3.0, 9.0, 4.0, 6.0, 8.0])
+    profile.update(ids, losses, losses.unsqueeze(1).expand(-1, 2))
+    for i, before, copies, old in ((4, 6, 3, 1.0), (7, 2, 2, 2.0), (0, 0, 1, 0.0)):
+        mean = float(losses[ids == i].mean())
+        w = max(decay, copies / (before + copies))
+        expected = old + w * (mean - old)
+        assert profile.loss[i].item() == pytest.approx(expected, rel=1e-6)
+        assert profile.count[i].item() == before + copies
+
+
 def test_decay_after_a_change_tracks_the_new_loss_where_the_mean_lags():
     mean, decayed = ErrorProfile(1, 1), ErrorProfile(1, 1, decay=0.5)
     ids, emb = torch.zeros(1, dtype=torch.int64), torch.zeros(1, 1)
