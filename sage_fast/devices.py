@@ -7,7 +7,8 @@ import re
 from .errors import UsageError
 
 DEVICE_HELP = "auto (CUDA when visible, else CPU), cpu, cuda, or cuda:N"
-_DEVICE_NAME = re.compile(r"(auto|cpu|cuda(:\d+)?)")
+# "cpu:0" is how torch (and a Trainer under torchrun) names the CPU too
+_DEVICE_NAME = re.compile(r"(auto|cpu(:0)?|cuda(:\d+)?)")
 
 
 class DeviceError(UsageError, ValueError):
@@ -33,6 +34,8 @@ def resolve_device(device):
     if isinstance(device, torch.device):
         device = str(device)
     chosen = torch.device(check_device(device))
+    if chosen.type == "cpu":
+        return torch.device("cpu")
     if chosen.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (chosen.index or 0) >= count:
