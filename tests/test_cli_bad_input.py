@@ -60,6 +60,21 @@ def _(root, tmp):
     return distill_args(root, tmp / "out") + ["--text-column", "review"], "review"
 
 
+@case("distill: a batch that micro-batches cannot share")
+def _(root, tmp):
+    return distill_args(root, tmp / "out") + ["--batch-size", "10", "--grad-accumulation", "4"], "grad-accumulation"
+
+
+@case("distill: no micro-batch")
+def _(root, tmp):
+    return distill_args(root, tmp / "out") + ["--grad-accumulation", "0"], "grad-accumulation"
+
+
+@case("distill: a collective timeout of zero")
+def _(root, tmp):
+    return distill_args(root, tmp / "out") + ["--dist-timeout", "0"], "dist-timeout"
+
+
 @case("distill: empty dataset")
 def _(root, tmp):
     return distill_args(root, tmp / "out") + ["--train-file", str(write_csv(tmp / "empty.csv", []))], "no examples"

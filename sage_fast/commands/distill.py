@@ -5,7 +5,8 @@ on Rotten Tomatoes as the teacher (cached after the first run), a 2-layer studen
 3rd teacher layer, and SAGE is compared with plain KD on the same data; a table of teacher, KD and
 SAGE test accuracy ends the run. Settings come from the defaults, then --config FILE, then the flags
 given here. Everything lands in --output-dir (default runs/<timestamp>): config, metrics.jsonl,
-loss maps, checkpoints, results."""
+loss maps, checkpoints, results. Several GPUs or machines: the same command under torchrun
+(torchrun --nproc-per-node N -m sage_fast.cli distill ...); --batch-size stays the global batch."""
 from __future__ import annotations
 
 import argparse

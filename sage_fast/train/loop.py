@@ -705,7 +705,7 @@ class ModeRun:
                 self.background.start(self.global_step, lag)
             return None
         record = self.synthesizer.round(self.model.vectors_of, self.model.label, step=self.global_step,
-                                        plot_path=self._loss_map_path)
+                                        plot_path=self._loss_map_path if self.world.is_main else None)
         if record is None:  # too few examples seen yet
             return None
         for category in ("analysis", "synthesis", "labelling", "plot"):

@@ -25,7 +25,9 @@ pytest.importorskip("umap")
 sys.path.insert(0, str(Path(__file__).parent))
 from test_loop import make_tiny_task  # noqa: E402
 
-from sage_fast.train import checkpoint  # noqa: E402
+from sage_fast.distributed import DistributedError, World  # noqa: E402
+from sage_fast.train import checkpoint, loop  # noqa: E402
+from sage_fast.train.config import DistillConfig  # noqa: E402
 
 TIMEOUT = 20  # --dist-timeout of these runs: seconds before a silent peer counts as lost
 LAUNCH_LIMIT = 240  # seconds any one launch may take on a loaded two-core machine
@@ -178,3 +180,19 @@ def test_a_killed_rank_ends_the_other_with_a_message(tiny):
     assert time.monotonic() - killed < TIMEOUT + 30, "the surviving rank outlived the collective timeout"
     assert "another process of this run stopped" in err, err[-3000:]
     assert time.monotonic() - started < LAUNCH_LIMIT
+
+
+def test_each_process_takes_its_local_gpu_and_a_fixed_one_is_refused():
+    world = World(rank=1, size=2, local_rank=1)
+    assert loop.rank_device(DistillConfig(device="cpu"), world).type == "cpu"
+    with pytest.raises(DistributedError, match="LOCAL_RANK"):
+        loop.rank_device(DistillConfig(device="cuda:0"), world)
+    if not torch.cuda.is_available():
+        assert loop.rank_device(DistillConfig(device="auto"), world).type == "cpu"
+
+
+def test_a_step_is_dealt_out_in_parts_every_process_can_count():
+    assert loop.part_sizes(16, 4) == [4, 4, 4, 4]
+    assert loop.part_sizes(7, 2) == [4, 3]
+    rows = list(range(7))
+    assert [len(rows[j::2]) for j in range(2)] == loop.part_sizes(7, 2)
