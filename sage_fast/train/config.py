@@ -25,7 +25,7 @@ from .data import TASKS
 MODES = ("sage", "kd", "random", "inverse")
 POOL_POLICIES = ("fifo", "reservoir")
 PARTNERS = ("neighbours", "boundary")
-PROFILE_SIGNALS = ("loss", "disagreement")
+PROFILE_SIGNALS = ("loss", "disagreement", "trusted")
 # Settings known by an older name: still read from config files, saved runs (--resume) and flags.
 RENAMED = {"train_limit": "max_train_examples", "eval_limit": "max_eval_examples", "warmup_fraction": "warmup_ratio"}
 
@@ -102,8 +102,10 @@ class DistillConfig:
     partners: str = _opt("neighbours", "each anchor's partner: any of its map neighbours ('neighbours'), or one the "
                          "teacher puts in another class ('boundary', mixing across the decision boundary)",
                          choices=PARTNERS)
-    profile_signal: str = _opt("loss", "what marks a training row as hard: its SAGE loss ('loss'), or only the "
-                               "student's disagreement with the teacher, T^2 KL ('disagreement')",
+    profile_signal: str = _opt("loss", "what marks a training row as hard: its SAGE loss ('loss'), only the "
+                               "student's disagreement with the teacher, T^2 KL ('disagreement'), or its loss where "
+                               "the teacher agrees with the gold label and 0 where it does not ('trusted': synthetic "
+                               "rows carry the teacher's labels, which can only help where they are right)",
                                choices=PROFILE_SIGNALS)
     refresh_profile: bool = _opt(False, "before each round, recompute every training row's profile in one no-grad "
                                  "pass (current, at the cost of a forward pass over the data)")

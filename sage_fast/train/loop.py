@@ -233,13 +233,19 @@ def resolved_lag(config: DistillConfig, steps_per_epoch: int) -> int:
 
 
 def profile_signal(config: DistillConfig, per_example: torch.Tensor, student_logits: torch.Tensor,
-                   teacher_logits: torch.Tensor) -> torch.Tensor:
-    """What the error profile records for each real row: its SAGE loss, or only the part synthetic
-    rows can teach, the student's disagreement with the teacher ``T^2 KL(p_t || p_s)`` at the
-    distillation temperature (the cross-entropy on gold labels also rises where the labels are noisy,
-    which the teacher's labels on synthetic rows cannot fix)."""
+                   teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """What the error profile records for each real row: its SAGE loss (``loss``); only the part
+    synthetic rows can teach, the student's disagreement with the teacher ``T^2 KL(p_t || p_s)`` at
+    the distillation temperature (``disagreement``: the cross-entropy on gold labels also rises where
+    the labels are noisy, which the teacher's labels on synthetic rows cannot fix); or the loss where
+    the teacher's prediction is the gold label and 0 where it is not (``trusted``: on the offline
+    pair the student's hardest rows are rows the teacher gets wrong three times as often as the
+    rest, so loss regions there collect synthetic rows under wrong labels; the disagreement avoids
+    that but has much weaker regions, see docs/results.md)."""
     if config.profile_signal == "loss":
         return per_example
+    if config.profile_signal == "trusted":
+        return torch.where(teacher_logits.argmax(-1) == labels, per_example, torch.zeros_like(per_example))
     t = config.temperature
     log_p_t = torch.log_softmax(teacher_logits.float() / t, dim=-1)
     log_p_s = torch.log_softmax(student_logits.float() / t, dim=-1)
@@ -403,7 +409,8 @@ class Student:
                     teacher = {"logits": real["logits"],
                                "hidden_states": {k: v[:, :width].float() for k, v in real["hidden"].items()} or None}
                     result = self.loss_fn(out, teacher, labels=real["labels"], attention_mask=mask)
-                signal = profile_signal(self.config, result.per_example.float(), out.logits, real["logits"])
+                signal = profile_signal(self.config, result.per_example.float(), out.logits, real["logits"],
+                                        real["labels"])
                 yield real["ids"], signal, pooled_embedding(out.hidden_states[-1], mask)
         finally:
             self.interface.train()
@@ -678,7 +685,7 @@ class ModeRun:
             with torch.no_grad():
                 embeddings = pooled_embedding(student_out.hidden_states[-1][:n_real].detach(), mask[:n_real])
                 signal = profile_signal(config, result.per_example[:n_real].detach(), student_out.logits[:n_real],
-                                        real["logits"])
+                                        real["logits"], labels[:n_real])
                 # classes only matter to boundary partners: no per-step argmax and scatter otherwise
                 classes = real["logits"].argmax(-1) if config.partners == "boundary" else None
                 seen = (real["ids"], signal, embeddings, classes)
