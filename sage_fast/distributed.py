@@ -148,6 +148,18 @@ class World:
 SINGLE = World()
 
 
+def collective_failed(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that failed because another rank is gone (its connections
+    closed) or too slow (the collective timed out), rather than a fault of this process."""
+    dist_error = getattr(torch.distributed, "DistError", ())
+    if dist_error and isinstance(error, dist_error):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        word in text for word in ("Gloo", "gloo", "NCCL", "Connection closed", "Connection reset", "timed out",
+                                  "Timed out", "peer"))
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None or value == "":
@@ -209,5 +221,5 @@ def close_world(world: World) -> None:
             dist.destroy_process_group()
 
 
-__all__ = ["DEFAULT_TIMEOUT", "DistributedError", "PeerLost", "SINGLE", "World", "close_world", "current_world",
-           "init_world", "launched_world"]
+__all__ = ["DEFAULT_TIMEOUT", "DistributedError", "PeerLost", "SINGLE", "World", "close_world", "collective_failed",
+           "current_world", "init_world", "launched_world"]

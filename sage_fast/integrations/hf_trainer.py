@@ -59,12 +59,18 @@ every rank ends each step with the same student, projections and synthesizer.
 - ``sage_examples_seen`` counts the rows of every rank; ``on_per_example`` gets this rank's rows.
 - ``sage_fast_state.pt`` is the same on every rank: the process that saves the model writes it
   (``args.should_save``) and every rank reads it on resume.
+- A rank that dies, or stops answering for ``args.ddp_timeout`` seconds (the trainer gives the
+  process group that timeout, which transformers leaves at gloo's 30 minutes with ``use_cpu=True``),
+  makes the others' next collective fail: ``train`` then raises :class:`sage_fast.distributed.PeerLost`,
+  whose message names this rank, the global step, the last checkpoint and how to resume, instead of
+  a bare backend error.
 
 The teacher is not wrapped or synchronised: every rank must load the same teacher.
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -80,7 +86,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
     ) from err
 
 from .. import _checks
-from ..distributed import current_world
+from ..distributed import PeerLost, collective_failed, current_world
 from ..nn.sage_loss import SAGELoss, SAGELossConfig
 from ..regions import pooled_embedding
 from ..synthesis import RoundRecord, SAGESynthesizer, SynthesisConfig, SyntheticRows, pad_tokens
@@ -121,11 +127,13 @@ class SAGESynthesisCallback(TrainerCallback):
             self.trainer.synthesis_round(state.global_step)
 
     def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        # Every rank knows where the run's last checkpoint is, for the message of a lost peer.
+        self.trainer._last_checkpoint = folder
         # The state is the same on every rank: written by the process that writes the model (rank 0,
         # or each node's first with save_on_each_node).
         if not args.should_save:
             return
-        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if not folder.is_dir():  # a hyperparameter-search trial keeps its checkpoints elsewhere
             raise RuntimeError(f"SAGE's state belongs in the checkpoint folder {folder}, which does not exist")
         self.trainer.save_sage_state(folder)
@@ -182,6 +190,7 @@ class SAGEDistillTrainer(Trainer):
         super().__init__(*args, **kwargs)
         # The Trainer's arguments have joined torchrun's process group by now (if there is one).
         self.world = current_world()
+        self._wait_at_most_ddp_timeout()
         self.teacher = teacher.requires_grad_(False).eval().to(self.args.device)
         self.sage_loss = loss.to(self.args.device)
         self.on_per_example = on_per_example
@@ -193,6 +202,8 @@ class SAGEDistillTrainer(Trainer):
         self.sage_examples_seen = {"real": 0, "synthetic": 0}
         # This optimizer step's synthetic rows still to train on, one entry a micro-batch (see _synthetic_part).
         self._synthetic_parts: list[SyntheticRows | None] = []
+        # The checkpoint folder a resumed run would start from (this run's last, or the one it resumed).
+        self._last_checkpoint: Path | None = None
         self.synthesizer = None if synthesis is None else self._make_synthesizer(synthesis)
         # The loss is a per-batch mean: have the Trainer scale it for gradient accumulation and not
         # pass num_items_in_batch to the models (the attribute names differ across versions).
@@ -245,6 +256,16 @@ class SAGEDistillTrainer(Trainer):
         return optimizer
 
     # ------------------------------------------------------------------ several processes
+    def _wait_at_most_ddp_timeout(self) -> None:
+        """Collectives give up on a silent peer after ``args.ddp_timeout`` seconds, as the Trainer
+        documents: transformers gives the process group that timeout when it creates it, except with
+        ``use_cpu=True``, where gloo would wait its default 30 minutes."""
+        import torch.distributed as dist
+
+        set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)  # no public setter
+        if self.world.distributed and set_timeout is not None and dist.get_backend() in ("gloo", "nccl"):
+            set_timeout(datetime.timedelta(seconds=self.args.ddp_timeout))
+
     def _share_projections(self) -> None:
         """Rank 0's projections on every rank, as DDP starts every rank from rank 0's student (each
         process built its loss with its own random state)."""
@@ -287,18 +308,41 @@ class SAGEDistillTrainer(Trainer):
 
     # ------------------------------------------------------------------ checkpoints
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """``Trainer.train``, with SAGE's state restored from the checkpoint it resumes. Under several
+        processes, a collective that fails because another rank died or did not answer within
+        ``args.ddp_timeout`` seconds ends this rank with :class:`PeerLost`."""
         # Resolved here as the Trainer does, so that SAGE's state is read from the same folder.
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        self._last_checkpoint = Path(resume_from_checkpoint) if resume_from_checkpoint else None
         if resume_from_checkpoint:
             # Before the Trainer's own loading, so a checkpoint of another kind of run is named as such.
             self.load_sage_state(resume_from_checkpoint)
-        self._share_projections()
-        self.sage_loss.zero_grad(set_to_none=True)  # as the Trainer clears the model's before its first step
-        self._synthetic_parts = []
-        return super().train(resume_from_checkpoint or None, *args, **kwargs)
+        try:
+            self._share_projections()
+            self.sage_loss.zero_grad(set_to_none=True)  # as the Trainer clears the model's before its first step
+            self._synthetic_parts = []
+            return super().train(resume_from_checkpoint or None, *args, **kwargs)
+        except RuntimeError as error:  # a failed collective is one (torch.distributed.DistError among them)
+            if not self.world.distributed or isinstance(error, PeerLost) or not collective_failed(error):
+                raise
+            raise self._peer_lost(error) from error
+
+    def _peer_lost(self, error: BaseException) -> PeerLost:
+        """What this rank says when a collective failed: where it stopped, what is kept, how to go on."""
+        if self._last_checkpoint is None:
+            kept, resume = "no checkpoint was written yet", "(there is nothing to resume from)"
+        else:
+            kept = f"the last checkpoint is {self._last_checkpoint}"
+            resume = "with the script calling trainer.train(resume_from_checkpoint=True)"
+        cause = str(error).strip().splitlines()
+        return PeerLost(
+            f"rank {self.world.rank}: another process of this run stopped or stopped answering (no reply within "
+            f"ddp_timeout {self.args.ddp_timeout:g} s) at global step {self.state.global_step}; {kept}; see that "
+            f"process's own message for why, then start the same torchrun command again {resume}. "
+            f"({cause[0] if cause else type(error).__name__})")
 
     def sage_state_dict(self) -> dict:
         return {"synthesizer": None if self.synthesizer is None else self.synthesizer.state_dict(),

@@ -4,7 +4,10 @@
         two processes: a straight run that saves a checkpoint at step 3, then a run resumed from it;
     python sage_trainer_runs.py OUT
         one process with gradient_accumulation_steps=2: the same global batch, dealt out as two
-        processes deal it (rank r's batch is micro-batch r), so the same numbers by construction.
+        processes deal it (rank r's batch is micro-batch r), so the same numbers by construction;
+    python -m torch.distributed.run --standalone --nproc-per-node 2 sage_trainer_runs.py OUT killed
+        two processes on a run far longer than the test lets it go (it kills rank 1 once a
+        checkpoint is written), with a short ddp_timeout; nothing is recorded.
 
 Each process writes ``OUT/<run>-rank<r>.pt``: its student, loss projections, synthesizer state and
 counts after training, and how often it wrote SAGE's state file.
@@ -13,6 +16,7 @@ The student is a tiny ALBERT: its input table has the teacher's width (16), whic
 while its hidden states are narrower (8), so the loss owns projections as well. Its dropout is 0
 (the teacher always runs in eval mode), so no run depends on a process's random state.
 """
+import signal
 import sys
 from pathlib import Path
 
@@ -27,6 +31,7 @@ from sage_fast.nn.sage_loss import SAGELoss, SAGELossConfig  # noqa: E402
 
 PER_DEVICE = 4  # two processes x 4 rows, or one process x 2 micro-batches x 4 rows: 8 rows a step
 SAVE_AT = 3
+KILLED_TIMEOUT = 20  # ddp_timeout of the killed run: seconds before a silent peer counts as lost
 
 
 def tiny_albert(seed):
@@ -66,9 +71,21 @@ def record(made, path: Path):
                 "world_size": made.world.size}, path)
 
 
-def main(out: Path):
+def run_until_killed(out: Path, rank: int):
+    # torchrun's agent sends SIGTERM to the other workers as soon as it sees one die, which could end
+    # rank 0 before its next collective fails. Ignoring it makes rank 0 what a rank on another machine
+    # is (no agent there sees the death), so the test reads what the trainer itself says.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # A checkpoint every SAVE_AT steps, the last two kept.
+    killed = trainer(out / "killed", rank, max_steps=100_000, ddp_timeout=KILLED_TIMEOUT, save_total_limit=2)
+    killed.train()
+
+
+def main(out: Path, scenario: str | None = None):
     world = launched_world()  # what torchrun's environment says; the Trainer joins the process group
-    if world.distributed:
+    if scenario == "killed":
+        run_until_killed(out, world.rank)
+    elif world.distributed:
         straight = trainer(out / "straight", world.rank)
         straight.train()
         record(straight, out / f"straight-rank{world.rank}.pt")
@@ -82,4 +99,4 @@ def main(out: Path):
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), *sys.argv[2:])

@@ -7,11 +7,16 @@ with synthesis and learned loss projections (the runs are in sage_trainer_runs.p
     in the same micro-batches, the same synthetic rows in each, the same rounds.
 (c) A run resumed under torchrun from a checkpoint ends where the uninterrupted run ends.
 (d) Rank 0 alone writes SAGE's state file into a checkpoint, whose student is a standard model.
+(e) A rank killed mid-training makes the other end with a message that says how to resume, well
+    within ddp_timeout, instead of hanging.
 """
+import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +25,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 pytest.importorskip("umap")
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
+from sage_trainer_runs import KILLED_TIMEOUT, SAVE_AT  # noqa: E402
+from test_distributed import finish, launch, rank_pids, wait_for  # noqa: E402
 
 from sage_fast.integrations.hf_trainer import STATE_FILE  # noqa: E402
 
@@ -111,3 +121,32 @@ def test_rank_zero_alone_writes_sage_state_and_the_saved_student_is_a_standard_m
     final = runs["straight"][0]["student"]
     for name, value in student.state_dict().items():
         assert torch.equal(value, final[name]), name
+
+
+def test_a_killed_rank_ends_the_other_with_a_message_naming_the_checkpoint(tmp_path):
+    process = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                      "--monitor-interval", "0.2", str(RUNS), str(tmp_path), "killed"], start_new_session=True)
+    try:
+        wait_for(tmp_path / "killed" / f"checkpoint-{SAVE_AT}" / STATE_FILE, process, limit=LAUNCH_LIMIT)
+        os.kill(rank_pids(process.pid)[1], signal.SIGKILL)
+        killed = time.monotonic()
+        code, _, err = finish(process, limit=KILLED_TIMEOUT + 60)
+        lasted = time.monotonic() - killed
+    finally:
+        if process.poll() is None:  # a failed wait or a hang: end the run whole
+            # torchrun starts each worker in a session of its own, out of reach of the agent's group
+            for pid in rank_pids(process.pid).values():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert code != 0
+    assert lasted < KILLED_TIMEOUT + 30, "the surviving rank outlived the collective timeout"
+    said = re.search(r"rank 0: another process of this run stopped or stopped answering .*? at global step (\d+); "
+                     r"the last checkpoint is (\S+);", err)
+    assert said, err[-3000:]
+    step, folder = int(said[1]), Path(said[2])
+    # The checkpoint named is the newest one rank 0 wrote whole, one a resumed run can start from.
+    assert folder.parent == tmp_path / "killed" and (folder / STATE_FILE).is_file(), folder
+    assert SAVE_AT <= int(folder.name.rsplit("-", 1)[1]) <= step
+    assert "trainer.train(resume_from_checkpoint=True)" in err
