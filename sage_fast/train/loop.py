@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from ..assets import cache_root
 from ..devices import resolve_device
 from ..errors import UsageError
-from ..distributed import SINGLE, DistributedError, PeerLost, World, close_world, init_world, launched_world
+from ..distributed import (SINGLE, DistributedError, PeerLost, World, close_world, collective_failed, init_world,
+                           launched_world)
 from ..nn import SAGELoss, SAGELossConfig
 from ..regions import pooled_embedding, warm_up_in_background
 from ..synthesis import BackgroundRounds, RoundRecord, SAGESynthesizer, SynthesisConfig, used_lengths
@@ -480,17 +481,6 @@ def rank_device(config: DistillConfig, world: World) -> torch.device:
     return resolve_device(f"cuda:{world.local_rank}")
 
 
-def _collective_failed(error: BaseException) -> bool:
-    """Whether ``error`` is a collective that failed because another rank is gone or too slow."""
-    dist_error = getattr(torch.distributed, "DistError", ())
-    if dist_error and isinstance(error, dist_error):
-        return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and any(
-        word in text for word in ("Gloo", "gloo", "NCCL", "Connection closed", "Connection reset", "timed out",
-                                  "Timed out", "peer"))
-
-
 # ------------------------------------------------------------------------------------------ one mode
 class ModeRun:
     """One mode (sage, kd or random) trained from ``setup``, in ``out_dir``."""
@@ -774,8 +764,8 @@ class ModeRun:
             return self._train()
         try:
             return self._train()
-        except (RuntimeError, ValueError) as error:
-            if isinstance(error, PeerLost) or not _collective_failed(error):
+        except RuntimeError as error:
+            if isinstance(error, PeerLost) or not collective_failed(error):
                 raise
             kept = (f"the last checkpoint, of step {self.checkpoint_step}, is in {self.checkpoint_path}"
                     if self.checkpoint_step is not None else "no checkpoint was written yet")

@@ -10,11 +10,9 @@ with synthesis and learned loss projections (the runs are in sage_trainer_runs.p
 (e) A rank killed mid-training makes the other end with a message that says how to resume, well
     within ddp_timeout, instead of hanging.
 """
-import contextlib
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,30 +25,19 @@ pytest.importorskip("datasets")
 pytest.importorskip("umap")
 
 sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
 from sage_trainer_runs import KILLED_TIMEOUT, SAVE_AT  # noqa: E402
-from test_distributed import finish, launch, rank_pids, wait_for  # noqa: E402
+from torchrun_fixtures import LAUNCH_LIMIT, finish, kill_run, launch, rank_pids, torchrun, wait_for  # noqa: E402
 
 from sage_fast.integrations.hf_trainer import STATE_FILE  # noqa: E402
 
 RUNS = Path(__file__).with_name("sage_trainer_runs.py")
-LAUNCH_LIMIT = 300  # seconds one launch may take on a loaded two-core machine
 EXPECTED_SEEN = {"real": 48, "synthetic": 16}  # 6 steps of 8 rows; 4 synthetic rows a step after the first round
 
 
 def run_script(command: list[str]) -> None:
-    """Run ``command`` in its own process group, so that a run stuck in a collective is ended
-    whole (torchrun's workers too) when it passes LAUNCH_LIMIT."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                               start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=LAUNCH_LIMIT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        raise AssertionError(f"{command} ran past {LAUNCH_LIMIT} s:\n{output[-4000:]}") from None
-    assert process.returncode == 0, f"{command} exited {process.returncode}:\n{output[-4000:]}"
+    """Run ``command`` to its end; past LAUNCH_LIMIT it is killed, torchrun's workers too."""
+    code, out, err = finish(launch(command), limit=LAUNCH_LIMIT)
+    assert code == 0, f"{command} exited {code}:\n{out[-2000:]}\n{err[-4000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +45,7 @@ def runs(tmp_path_factory):
     """Each run's result per rank: two processes (a straight run, then a run resumed from its
     step-3 checkpoint) and one process with two micro-batches a step."""
     out = tmp_path_factory.mktemp("runs")
-    run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                "--monitor-interval", "0.2", str(RUNS), str(out)])
+    run_script(torchrun([str(RUNS), str(out)]))
     run_script([sys.executable, str(RUNS), str(out)])
     results = {name: [torch.load(out / f"{name}-rank{r}.pt", weights_only=False) for r in range(ranks)]
                for name, ranks in (("straight", 2), ("resumed", 2), ("one", 1))}
@@ -124,8 +110,7 @@ def test_rank_zero_alone_writes_sage_state_and_the_saved_student_is_a_standard_m
 
 
 def test_a_killed_rank_ends_the_other_with_a_message_naming_the_checkpoint(tmp_path):
-    process = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                      "--monitor-interval", "0.2", str(RUNS), str(tmp_path), "killed"], start_new_session=True)
+    process = launch(torchrun([str(RUNS), str(tmp_path), "killed"]))
     try:
         wait_for(tmp_path / "killed" / f"checkpoint-{SAVE_AT}" / STATE_FILE, process, limit=LAUNCH_LIMIT)
         os.kill(rank_pids(process.pid)[1], signal.SIGKILL)
@@ -133,12 +118,8 @@ def test_a_killed_rank_ends_the_other_with_a_message_naming_the_checkpoint(tmp_p
         code, _, err = finish(process, limit=KILLED_TIMEOUT + 60)
         lasted = time.monotonic() - killed
     finally:
-        if process.poll() is None:  # a failed wait or a hang: end the run whole
-            # torchrun starts each worker in a session of its own, out of reach of the agent's group
-            for pid in rank_pids(process.pid).values():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            os.killpg(process.pid, signal.SIGKILL)
+        if process.poll() is None:  # a failed wait: end the run, workers and all
+            kill_run(process)
             process.communicate()
     assert code != 0
     assert lasted < KILLED_TIMEOUT + 30, "the surviving rank outlived the collective timeout"

@@ -11,7 +11,6 @@
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,13 +23,13 @@ pytest.importorskip("umap")
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_loop import make_tiny_task  # noqa: E402
+from torchrun_fixtures import LAUNCH_LIMIT, finish, launch, rank_pids, run_to_end, torchrun, wait_for  # noqa: E402
 
 from sage_fast.distributed import DistributedError, World  # noqa: E402
 from sage_fast.train import checkpoint, loop  # noqa: E402
 from sage_fast.train.config import DistillConfig  # noqa: E402
 
 TIMEOUT = 20  # --dist-timeout of these runs: seconds before a silent peer counts as lost
-LAUNCH_LIMIT = 240  # seconds any one launch may take on a loaded two-core machine
 
 
 @pytest.fixture(scope="module")
@@ -49,50 +48,8 @@ def flags(tiny, out, *extra):
             "--cache-dir", str(tiny / "cache"), *extra]
 
 
-def env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
 def torchrun_command(args, nproc=2):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-            "--monitor-interval", "0.2", "-m", "sage_fast.cli", *args]
-
-
-def launch(command, **kwargs):
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), **kwargs)
-
-
-def finish(process, limit=LAUNCH_LIMIT):
-    out, err = process.communicate(timeout=limit)
-    return process.returncode, out, err
-
-
-def run_to_end(command):
-    code, out, err = finish(launch(command))
-    assert code == 0, f"exit {code}\n{out[-3000:]}\n{err[-3000:]}"
-    return out, err
-
-
-def wait_for(path: Path, process, limit=LAUNCH_LIMIT):
-    deadline = time.monotonic() + limit
-    while not path.exists():
-        if process.poll() is not None:
-            raise AssertionError(f"the run ended (exit {process.returncode}) before {path.name} appeared:\n"
-                                 + process.stderr.read()[-3000:])
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no {path} after {limit} s")
-        time.sleep(0.05)
-
-
-def rank_pids(agent_pid: int) -> dict[int, int]:
-    """The worker processes torchrun started, by their RANK."""
-    pids = {}
-    for child in Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split():
-        environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
-        for entry in environ:
-            if entry.startswith(b"RANK="):
-                pids[int(entry[5:])] = int(child)
-    return pids
+    return torchrun(["-m", "sage_fast.cli", *args], nproc)
 
 
 def students(out: Path) -> dict:
