@@ -107,6 +107,9 @@ PLAN: list[Experiment] = [
                "rows are where the teacher is wrong, so their synthetic rows carry wrong labels)", "minilm",
                {**N2K, "analysis_every": 21, "profile_signal": "trusted"}, modes=("sage",), seeds=SEEDS,
                kd_from="n2k-defaults", random_from="n2k-often"),
+    Experiment("n2k-1epoch", "fewer epochs: one epoch, its whole schedule (synthesis led KD after two of three "
+               "epochs, while the learning rate was still high)", "minilm",
+               {**N2K, "epochs": 1, "analysis_every": 21}, seeds=SEEDS),
     Experiment("all-final", "all rows, three rounds an epoch, 3 seeds: the target", "minilm",
                {"analysis_every": 107}, seeds=SEEDS, stage="final"),
 ]
