@@ -110,7 +110,7 @@ def run(args) -> int:
             print(f"\nsage-fast distill: {_signal_name(stop)}{stop}", file=sys.stderr)
         return _exit_code(stop)
     except KeyboardInterrupt as stop:
-        # Before the first checkpoint (data, teacher, teacher outputs) or at a second Ctrl-C / SIGTERM.
+        # Before the first checkpoint (data, teacher, teacher outputs) or at a second Ctrl-C.
         out = config.output_dir
         if out and (Path(out) / "config.json").is_file():
             hint = f"continue with: sage-fast distill --resume --output-dir {out}"

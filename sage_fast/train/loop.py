@@ -254,7 +254,10 @@ def profile_signal(config: DistillConfig, per_example: torch.Tensor, student_log
 
 
 class _StopRequest:
-    """First Ctrl-C or SIGTERM: finish the current step, checkpoint, stop. A second one stops at once."""
+    """First Ctrl-C or SIGTERM: finish the current step, checkpoint, stop. A second Ctrl-C stops at
+    once (a person who does not want to wait); a second SIGTERM does not, since it is no one's
+    impatience: under a scheduler that signals every process of a job, each torchrun worker gets the
+    scheduler's SIGTERM and then torchrun's own, and must still checkpoint (SIGKILL is the hard stop)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -272,9 +275,10 @@ class _StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:
+        if self.requested and signum == signal.SIGINT:
             raise Stopped(signum=signum)
-        self.requested, self.signum = True, signum
+        if not self.requested:
+            self.requested, self.signum = True, signum
 
     def __exit__(self, exc_type, exc, tb):
         for signum, previous in self._previous.items():

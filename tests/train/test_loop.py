@@ -227,3 +227,19 @@ def test_a_checkpoint_taken_while_a_round_is_in_flight_resumes_exactly(tiny, tmp
         run = loop.ModeRun(loop.build_setup(tiny_config(tiny, tmp_path / "other", analysis_lag=0),
                                             log=lambda *a: None), "sage", tmp_path / "other" / "sage")
         run.load(interrupted)
+
+
+def test_a_second_sigterm_still_lets_the_step_checkpoint_a_second_ctrl_c_does_not():
+    # Under a scheduler that signals every process of a job, a torchrun worker gets SIGTERM twice
+    # (the scheduler's and torchrun's); it must still finish its step and checkpoint.
+    with loop._StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.signum == signal.SIGTERM
+        with pytest.raises(loop.Stopped):
+            os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(loop.Stopped):
+        with loop._StopRequest() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.requested
+            os.kill(os.getpid(), signal.SIGINT)
