@@ -110,6 +110,8 @@ PLAN: list[Experiment] = [
     Experiment("n2k-1epoch", "fewer epochs: one epoch, its whole schedule (synthesis led KD after two of three "
                "epochs, while the learning rate was still high)", "minilm",
                {**N2K, "epochs": 1, "analysis_every": 21}, seeds=SEEDS),
+    Experiment("n2k-beta", "alignment: beta 0.5, the hidden-state term on (KD and SAGE alike), three rounds an "
+               "epoch", "minilm", {**N2K, "analysis_every": 21, "beta": 0.5}, seeds=(0, 1)),
     Experiment("all-final", "all rows, three rounds an epoch, 3 seeds: the target", "minilm",
                {"analysis_every": 107}, seeds=SEEDS, stage="final"),
 ]
