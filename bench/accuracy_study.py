@@ -240,8 +240,9 @@ def group(records: list[dict]) -> dict[str, dict[str, list[dict]]]:
 def report(plan: list[Experiment], ledger: Path) -> str:
     records = read_ledger(ledger)
     by_exp = group(records)
-    lines = ["| experiment | question | settings | KD | random | SAGE | SAGE − KD | real ex/s (KD / SAGE) | analysis share |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| experiment | question | settings | KD | random | SAGE | SAGE − KD | SAGE − random | real ex/s (KD / SAGE) "
+             "| analysis share |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for exp in plan:
         modes = dict(by_exp.get(exp.name, {}))
         if not modes:
@@ -254,12 +255,14 @@ def report(plan: list[Experiment], ledger: Path) -> str:
         vals = {m: [r[key] for r in modes.get(m, []) if r.get(key) is not None] for m in MODES}
         # SAGE − KD over the seeds both have: a seed fixes the data subset and the initial order, so
         # only paired runs compare like with like
-        by_seed = {m: {r["seed"]: r[key] for r in modes.get(m, []) if r.get(key) is not None} for m in ("kd", "sage")}
-        paired = sorted(set(by_seed["kd"]) & set(by_seed["sage"]))
-        diff = "—"
-        if paired:
-            gaps = [by_seed["sage"][seed] - by_seed["kd"][seed] for seed in paired]
-            diff = f"{100 * statistics.fmean(gaps):+.1f}" + (f" (n={len(gaps)})" if len(gaps) > 1 else "")
+        by_seed = {m: {r["seed"]: r[key] for r in modes.get(m, []) if r.get(key) is not None} for m in MODES}
+
+        def paired_gap(other: str) -> str:
+            paired = sorted(set(by_seed[other]) & set(by_seed["sage"]))
+            if not paired:
+                return "—"
+            gaps = [by_seed["sage"][seed] - by_seed[other][seed] for seed in paired]
+            return f"{100 * statistics.fmean(gaps):+.1f}" + (f" (n={len(gaps)})" if len(gaps) > 1 else "")
         speed = {m: [r["examples_per_second"] for r in modes.get(m, []) if r.get("examples_per_second")]
                  for m in MODES}
         speed_text = " / ".join(f"{statistics.fmean(speed[m]):.0f}" if speed[m] else "—" for m in ("kd", "sage"))
@@ -269,7 +272,7 @@ def report(plan: list[Experiment], ledger: Path) -> str:
         share_text = f"{100 * statistics.fmean(share):.0f}%" if share else "—"
         name = f"{exp.name} (test)" if exp.stage == "final" else exp.name
         lines.append(f"| {name} | {exp.question} | {settings} | {fmt(vals['kd'])} | {fmt(vals['random'])} | "
-                     f"{fmt(vals['sage'])} | {diff} | {speed_text} | {share_text} |")
+                     f"{fmt(vals['sage'])} | {paired_gap('kd')} | {paired_gap('random')} | {speed_text} | {share_text} |")
     return "\n".join(lines)
 
 

@@ -64,6 +64,8 @@ def test_seed_selects_one_seed_so_processes_can_share_a_plan(plan, monkeypatch, 
 
 
 def test_report_uses_validation_in_exploration_and_test_in_final(plan, monkeypatch, tmp_path):
+    plan = plan + [study.Experiment("signal", "a profile knob", "minilm", {"profile_signal": "trusted"},
+                                    modes=("sage",), seeds=(0, 1), kd_from="base", random_from="base")]
     _fake_runs(monkeypatch, [])
     ledger = tmp_path / "l.jsonl"
     study.run_plan(plan, tmp_path, ledger, None, None, log=lambda m: None)
@@ -71,9 +73,12 @@ def test_report_uses_validation_in_exploration_and_test_in_final(plan, monkeypat
     assert all("test_accuracy" not in r for r in records if r["stage"] == "explore")
     table = study.report(plan, ledger).splitlines()
     base = next(line for line in table if line.startswith("| base |"))
-    assert "| 70.5 ± 0.7 (n=2) | 71.5 ± 0.7 (n=2) | 73.5 ± 0.7 (n=2) | +3.0 (n=2) | 100 / 60 | 6% |" in base
+    assert "| 70.5 ± 0.7 (n=2) | 71.5 ± 0.7 (n=2) | 73.5 ± 0.7 (n=2) | +3.0 (n=2) | +2.0 (n=2) | 100 / 60 | 6% |" in base
     knob = next(line for line in table if line.startswith("| knob |"))
     assert "70.5 ± 0.7 (n=2)" in knob  # KD borrowed from the experiment it names
+    assert "| +3.0 | +2.0 |" in knob  # paired over the one seed knob ran
+    signal = next(line for line in table if line.startswith("| signal |"))
+    assert "| 70.5 ± 0.7 (n=2) | 71.5 ± 0.7 (n=2) | 73.5 ± 0.7 (n=2) | +3.0 (n=2) | +2.0 (n=2) |" in signal
     final = next(line for line in table if line.startswith("| final (test) |"))
     assert "| 69.0 |" in final and "| 72.0 |" in final
 
