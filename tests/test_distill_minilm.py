@@ -39,12 +39,14 @@ def test_real_minilm_distill_sage_against_kd_then_export(tmp_path, capsys, monke
     assert results["teacher_test_accuracy"] >= majority + 0.2
     modes = {m["mode"]: m for m in results["modes"]}
     assert set(modes) == {"sage", "kd"}
-    assert modes["sage"]["analysis_rounds"] == 2 and modes["sage"]["synthetic_examples"] > 0
+    steps_per_epoch = TRAIN // 32
+    rounds = len(range(steps_per_epoch // 3, 3 * steps_per_epoch, steps_per_epoch // 3))  # three an epoch
+    assert modes["sage"]["analysis_rounds"] == rounds and modes["sage"]["synthetic_examples"] > 0
     assert modes["kd"]["synthetic_examples"] == 0 and modes["kd"]["analysis_rounds"] == 0
     for run in modes.values():
         assert run["accuracy"] >= majority + 0.15, run
         assert run["real_examples"] == 3 * TRAIN
-    assert len(list((out / "sage").glob("loss_map_round*.png"))) == 2
+    assert len(list((out / "sage").glob("loss_map_round*.png"))) == rounds
     config = json.loads((out / "config.json").read_text())
     assert config["max_train_examples"] == TRAIN and config["mode"] == "sage"
 

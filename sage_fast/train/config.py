@@ -84,8 +84,8 @@ class DistillConfig:
     weight_decay: float = _opt(0.01, "AdamW weight decay")
     warmup_ratio: float = _opt(0.06, "share of the steps spent warming up the learning rate")
     # --- synthesis ---
-    analysis_every: int | None = _opt(None, "steps between analysis rounds (unset: one round at the end of each "
-                                      "epoch but the last)")
+    analysis_every: int | None = _opt(None, "steps between analysis rounds (unset: a third of an epoch, three "
+                                      "rounds an epoch; none after the last step)")
     analysis_lag: int | None = _opt(None, "steps a round's analysis and synthesis run beside training before its "
                                     "examples join the pool (0: training waits for each round, inline; unset: a "
                                     "third of the steps between rounds)")

@@ -3,7 +3,7 @@
 Per step: a batch of real examples, whose teacher outputs come from the on-disk cache, mixed with
 synthetic rows from the synthesizer's pool; ``SAGELoss`` on both; the real rows' per-example losses
 and pooled student embeddings go to the synthesizer (``SAGESynthesizer.observe``). Every
-``analysis_every`` steps (or at the end of each epoch but the last) the synthesizer runs a round:
+``analysis_every`` steps (by default a third of an epoch) the synthesizer runs a round:
 the analysis on the rows seen so far, pairs from high-loss regions (mode ``sage``) or uniform ones
 (mode ``random``), interpolation, labels from the teacher through the vector interface, the pool.
 Mode ``kd`` has no synthesizer.
@@ -222,6 +222,16 @@ def synthesis_config(config: DistillConfig, mode: str, device: torch.device) -> 
         device=device, profile_decay=config.profile_decay, partners=config.partners)
 
 
+def analysis_interval(config: DistillConfig, steps_per_epoch: int) -> int:
+    """Steps between analysis rounds: ``analysis_every``, or by default a third of an epoch (three
+    rounds an epoch). Chosen on the accuracy study's validation numbers (docs/results.md): with one
+    round at each epoch's end a one-epoch run got no synthetic row at all, while three rounds an
+    epoch put SAGE above random anchors and KD after one epoch, and cost nothing after three."""
+    if config.analysis_every is not None:
+        return config.analysis_every
+    return max(1, steps_per_epoch // 3)
+
+
 def resolved_lag(config: DistillConfig, steps_per_epoch: int) -> int:
     """Steps a round runs beside training before its rows join the pool: ``analysis_lag``, or by
     default a third of the steps between rounds (at least 1), long enough for the worker to finish
@@ -229,8 +239,7 @@ def resolved_lag(config: DistillConfig, steps_per_epoch: int) -> int:
     interval trains on the new rows."""
     if config.analysis_lag is not None:
         return config.analysis_lag
-    interval = config.analysis_every if config.analysis_every is not None else steps_per_epoch
-    return max(1, interval // 3)
+    return max(1, analysis_interval(config, steps_per_epoch) // 3)
 
 
 def profile_signal(config: DistillConfig, per_example: torch.Tensor, student_logits: torch.Tensor,
@@ -527,6 +536,7 @@ class ModeRun:
         self.synthesizer = None if mode == "kd" else SAGESynthesizer(
             synthesis_config(config, mode, device), num_examples=self.n_train, embedding_dim=self.model.embedding_dim,
             world=world)
+        self.analysis_interval = analysis_interval(config, self.steps_per_epoch)
         self.analysis_lag = resolved_lag(config, self.steps_per_epoch)
         self.background = None if self.synthesizer is None or self.analysis_lag == 0 else BackgroundRounds(
             self.synthesizer, self.model.vectors_of, self.model.label, lag=self.analysis_lag,
@@ -563,6 +573,7 @@ class ModeRun:
             "round_in_flight": None if self.background is None else self.background.state_dict(),
             "metrics": self.metrics.records, "timer": dict(self.timer.seconds),
             "total_steps": self.total_steps, "world_size": self.world.size,
+            "analysis_interval": self.analysis_interval,
         }
 
     def save(self) -> Path:
@@ -600,6 +611,12 @@ class ModeRun:
         if self.synthesizer is not None:
             self.synthesizer.load_state_dict(state["synthesizer"])
         self._load_round_in_flight(state.get("round_in_flight"))
+        if "analysis_interval" not in state and self.config.analysis_every is None:
+            # Started when the default was one round at each epoch's end (but the last): it ends on
+            # the schedule it began with.
+            self.analysis_interval = None
+            if self.config.analysis_lag is None and self.background is not None:
+                self.analysis_lag = self.background.lag = max(1, self.steps_per_epoch // 3)
         ckpt.set_rng_state(state["rank_rng"][self.world.rank] if self.world.distributed else state["rng"])
         self.timer = Timer(state["timer"])
         self.metrics = MetricsLog(None if self.read_only else self.out_dir / "metrics.jsonl", state["metrics"])
@@ -754,9 +771,9 @@ class ModeRun:
     def _analysis_due(self, end_of_epoch: bool) -> bool:
         if self.synthesizer is None:
             return False
-        if self.config.analysis_every is not None:
-            due = not end_of_epoch and self.global_step % self.config.analysis_every == 0
-        else:
+        if self.analysis_interval is not None:
+            due = not end_of_epoch and self.global_step % self.analysis_interval == 0
+        else:  # a run started when rounds came at each epoch's end by default
             due = end_of_epoch
         # No round after the last step: nothing would train on what it makes.
         return due and self.global_step < self.total_steps

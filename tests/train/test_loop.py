@@ -243,3 +243,19 @@ def test_a_second_sigterm_still_lets_the_step_checkpoint_a_second_ctrl_c_does_no
             os.kill(os.getpid(), signal.SIGINT)
             assert stop.requested
             os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_rounds_come_three_an_epoch_by_default_and_an_older_run_keeps_its_schedule(tiny, tmp_path):
+    config = tiny_config(tiny, tmp_path / "run", analysis_every=None, analysis_lag=None)
+    run = loop.ModeRun(loop.build_setup(config, log=lambda *a: None), "sage", tmp_path / "run" / "sage")
+    assert run.steps_per_epoch == 8 and run.analysis_interval == 2 and run.analysis_lag == 1  # 120 rows of 16
+    run.global_step = 2
+    assert run._analysis_due(end_of_epoch=False) and not run._analysis_due(end_of_epoch=True)
+    state = run.state_dict()
+    assert state["analysis_interval"] == 2
+    # a checkpoint of a run begun when the default was one round at each epoch's end (it kept no interval)
+    del state["analysis_interval"]
+    older = loop.ModeRun(loop.build_setup(config, log=lambda *a: None), "sage", tmp_path / "run" / "sage")
+    older.load(state)
+    assert older.analysis_interval is None and older.analysis_lag == 8 // 3
+    assert older._analysis_due(end_of_epoch=True) and not older._analysis_due(end_of_epoch=False)
