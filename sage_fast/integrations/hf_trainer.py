@@ -7,7 +7,7 @@ hidden states (``beta > 0``). The student and teacher must read the same inputs 
 
 With ``synthesis=SynthesisConfig(...)`` it is real SAGE: a :class:`sage_fast.synthesis.SAGESynthesizer`
 observes every training step's per-example losses and pooled student embeddings, runs an analysis
-round every ``analysis_every`` optimizer steps (default: at the end of each epoch but the last),
+round every ``analysis_every`` optimizer steps (default: three rounds an epoch, as ``sage-fast distill``),
 and ``synthetic_per_batch`` rows from its pool join each training batch. Synthetic rows exist only
 as input vectors in the teacher's word-embedding space (interpolations of real rows'
 ``E_t[input_ids]``), so the teacher labels them and the student trains on them through
@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -118,12 +119,10 @@ class SAGESynthesisCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         every = self.trainer.analysis_every
-        if every is not None and state.global_step % every == 0 and self._round_due(state):
-            self.trainer.synthesis_round(state.global_step)
-
-    def on_epoch_end(self, args, state, control, **kwargs):
+        if every is None:  # three rounds an epoch, as the driver's default (a run shorter than an epoch: its steps)
+            every = max(1, state.max_steps // max(1, math.ceil(state.num_train_epochs)) // 3)
         # No round after the last step: nothing would train on what it makes.
-        if self.trainer.analysis_every is None and self._round_due(state):
+        if state.global_step % every == 0 and self._round_due(state):
             self.trainer.synthesis_round(state.global_step)
 
     def on_save(self, args, state, control, **kwargs):
@@ -154,8 +153,8 @@ class SAGEDistillTrainer(Trainer):
             replaced by the trainer's), or a built :class:`SAGESynthesizer` on the trainer's device.
         synthetic_per_batch: synthetic rows added to each optimizer step once the pool has some, over
             every process and accumulation micro-batch (each takes its part).
-        analysis_every: optimizer steps between rounds (default ``None``: at the end of each epoch
-            but the last).
+        analysis_every: optimizer steps between rounds (default ``None``: a third of an epoch, none
+            after the last step).
         loss_maps: write each round's loss map to ``<output_dir>/loss_maps/round<NNN>.png``.
         *args, **kwargs: passed to ``transformers.Trainer`` (``model`` is the student).
 

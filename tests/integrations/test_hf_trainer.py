@@ -150,13 +150,13 @@ def synthesis_settings(**overrides):
 
 
 def sage_trainer(tmp_path, *, teacher=None, student=None, loss=None, dataset=None, synthesis=None, loss_maps=False,
-                 **args):
+                 analysis_every=2, **args):
     settings = dict(max_steps=6, per_device_train_batch_size=BATCH, save_strategy="no")
     settings.update(args)
     return SAGEDistillTrainer(
         model=student or tiny_bert(16, 1, seed=1), teacher=teacher or tiny_bert(16, 2, seed=0),
         loss=loss or SAGELossConfig(), synthesis=synthesis or synthesis_settings(), synthetic_per_batch=4,
-        analysis_every=2, loss_maps=loss_maps, args=training_args(tmp_path, **settings),
+        analysis_every=analysis_every, loss_maps=loss_maps, args=training_args(tmp_path, **settings),
         train_dataset=dataset or varied_dataset(), data_collator=pad_batch)
 
 
@@ -193,6 +193,14 @@ def test_synthetic_rows_reach_the_loss(tmp_path):
         logits = trainer.teacher(inputs_embeds=synth.pool.vectors, attention_mask=synth.pool.masks).logits
     torch.testing.assert_close(logits, synth.pool.logits)
     assert torch.equal(trainer.model.get_input_embeddings().weight, teacher_table)
+
+
+def test_rounds_come_three_an_epoch_by_default(tmp_path):
+    steps_per_epoch = ROWS // BATCH
+    trainer = sage_trainer(tmp_path, analysis_every=None, max_steps=-1, num_train_epochs=2)
+    trainer.train()
+    every = steps_per_epoch // 3
+    assert [r.step for r in trainer.sage_rounds] == list(range(every, 2 * steps_per_epoch, every))
 
 
 def test_synthesis_with_hidden_state_alignment(tmp_path):
