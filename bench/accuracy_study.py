@@ -291,8 +291,12 @@ def plot_curves(plan: list[Experiment], ledger: Path, png: Path) -> Path | None:
     names = [e.name for e in plan if e.name in by_exp]
     if not names:
         return None
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
-    for ax, name in zip(axes[0], names):
+    columns = min(4, len(names))
+    rows = -(-len(names) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, names):
         exp = next(e for e in plan if e.name == name)
         for mode, colour in zip(MODES, ("tab:gray", "tab:orange", "tab:blue")):
             source = exp.baseline_source(mode)
