@@ -87,8 +87,8 @@ class DistillConfig:
     analysis_every: int | None = _opt(None, "steps between analysis rounds (unset: a third of an epoch, three "
                                       "rounds an epoch; none after the last step)")
     analysis_lag: int | None = _opt(None, "steps a round's analysis and synthesis run beside training before its "
-                                    "examples join the pool (0: training waits for each round, inline; unset: a "
-                                    "third of the steps between rounds)")
+                                    "examples join the pool (0: training waits for each round, inline; unset: every "
+                                    "step between rounds but the last)")
     synthetic_per_round: int = _opt(256, "synthetic examples made in each analysis round")
     synthetic_per_batch: int = _opt(16, "synthetic examples mixed into each step once the pool has some")
     pool_size: int = _opt(1024, "most synthetic examples kept; older ones leave first (fifo) or at random "

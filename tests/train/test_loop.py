@@ -249,6 +249,9 @@ def test_rounds_come_three_an_epoch_by_default_and_an_older_run_keeps_its_schedu
     config = tiny_config(tiny, tmp_path / "run", analysis_every=None, analysis_lag=None)
     run = loop.ModeRun(loop.build_setup(config, log=lambda *a: None), "sage", tmp_path / "run" / "sage")
     assert run.steps_per_epoch == 8 and run.analysis_interval == 2 and run.analysis_lag == 1  # 120 rows of 16
+    longer = loop.ModeRun(loop.build_setup(tiny_config(tiny, tmp_path / "run", analysis_every=5, analysis_lag=None),
+                                           log=lambda *a: None), "sage", tmp_path / "run" / "sage")
+    assert longer.analysis_lag == 4  # the worker has every step between rounds but the last
     run.global_step = 2
     assert run._analysis_due(end_of_epoch=False) and not run._analysis_due(end_of_epoch=True)
     state = run.state_dict()
