@@ -117,7 +117,7 @@ PLAN: list[Experiment] = [
     Experiment("all-final-1epoch", "all rows, one epoch (its whole schedule), three rounds an epoch, 3 seeds",
                "minilm", {"epochs": 1, "analysis_every": 107}, seeds=SEEDS, stage="final"),
     Experiment("n2k-beta", "alignment: beta 0.5, the hidden-state term on (KD and SAGE alike), three rounds an "
-               "epoch", "minilm", {**N2K, "analysis_every": 21, "beta": 0.5}, seeds=(0, 1)),
+               "epoch", "minilm", {**N2K, "analysis_every": 21, "beta": 0.5}, seeds=SEEDS),
     Experiment("all-final", "all rows, three rounds an epoch, 3 seeds: the target", "minilm",
                {"analysis_every": 107}, seeds=SEEDS, stage="final"),
 ]
