@@ -68,8 +68,7 @@ class World:
         return slice(start, start + base + (self.rank < extra))
 
     def share_sizes(self, n: int) -> list[int]:
-        base, extra = divmod(n, self.size)
-        return [base + (r < extra) for r in range(self.size)]
+        return split_sizes(n, self.size)
 
     # ------------------------------------------------------------------ collectives
     def all_gather_rows(self, tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -97,6 +96,14 @@ class World:
 
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
+
+    def row_counts(self, rows: int, device: torch.device | str = "cpu") -> list[int]:
+        """Every rank's ``rows``, in rank order: one small gather and a host read, for when the
+        counts do not follow from what every rank knows."""
+        if not self.distributed:
+            return [rows]
+        counts = torch.tensor([rows], dtype=torch.int64, device=device)
+        return self.all_gather_rows(counts, [1] * self.size).tolist()
 
     def any(self, flag: bool, device: torch.device | str = "cpu") -> bool:
         """Whether any rank's ``flag`` is true (a host read: call it where the host waits anyway)."""
@@ -146,6 +153,14 @@ class World:
 
 
 SINGLE = World()
+
+
+def split_sizes(n: int, parts: int) -> list[int]:
+    """Sizes of ``n`` items dealt into ``parts`` as evenly as they go, the first ``n % parts`` parts
+    one larger: the contiguous shares of ``World.share`` and the strided parts ``rows[j::parts]``
+    alike."""
+    base, extra = divmod(n, parts)
+    return [base + (j < extra) for j in range(parts)]
 
 
 def collective_failed(error: BaseException) -> bool:
@@ -221,5 +236,5 @@ def close_world(world: World) -> None:
             dist.destroy_process_group()
 
 
-__all__ = ["DEFAULT_TIMEOUT", "DistributedError", "PeerLost", "SINGLE", "World", "close_world", "collective_failed",
+__all__ = ["DEFAULT_TIMEOUT", "DistributedError", "PeerLost", "SINGLE", "World", "split_sizes", "close_world", "collective_failed",
            "current_world", "init_world", "launched_world"]

@@ -296,15 +296,6 @@ class SAGEDistillTrainer(Trainer):
             self._average_projection_gradients()
         return loss
 
-    def _batch_sizes(self, rows: int) -> list[int]:
-        """Every rank's real rows in this micro-batch (a small collective and a host read): they
-        are equal under accelerate's even batches, but a sampler of varying batch sizes, or
-        ``even_batches=False`` at an epoch's end, gives ranks different counts."""
-        if not self.world.distributed:
-            return [rows]
-        counts = torch.tensor([rows], dtype=torch.int64, device=self.args.device)
-        return self.world.all_gather_rows(counts, [1] * self.world.size).tolist()
-
     # ------------------------------------------------------------------ checkpoints
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """``Trainer.train``, with SAGE's state restored from the checkpoint it resumes. Under several
@@ -518,7 +509,10 @@ class SAGEDistillTrainer(Trainer):
             result = self.sage_loss(student_outputs, teacher_outputs, labels=labels, attention_mask=attention_mask)
 
         if training:
-            sizes = self._batch_sizes(n_real)
+            # every rank's real rows in this micro-batch (a small gather and a host read): equal under
+            # accelerate's even batches, but a sampler of varying batch sizes, or even_batches=False
+            # at an epoch's end, gives ranks different counts
+            sizes = self.world.row_counts(n_real, self.args.device)
             self.sage_examples_seen["real"] += sum(sizes)
             per_example = result.per_example[:n_real]
             if self.on_per_example is not None:

@@ -347,7 +347,7 @@ class SAGESynthesizer:
         the global batch); otherwise they are gathered first, which makes the host wait."""
         if self.world.distributed:
             if sizes is None:
-                sizes = self.world.all_gather_objects(int(ids.shape[0]))
+                sizes = self.world.row_counts(int(ids.shape[0]), self.device)
             ids, per_example_loss, embeddings, classes = self._gather_rows(ids, per_example_loss, embeddings, classes,
                                                                           sizes)
         self._fold(ids, per_example_loss, embeddings, classes)

@@ -36,6 +36,7 @@ from ..devices import resolve_device
 from ..errors import UsageError
 from ..distributed import (SINGLE, DistributedError, PeerLost, World, close_world, collective_failed, init_world,
                            launched_world)
+from ..distributed import split_sizes as part_sizes  # how a step's rows[j::parts] are dealt out
 from ..nn import SAGELoss, SAGELossConfig
 from ..regions import pooled_embedding, warm_up_in_background
 from ..synthesis import BackgroundRounds, RoundRecord, SAGESynthesizer, SynthesisConfig, used_lengths
@@ -475,11 +476,6 @@ class StudentStep(torch.nn.Module):
         return [name for name, p in self.named_parameters(remove_duplicate=False)
                 if name.startswith("interface.teacher.") or id(p) in unused] + \
                [name for name, _ in self.named_buffers() if name.startswith("interface.teacher.")]
-
-
-def part_sizes(n: int, parts: int) -> list[int]:
-    """Sizes of ``rows[j::parts]`` for j in 0..parts-1 (how a step's rows are dealt out)."""
-    return [n // parts + (j < n % parts) for j in range(parts)]
 
 
 def rank_device(config: DistillConfig, world: World) -> torch.device:
