@@ -153,16 +153,20 @@ def warm_up() -> None:
 
 
 def warm_up_in_background() -> threading.Thread:
-    """``warm_up`` on a daemon thread, started now (a training driver calls it before loading its
-    models, so a first run compiles while the teacher is prepared). Failures are left to the first
-    real round, which reports them (umap-learn missing, say)."""
+    """``warm_up`` on a thread, started now (a training driver calls it before loading its models,
+    so a first run compiles while the teacher is prepared). Failures are left to the first real
+    round, which reports them (umap-learn missing, say).
+
+    Not a daemon: the interpreter waits for it at exit. A daemon thread that is inside a torch call
+    when the interpreter finalises is ended there, and that aborts the whole process ("terminate
+    called without an active exception"), turning a run that finished into a crash."""
     def run() -> None:
         try:
             warm_up()
         except Exception:  # noqa: BLE001 - the real round raises the same error with its message
             pass
 
-    thread = threading.Thread(target=run, name="sage-fast analysis warm-up", daemon=True)
+    thread = threading.Thread(target=run, name="sage-fast analysis warm-up", daemon=False)
     thread.start()
     return thread
 

@@ -62,7 +62,9 @@ class PendingRound:
 
 
 class _Worker:
-    """One round made on a daemon thread (a run stopped with Ctrl-C does not wait for it)."""
+    """One round made on a thread. Not a daemon, so the interpreter waits for it at exit: a daemon
+    thread ended by the interpreter's finalisation inside a torch call aborts the process. A run
+    that stops writes its checkpoint first, so waiting for the round in flight loses nothing."""
 
     def __init__(self, target: Callable[[], tuple[SynthesizedRound, dict]], device: torch.device,
                  inputs: list[torch.Tensor]):
@@ -78,7 +80,7 @@ class _Worker:
                 if tensor.is_cuda:
                     tensor.record_stream(self.stream)
         self._target = target
-        self._thread = threading.Thread(target=self._run, name="sage-fast analysis round", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="sage-fast analysis round", daemon=False)
         self._thread.start()
 
     def _run(self) -> None:
