@@ -264,6 +264,20 @@ def interpolate_reference(vectors, mask, anchors, partners, lam, noise=None):
     return out, keep.to(mask.dtype)
 
 
+@torch.library.custom_op("sage_fast::seeded_normal", mutates_args=())
+def _seeded_normal(like: torch.Tensor, seed: int) -> torch.Tensor:
+    """N(0, 1) noise shaped like ``like`` from a ``torch.Generator`` seeded with ``seed``. An op of its
+    own so that ``torch.compile`` takes it as one node: a generator made inside traced code splits
+    the graph twice."""
+    generator = torch.Generator(device=like.device).manual_seed(seed)
+    return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
+@_seeded_normal.register_fake
+def _(like: torch.Tensor, seed: int) -> torch.Tensor:
+    return torch.empty_like(like)
+
+
 def _interpolate_torch(vectors, mask, anchors, partners, lam, noise_std, seed):
     # Gather before casting (never upcast the whole pool); the gather is a fresh tensor, so the
     # interpolation can run in place on it.
@@ -271,9 +285,7 @@ def _interpolate_torch(vectors, mask, anchors, partners, lam, noise_std, seed):
     out.lerp_(vectors[anchors].float(), lam.float()[:, None, None])
     keep = (mask[anchors] != 0) | (mask[partners] != 0)
     if noise_std > 0:
-        generator = torch.Generator(device=vectors.device).manual_seed(seed)
-        noise = torch.randn(out.shape, generator=generator, device=out.device, dtype=out.dtype)
-        out.addcmul_(noise, keep[..., None].to(out.dtype), value=noise_std)
+        out.addcmul_(_seeded_normal(out, seed), keep[..., None].to(out.dtype), value=noise_std)
     return out.to(vectors.dtype), keep.to(mask.dtype)
 
 

@@ -80,16 +80,25 @@ def test_loss_compiles_whole_and_matches_eager(op, make_inputs, reduction, backw
         torch.testing.assert_close(traced_value, eager_value)
 
 
-def test_interpolate_compiles_whole_and_matches_eager():
+@pytest.mark.parametrize("noise_std", [0.0, 0.5], ids=["no-noise", "noise"])
+def test_interpolate_compiles_whole_and_matches_eager(noise_std):
     torch.manual_seed(0)
     vectors = torch.randn(3, 4, 8)  # float32: the op takes no float64 vectors
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
     anchors, partners, lam = torch.tensor([0, 1, 2]), torch.tensor([2, 0, 2]), torch.tensor([0.3, 0.7, 1.0])
+
+    def synthesise(seed):
+        return interpolate(vectors, mask, anchors, partners, lam, noise_std=noise_std, seed=seed)
+
+    step = compiled(synthesise)
     with use_backend("torch"):
-        eager = interpolate(vectors, mask, anchors, partners, lam)
-        traced = compiled(interpolate)(vectors, mask, anchors, partners, lam)
+        eager, traced = synthesise(5), step(5)
+        other_seed, other_eager = step(6), synthesise(6)  # the seed is an input of the graph, not a constant
     torch.testing.assert_close(traced[0], eager[0])
     assert torch.equal(traced[1], eager[1])
+    torch.testing.assert_close(other_seed[0], other_eager[0])
+    if noise_std > 0:
+        assert not torch.allclose(other_seed[0], traced[0])
 
 
 def backend_index(x):
