@@ -778,14 +778,13 @@ class ModeRun:
 
     def train(self) -> dict:
         """Train to the end (or to a stop request); under several processes a failed collective (a
-        rank that died or hung past ``dist_timeout``) ends this rank with :class:`PeerLost`.
-
-        However it ends, a round in flight is waited for (after the checkpoint, so a stop loses
-        nothing) and dropped: no worker of this mode outlives it."""
+        rank that died or hung past ``dist_timeout``) ends this rank with :class:`PeerLost`."""
+        if not self.world.distributed:
+            return self._train()
         try:
             return self._train()
         except RuntimeError as error:
-            if not self.world.distributed or isinstance(error, PeerLost) or not collective_failed(error):
+            if isinstance(error, PeerLost) or not collective_failed(error):
                 raise
             kept = (f"the last checkpoint, of step {self.checkpoint_step}, is in {self.checkpoint_path}"
                     if self.checkpoint_step is not None else "no checkpoint was written yet")
@@ -794,9 +793,6 @@ class ModeRun:
                 f"(no reply within --dist-timeout {self.config.dist_timeout:g} s) at step {self.global_step}; "
                 f"{kept}. See that process's own message for why; then start the same torchrun command with "
                 f"--resume --output-dir {self.out_dir.parent}. ({_first_line(error)})") from error
-        finally:
-            if self.background is not None:
-                self.background.close()
 
     def _stop_agreed(self, stop: "_StopRequest", logging_point: bool) -> bool:
         """Whether to stop after this step. One process stops as soon as asked; several agree first,
