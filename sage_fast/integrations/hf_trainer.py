@@ -90,7 +90,7 @@ from .. import _checks
 from ..distributed import PeerLost, collective_failed, current_world
 from ..nn.sage_loss import SAGELoss, SAGELossConfig
 from ..regions import pooled_embedding
-from ..synthesis import RoundRecord, SAGESynthesizer, SynthesisConfig, SyntheticRows, pad_tokens
+from ..synthesis import RoundRecord, SAGESynthesizer, SynthesisConfig, SyntheticRows, pad_tokens, partner_classes
 
 __all__ = ["STATE_FILE", "SAGEDistillTrainer", "SAGESynthesisCallback"]
 
@@ -446,7 +446,8 @@ class SAGEDistillTrainer(Trainer):
 
     def _mixed_batch(self, model_inputs: dict, teacher_outputs, labels, synthetic: SyntheticRows):
         """Real rows (as the teacher's vectors) and synthetic rows in one batch, padded to one width:
-        the student's inputs, the teacher's outputs, the labels (none for synthetic rows), the mask."""
+        the student's inputs, the teacher's outputs, the labels (synthetic rows': their gold label where
+        they carry one, ``partners='same-label'``, otherwise none), the mask."""
         unknown = sorted(set(model_inputs) - set(_MIXABLE_INPUTS))
         if unknown or "input_ids" not in model_inputs:
             raise ValueError(f"synthetic rows join a batch through input_ids, attention_mask and token_type_ids; this "
@@ -471,11 +472,10 @@ class SAGEDistillTrainer(Trainer):
             hidden = {k: torch.cat([pad_tokens(real_hidden[k], width),
                                     pad_tokens(synthetic.hidden[k].to(real_hidden[k]), width)])
                       for k in self.sage_loss.teacher_layers_needed}
-        n = synthetic.vectors.shape[0]
         ignore = self.sage_loss.config.ignore_index
         if labels is None:
             labels = torch.full((input_ids.shape[0],), ignore, dtype=torch.long, device=input_ids.device)
-        labels = torch.cat([labels, labels.new_full((n,), ignore)])
+        labels = torch.cat([labels, synthetic.loss_labels(ignore).to(labels)])
         return vectors, mask, token_types, {"logits": logits, "hidden_states": hidden}, labels
 
     # ------------------------------------------------------------------ the loss
@@ -521,7 +521,9 @@ class SAGEDistillTrainer(Trainer):
                 with torch.no_grad():
                     real_mask = None if attention_mask is None else attention_mask[:n_real]
                     embeddings = pooled_embedding(student_outputs["hidden_states"][-1][:n_real].detach(), real_mask)
-                self.synthesizer.observe(ids, per_example, embeddings, sizes=sizes)
+                    classes = partner_classes(self.synthesizer.config.partners, teacher_outputs["logits"][:n_real],
+                                              None if labels is None else labels[:n_real])
+                self.synthesizer.observe(ids, per_example, embeddings, classes, sizes=sizes)
         if return_outputs:
             # Only the real rows' logits: evaluation gathers every output across batches.
             return result.loss, {"logits": student_outputs["logits"][:n_real]}

@@ -5,10 +5,10 @@ rows from a bounded pool. Rounds run inline or beside training (``BackgroundRoun
 (``sage_fast.train``) and the ``transformers`` integration (``sage_fast.integrations``) both build
 on it; it imports neither."""
 from .pool import POLICIES, SyntheticPool, pad_tokens, used_lengths
-from .synthesizer import (MODES, ProfileSnapshot, RoundRecord, SAGESynthesizer, SynthesisConfig, SynthesisPlan,
-                          SynthesizedRound, SyntheticRows, make_analyzer, plan_round)
+from .synthesizer import (MODES, PARTNERS, ProfileSnapshot, RoundRecord, SAGESynthesizer, SynthesisConfig,
+                          SynthesisPlan, SynthesizedRound, SyntheticRows, make_analyzer, partner_classes, plan_round)
 from .background import BackgroundRounds, PendingRound
 
-__all__ = ["BackgroundRounds", "MODES", "POLICIES", "PendingRound", "ProfileSnapshot", "RoundRecord",
+__all__ = ["BackgroundRounds", "MODES", "PARTNERS", "POLICIES", "PendingRound", "ProfileSnapshot", "RoundRecord",
            "SAGESynthesizer", "SynthesisConfig", "SynthesisPlan", "SynthesizedRound", "SyntheticPool", "SyntheticRows",
-           "make_analyzer", "pad_tokens", "plan_round", "used_lengths"]
+           "make_analyzer", "pad_tokens", "partner_classes", "plan_round", "used_lengths"]

@@ -2,7 +2,7 @@
 
 Each synthetic example exists only as input vectors (``[L, d_t]``, the teacher's embedding space) with
 a mask, plus what the teacher said about it: logits, and the mapped hidden layers when the loss
-aligns hidden states. The pool holds at most ``capacity`` of them. When full, ``fifo`` overwrites the
+aligns hidden states, and a gold label where the row has one (-1 where it has none). The pool holds at most ``capacity`` of them. When full, ``fifo`` overwrites the
 oldest; ``reservoir`` keeps a uniform sample of everything ever offered (Vitter's algorithm R), so
 early rounds are not forgotten entirely.
 
@@ -62,6 +62,7 @@ class SyntheticPool:
         self.masks: torch.Tensor | None = None     # [capacity, L]
         self.logits: torch.Tensor | None = None    # [capacity, C]
         self.hidden: dict[int, torch.Tensor] = {}  # teacher layer -> [capacity, L, d_t]
+        self.labels: torch.Tensor | None = None    # [capacity] int64 gold label, -1: none
         self.lengths = torch.zeros(capacity, dtype=torch.int64)  # used width of each slot, on the host
         self.size = 0
         self.offered = 0  # examples ever offered, for the reservoir and the FIFO cursor
@@ -75,6 +76,7 @@ class SyntheticPool:
         self.masks = masks.new_zeros((cap, *masks.shape[1:]))
         self.logits = logits.new_zeros((cap, *logits.shape[1:]))
         self.hidden = {int(k): v.new_zeros((cap, *v.shape[1:])) for k, v in hidden.items()}
+        self.labels = torch.full((cap,), -1, dtype=torch.int64, device=vectors.device)
 
     def _check(self, vectors, masks, logits, hidden) -> None:
         for name, value in (("vectors", vectors), ("masks", masks), ("logits", logits)):
@@ -109,12 +111,18 @@ class SyntheticPool:
     @torch.no_grad()
     def add(self, vectors: torch.Tensor, masks: torch.Tensor, logits: torch.Tensor,
             hidden: Mapping[int, torch.Tensor] | None = None, *, generator: torch.Generator | None = None,
-            lengths: torch.Tensor | None = None) -> None:
+            lengths: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> None:
         """Offer ``M`` new examples. ``generator`` drives the reservoir's choices (CPU generator).
         ``lengths``: the new rows' ``used_lengths(masks)`` on the host, when the caller has them
-        (otherwise they are read from ``masks`` here: on CUDA the host waits for the device once)."""
+        (otherwise they are read from ``masks`` here: on CUDA the host waits for the device once).
+        ``labels``: [M] int64 gold labels, -1 for a row without one (default: none has one)."""
         hidden = dict(hidden or {})
         self._check(vectors, masks, logits, hidden)
+        if labels is not None:
+            _checks.tensor("labels", labels, ndim=1)
+            if labels.shape[0] != vectors.shape[0] or labels.dtype not in (torch.int32, torch.int64):
+                raise ValueError(f"labels must be [M] = [{vectors.shape[0]}] integers (-1: none), got "
+                                 f"{tuple(labels.shape)} {labels.dtype}")
         if lengths is not None:
             _checks.tensor("lengths", lengths, ndim=1)
             if lengths.shape[0] != vectors.shape[0] or lengths.device.type != "cpu":
@@ -154,6 +162,8 @@ class SyntheticPool:
         self.logits[slots_t] = logits[rows_t].to(self.logits)
         for layer, value in hidden.items():
             self.hidden[int(layer)][slots_t] = value[rows_t].to(self.hidden[int(layer)])
+        self.labels[slots_t] = -1 if labels is None else labels.to(self.labels.device, torch.int64)[
+            rows_t.to(self.labels.device)]
 
     def draw(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
         """``min(n, len(self))`` slots drawn without replacement (a CPU index tensor), or None when
@@ -168,14 +178,14 @@ class SyntheticPool:
         return int(self.lengths[index].max()) if index.numel() else 0
 
     def take(self, index: torch.Tensor):
-        """The rows at ``index`` (a CPU index from ``draw``): (vectors, masks, logits, hidden)."""
+        """The rows at ``index`` (a CPU index from ``draw``): (vectors, masks, logits, hidden, labels)."""
         if self.vectors.is_cuda:  # this runs every step: a pinned, asynchronous copy keeps the host from waiting
             index = index.pin_memory().to(self.vectors.device, non_blocking=True)
         return (self.vectors[index], self.masks[index], self.logits[index],
-                {layer: value[index] for layer, value in self.hidden.items()})
+                {layer: value[index] for layer, value in self.hidden.items()}, self.labels[index])
 
     def sample(self, n: int, generator: torch.Generator | None = None):
-        """``min(n, len(self))`` examples drawn without replacement: (vectors, masks, logits, hidden),
+        """``min(n, len(self))`` examples drawn without replacement: (vectors, masks, logits, hidden, labels),
         or None when the pool is empty or ``n`` is 0. ``generator``: a CPU generator."""
         index = self.draw(n, generator)
         return None if index is None else self.take(index)
@@ -186,13 +196,13 @@ class SyntheticPool:
 
         return {"capacity": self.capacity, "policy": self.policy, "size": self.size, "offered": self.offered,
                 "vectors": cut(self.vectors), "masks": cut(self.masks), "logits": cut(self.logits),
-                "hidden": {k: cut(v) for k, v in self.hidden.items()}}
+                "hidden": {k: cut(v) for k, v in self.hidden.items()}, "labels": cut(self.labels)}
 
     def load_state_dict(self, state: dict, device: torch.device | str | None = None) -> None:
         if state["capacity"] != self.capacity or state["policy"] != self.policy:
             raise ValueError(f"the saved pool has capacity {state['capacity']} and policy {state['policy']!r}, "
                              f"this one {self.capacity} and {self.policy!r}")
-        self.vectors = self.masks = self.logits = None
+        self.vectors = self.masks = self.logits = self.labels = None
         self.hidden = {}
         self.lengths.zero_()
         self.size = 0
@@ -205,6 +215,8 @@ class SyntheticPool:
             self.vectors[:n], self.masks[:n], self.logits[:n] = vectors, masks, logits
             for k, v in hidden.items():
                 self.hidden[k][:n] = v
+            if state.get("labels") is not None:  # pools saved before rows had labels have none
+                self.labels[:n] = move(state["labels"])
             self.lengths[:n] = used_lengths(state["masks"]).cpu()  # the saved masks are on the host
             self.size = n
         self.offered = state["offered"]

@@ -67,7 +67,7 @@ from ..regions import ErrorProfile, LossRegionAnalyzer
 from .pool import POLICIES, SyntheticPool, used_lengths
 
 MODES = ("sage", "random", "inverse")
-PARTNERS = ("neighbours", "boundary")
+PARTNERS = ("neighbours", "boundary", "same-label")
 STATE_FORMAT = 1
 
 VectorsOf = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
@@ -87,8 +87,12 @@ class SynthesisConfig:
     student is wrong now. ``partners``: ``neighbours`` draws each anchor's partner among its map
     neighbours; ``boundary`` prefers a map neighbour of another class (the class ``observe`` was
     given, e.g. the teacher's prediction), so the synthetic row lies between the classes, falling
-    back to any neighbour where none differs. Both modes (sage, random) use the same rule, so the
-    random baseline differs from SAGE in the anchors alone.
+    back to any neighbour where none differs; ``same-label`` prefers a map neighbour of the anchor's
+    own class (give ``observe`` the gold labels), and a synthetic row whose two ends share a class
+    carries that class as its gold label (``SyntheticRows.labels``; -1 where they differ), so the
+    loss can hold it to the gold label as it does real rows, where the teacher's label on it may be
+    wrong. Both modes (sage, random) use the same rule, so the random baseline differs from SAGE in
+    the anchors alone.
     """
     mode: str = "sage"
     synthetic_per_round: int = 256
@@ -125,9 +129,9 @@ class SynthesisConfig:
         if self.profile_decay is not None:
             self.profile_decay = _checks.in_range("profile_decay", self.profile_decay, 0.0, 1.0, lo_open=True)
         _checks.choice("partners", self.partners, PARTNERS)
-        if self.partners == "boundary" and self.mode == "inverse":
-            raise ValueError("partners='boundary' picks among map neighbours; mode 'inverse' picks partners through "
-                             "the map's inverse instead: use one or the other")
+        if self.partners != "neighbours" and self.mode == "inverse":
+            raise ValueError(f"partners={self.partners!r} picks among map neighbours; mode 'inverse' picks partners "
+                             "through the map's inverse instead: use one or the other")
         self.device = resolve_device(str(self.device) if isinstance(self.device, torch.device) else self.device)
 
     def to_dict(self) -> dict:
@@ -177,6 +181,7 @@ class SynthesisPlan:
     analysis_seconds: float
     generator_state: torch.Tensor  # the analysis generator's state after the draw
     step: int | None = None
+    labels: torch.Tensor | None = None  # [M] int64 gold label of each row (-1: none); partners='same-label'
 
     @property
     def anchor_ids(self) -> torch.Tensor:
@@ -223,15 +228,40 @@ class SyntheticRows:
     """Synthetic rows for a batch: teacher-space vectors and mask, the teacher's logits and the
     hidden layers it was asked for (``{teacher layer: [n, L, d_t]}``, empty without alignment).
     ``width``: the most tokens any of these rows uses, known on the host (``sample`` sets it), so a
-    step can trim padding without reading the mask back from the device."""
+    step can trim padding without reading the mask back from the device. ``labels``: [n] int64 gold
+    label of each row, -1 where it has none (every row but those of ``partners='same-label'``);
+    None: none has one."""
     vectors: torch.Tensor
     mask: torch.Tensor
     logits: torch.Tensor
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     width: int | None = None
+    labels: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.vectors.shape[0])
+
+    def loss_labels(self, ignore_index: int = -100) -> torch.Tensor:
+        """Labels for the cross-entropy term: each row's gold label where it has one, ``ignore_index``
+        elsewhere (those rows learn from the teacher's soft labels alone)."""
+        if self.labels is None:
+            return torch.full((len(self),), ignore_index, dtype=torch.int64, device=self.logits.device)
+        return torch.where(self.labels >= 0, self.labels, torch.full_like(self.labels, ignore_index))
+
+
+def partner_classes(partners: str, teacher_logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
+    """What a training loop gives ``observe`` as each real row's class for ``partners``: the
+    teacher's prediction for ``boundary`` (the boundary the student learns is the teacher's), the
+    gold label for ``same-label`` (the label the synthetic rows then carry), None for
+    ``neighbours`` (no per-step argmax or scatter)."""
+    _checks.choice("partners", partners, PARTNERS)
+    if partners == "boundary":
+        return teacher_logits.argmax(-1)
+    if partners == "same-label":
+        if labels is None:
+            raise ValueError("partners='same-label' needs the gold labels of the training rows")
+        return labels
+    return None
 
 
 @dataclass
@@ -278,28 +308,42 @@ def plan_round(snapshot: ProfileSnapshot, config: SynthesisConfig, count: int | 
     generator.set_state(snapshot.generator_state)
     draw = analyzer.sample_uniform_pairs if config.mode == "random" else analyzer.sample_pairs
     anchors, partners, lam = draw(count, generator)
-    if config.partners == "boundary" and snapshot.classes is not None:
-        partners = boundary_partners(analyzer.map_knn_indices_, snapshot.classes, anchors, partners, generator)
+    labels = None
+    if config.partners != "neighbours" and snapshot.classes is not None:
+        same = config.partners == "same-label"
+        partners = class_partners(analyzer.map_knn_indices_, snapshot.classes, anchors, partners, generator,
+                                  same=same)
+        if same:
+            labels = row_labels(snapshot.classes, anchors, partners)
     threshold = float(analyzer.threshold_)  # a host read, once per round
     _synchronize(config.device)
     return SynthesisPlan(round=snapshot.round, ids=snapshot.ids, anchors=anchors, partners=partners, lam=lam,
                          noise_seed=round_seed, analyzer=analyzer, threshold=threshold,
                          analysis_seconds=time.perf_counter() - started, generator_state=generator.get_state(),
-                         step=step)
+                         step=step, labels=labels)
 
 
-def boundary_partners(map_neighbours: torch.Tensor, classes: torch.Tensor, anchors: torch.Tensor,
-                      partners: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """For each anchor, a map neighbour of another class drawn uniformly among those that exist
-    (``map_neighbours`` [n, k] rows of the map's kNN graph, ``classes`` [n]); the given partner
-    where every neighbour shares the anchor's class or the classes are unknown (-1)."""
+def class_partners(map_neighbours: torch.Tensor, classes: torch.Tensor, anchors: torch.Tensor,
+                   partners: torch.Tensor, generator: torch.Generator, *, same: bool = False) -> torch.Tensor:
+    """For each anchor, a map neighbour of another class (``same=True``: of the anchor's own class)
+    drawn uniformly among those that exist (``map_neighbours`` [n, k] rows of the map's kNN graph,
+    ``classes`` [n]); the given partner where no neighbour qualifies or the classes are unknown (-1)."""
     classes = classes.to(map_neighbours.device)
     neighbours = map_neighbours[anchors]                       # [m, k]
     anchor_class = classes[anchors].unsqueeze(1)
-    other = (classes[neighbours] != anchor_class) & (classes[neighbours] >= 0) & (anchor_class >= 0)
+    wanted = (classes[neighbours] == anchor_class) if same else (classes[neighbours] != anchor_class)
+    wanted = wanted & (classes[neighbours] >= 0) & (anchor_class >= 0)
     score = torch.rand(neighbours.shape, generator=generator, device=neighbours.device)
-    pick = torch.where(other, score, torch.full_like(score, -1.0)).argmax(dim=1, keepdim=True)
-    return torch.where(other.any(dim=1), neighbours.gather(1, pick).squeeze(1), partners)
+    pick = torch.where(wanted, score, torch.full_like(score, -1.0)).argmax(dim=1, keepdim=True)
+    return torch.where(wanted.any(dim=1), neighbours.gather(1, pick).squeeze(1), partners)
+
+
+def row_labels(classes: torch.Tensor, anchors: torch.Tensor, partners: torch.Tensor) -> torch.Tensor:
+    """The gold label of each synthetic row: the class its anchor and partner share, -1 where they
+    differ or either is unknown (a mix of two classes has no gold label)."""
+    classes = classes.to(anchors.device)
+    a, b = classes[anchors], classes[partners]
+    return torch.where((a == b) & (a >= 0), a, torch.full_like(a, -1))
 
 
 class SAGESynthesizer:
@@ -444,7 +488,8 @@ class SAGESynthesizer:
         # The rows' widths on the host, read here (beside training, when a worker runs this) rather
         # than by the pool on the training thread.
         lengths = used_lengths(out_mask).cpu()
-        return SynthesizedRound(plan=plan, rows=SyntheticRows(out, out_mask, logits, dict(hidden or {})),
+        labels = None if plan.labels is None else plan.labels.to(out.device)
+        return SynthesizedRound(plan=plan, rows=SyntheticRows(out, out_mask, logits, dict(hidden or {}), labels=labels),
                                 lengths=lengths, synthesis_seconds=(interpolated - started)
                                 + (time.perf_counter() - labelled), labelling_seconds=labelled - interpolated,
                                 labelled=share)
@@ -459,7 +504,7 @@ class SAGESynthesizer:
         started = time.perf_counter()
         rows = self._gather_labels(made)
         self.pool.add(rows.vectors, rows.mask, rows.logits, rows.hidden, generator=self.pool_generator,
-                      lengths=made.lengths)
+                      lengths=made.lengths, labels=rows.labels)
         _synchronize(self.device)
         self.rounds = plan.round
         self.analysis_generator.set_state(plan.generator_state)
@@ -482,7 +527,7 @@ class SAGESynthesizer:
         sizes = self.world.share_sizes(m)
         logits = self.world.all_gather_rows(rows.logits.contiguous(), sizes)
         hidden = {k: self.world.all_gather_rows(v.contiguous(), sizes) for k, v in sorted(rows.hidden.items())}
-        return SyntheticRows(rows.vectors, rows.mask, logits, hidden)
+        return SyntheticRows(rows.vectors, rows.mask, logits, hidden, labels=rows.labels)
 
     def _check_same_plan(self, plan: SynthesisPlan) -> None:
         """Every rank made its plan itself, from the same profile and seed; a plan that differs
@@ -557,8 +602,8 @@ class SAGESynthesizer:
         return rows if parts is not None else rows[0]
 
     def _rows(self, index: torch.Tensor) -> SyntheticRows:
-        vectors, mask, logits, hidden = self.pool.take(index)
-        return SyntheticRows(vectors, mask, logits, hidden, width=self.pool.width_of(index))
+        vectors, mask, logits, hidden, labels = self.pool.take(index)
+        return SyntheticRows(vectors, mask, logits, hidden, width=self.pool.width_of(index), labels=labels)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -600,4 +645,5 @@ def _check_vectors(vectors, mask, rows: int) -> None:
 
 
 __all__ = ["MODES", "PARTNERS", "ProfileSnapshot", "RoundRecord", "SAGESynthesizer", "SynthesisConfig", "SynthesisPlan",
-           "SynthesizedRound", "SyntheticRows", "boundary_partners", "make_analyzer", "plan_round"]
+           "SynthesizedRound", "SyntheticRows", "class_partners", "make_analyzer", "partner_classes", "plan_round",
+           "row_labels"]

@@ -23,8 +23,9 @@ from ..errors import UsageError
 from .data import TASKS
 
 MODES = ("sage", "kd", "random", "inverse")
+# The synthesizer's own choices, repeated so that reading a config imports no torch (a test keeps them equal).
 POOL_POLICIES = ("fifo", "reservoir")
-PARTNERS = ("neighbours", "boundary")
+PARTNERS = ("neighbours", "boundary", "same-label")
 PROFILE_SIGNALS = ("loss", "disagreement", "trusted")
 # Settings known by an older name: still read from config files, saved runs (--resume) and flags.
 RENAMED = {"train_limit": "max_train_examples", "eval_limit": "max_eval_examples", "warmup_fraction": "warmup_ratio"}
@@ -99,8 +100,10 @@ class DistillConfig:
     lam_low: float = _opt(0.3, "lower bound of the interpolation weight lam")
     lam_high: float = _opt(0.7, "upper bound of the interpolation weight lam")
     noise_std: float = _opt(0.0, "Gaussian noise added to synthetic vectors")
-    partners: str = _opt("neighbours", "each anchor's partner: any of its map neighbours ('neighbours'), or one the "
-                         "teacher puts in another class ('boundary', mixing across the decision boundary)",
+    partners: str = _opt("neighbours", "each anchor's partner: any of its map neighbours ('neighbours'), one the "
+                         "teacher puts in another class ('boundary', mixing across the decision boundary), or one "
+                         "with the anchor's gold label ('same-label': the synthetic row then carries that label, so "
+                         "the cross-entropy term holds it to the gold label where the teacher's may be wrong)",
                          choices=PARTNERS)
     profile_signal: str = _opt("loss", "what marks a training row as hard: its SAGE loss ('loss'), only the "
                                "student's disagreement with the teacher, T^2 KL ('disagreement'), or its loss where "
@@ -190,8 +193,8 @@ class DistillConfig:
                               f"({self.grad_accumulation}): each micro-batch takes an equal share of the step")
         if self.profile_decay is not None:
             number("profile_decay", 0.0, 1.0, lo_open=True)
-        if self.partners == "boundary" and "inverse" in [self.mode, *self.compare]:
-            raise ConfigError("partners 'boundary' picks among map neighbours, while mode 'inverse' finds partners "
+        if self.partners != "neighbours" and "inverse" in [self.mode, *self.compare]:
+            raise ConfigError(f"partners {self.partners!r} picks among map neighbours, while mode 'inverse' finds partners "
                               "through the map's inverse: leave inverse out of --mode/--compare, or use "
                               "--partners neighbours")
         if self.lam_low > self.lam_high:

@@ -39,7 +39,8 @@ from ..distributed import (SINGLE, DistributedError, PeerLost, World, close_worl
 from ..distributed import split_sizes as part_sizes  # how a step's rows[j::parts] are dealt out
 from ..nn import SAGELoss, SAGELossConfig
 from ..regions import pooled_embedding, warm_up_in_background
-from ..synthesis import BackgroundRounds, RoundRecord, SAGESynthesizer, SynthesisConfig, used_lengths
+from ..synthesis import (BackgroundRounds, RoundRecord, SAGESynthesizer, SynthesisConfig, partner_classes,
+                         used_lengths)
 from . import DataError, ModelError, require_transformers
 from . import checkpoint as ckpt
 from . import teacher_cache
@@ -675,7 +676,7 @@ class ModeRun:
             mask = torch.cat([mask, synthetic.mask.to(mask.dtype)])
             logits = torch.cat([logits, synthetic.logits])
             hidden = {k: torch.cat([v, synthetic.hidden[k].to(v.dtype)]) for k, v in hidden.items()}
-            labels = torch.cat([labels, labels.new_full((len(synthetic),), self.model.loss_fn.config.ignore_index)])
+            labels = torch.cat([labels, synthetic.loss_labels(self.model.loss_fn.config.ignore_index).to(labels)])
             if token_types is not None:  # synthetic rows were labelled with token type 0 throughout
                 token_types = torch.cat([token_types, token_types.new_zeros(synthetic.mask.shape)])
         # Trim the padding every row of this batch shares; the widths are known on the host.
@@ -695,8 +696,7 @@ class ModeRun:
                 embeddings = pooled_embedding(student_out.hidden_states[-1][:n_real].detach(), mask[:n_real])
                 signal = profile_signal(config, result.per_example[:n_real].detach(), student_out.logits[:n_real],
                                         real["logits"], labels[:n_real])
-                # classes only matter to boundary partners: no per-step argmax and scatter otherwise
-                classes = real["logits"].argmax(-1) if config.partners == "boundary" else None
+                classes = partner_classes(config.partners, real["logits"], labels[:n_real])
                 seen = (real["ids"], signal, embeddings, classes)
         return result.loss, seen
 

@@ -195,6 +195,24 @@ def test_synthetic_rows_reach_the_loss(tmp_path):
     assert torch.equal(trainer.model.get_input_embeddings().weight, teacher_table)
 
 
+def test_same_label_rows_carry_their_gold_label_into_the_loss_and_boundary_gets_classes(tmp_path):
+    trainer = sage_trainer(tmp_path, synthesis=synthesis_settings(partners="same-label"))
+    seen = count_rows_in_the_loss(trainer)
+    trainer.train()
+    synth = trainer.synthesizer
+    gold = torch.tensor(varied_dataset()["labels"])
+    assert torch.equal(synth.classes, gold)  # observe was given each row's gold label
+    labels = synth.pool.labels[:len(synth.pool)]
+    assert int((labels >= 0).sum()) > 0
+    # batches with 4 synthetic rows each, of which those with a gold label are no longer ignored
+    assert [rows for rows, _ in seen] == [8, 8, 12, 12, 12, 12]
+    assert all(ignored <= 4 for _, ignored in seen[2:]) and any(ignored < 4 for _, ignored in seen[2:])
+
+    boundary = sage_trainer(tmp_path / "boundary", synthesis=synthesis_settings(partners="boundary"))
+    boundary.train()
+    assert bool((boundary.synthesizer.classes >= 0).all())  # the teacher's predictions, for boundary partners
+
+
 def test_rounds_come_three_an_epoch_by_default(tmp_path):
     steps_per_epoch = ROWS // BATCH
     trainer = sage_trainer(tmp_path, analysis_every=None, max_steps=-1, num_train_epochs=2)

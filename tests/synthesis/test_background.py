@@ -175,7 +175,7 @@ def test_used_lengths_and_pool_widths(monkeypatch):
     copy = SyntheticPool(4)
     copy.load_state_dict(pool.state_dict())
     assert torch.equal(copy.lengths, pool.lengths)
-    vectors_, masks_, _, _ = copy.take(torch.tensor([3]))
+    vectors_, masks_, _, _, _ = copy.take(torch.tensor([3]))
     assert torch.equal(masks_, masks[3:])
 
 

@@ -1,10 +1,11 @@
-"""The synthesizer's choices about its profile and its partners: boundary partners, classes kept
-with the profile and its state, a decaying profile, and the driver's profile signal."""
+"""The synthesizer's choices about its profile and its partners: boundary and same-label partners,
+the gold labels of same-label rows, classes kept with the profile and its state, a decaying profile,
+and the driver's profile signal."""
 import pytest
 import torch
 
-from sage_fast.synthesis import SAGESynthesizer, SynthesisConfig
-from sage_fast.synthesis.synthesizer import boundary_partners
+from sage_fast.synthesis import SAGESynthesizer, SynthesisConfig, SyntheticRows, partner_classes
+from sage_fast.synthesis.synthesizer import class_partners, row_labels
 
 
 def _graph():
@@ -18,7 +19,7 @@ def test_boundary_partner_is_a_neighbour_of_another_class_whenever_one_exists():
     neighbours, classes = _graph()
     anchors = torch.tensor([0, 1, 2, 3, 4, 5] * 20)
     given = torch.full_like(anchors, 99)
-    partners = boundary_partners(neighbours, classes, anchors, given, torch.Generator().manual_seed(0))
+    partners = class_partners(neighbours, classes, anchors, given, torch.Generator().manual_seed(0))
     for a, p in zip(anchors.tolist(), partners.tolist()):
         others = [n for n in neighbours[a].tolist() if classes[n] != classes[a]]
         if others:
@@ -29,12 +30,47 @@ def test_boundary_partner_is_a_neighbour_of_another_class_whenever_one_exists():
     assert set(partners[anchors == 0].tolist()) == {2, 3}
 
 
+def test_same_label_partner_is_a_neighbour_of_the_anchor_s_class_whenever_one_exists():
+    neighbours, classes = _graph()
+    neighbours[2] = torch.tensor([0, 1, 0])  # 2 (class 1) now has no neighbour of its class
+    anchors = torch.tensor([0, 1, 2, 3, 4, 5] * 20)
+    given = torch.full_like(anchors, 99)
+    partners = class_partners(neighbours, classes, anchors, given, torch.Generator().manual_seed(0), same=True)
+    for a, p in zip(anchors.tolist(), partners.tolist()):
+        alike = [n for n in neighbours[a].tolist() if classes[n] == classes[a]]
+        assert (p in alike) if alike else (p == 99), (a, p)
+    assert set(partners[anchors == 3].tolist()) == {4, 5}  # spread over the candidates
+    kept = anchors != 2
+    assert torch.equal(row_labels(classes, anchors[kept], partners[kept]), classes[anchors[kept]])
+
+
+def test_row_labels_are_the_shared_class_or_none():
+    classes = torch.tensor([0, 1, 1, -1])
+    anchors, partners = torch.tensor([0, 1, 1, 3, 0]), torch.tensor([0, 2, 0, 3, 3])
+    assert row_labels(classes, anchors, partners).tolist() == [0, 1, -1, -1, -1]
+
+
+def test_loop_helpers_for_classes_and_synthetic_labels():
+    teacher = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    gold = torch.tensor([1, 1])
+    assert partner_classes("neighbours", teacher, gold) is None
+    assert partner_classes("boundary", teacher, gold).tolist() == [0, 1]
+    assert partner_classes("same-label", teacher, gold) is gold
+    with pytest.raises(ValueError, match="gold labels"):
+        partner_classes("same-label", teacher, None)
+    rows = SyntheticRows(torch.zeros(3, 2, 4), torch.ones(3, 2), torch.zeros(3, 2))
+    assert rows.loss_labels(-100).tolist() == [-100] * 3
+    rows.labels = torch.tensor([1, -1, 0])
+    assert rows.loss_labels(-100).tolist() == [1, -100, 0]
+
+
 def test_boundary_partners_keep_the_given_partner_where_classes_are_unknown():
     neighbours, classes = _graph()
     classes = torch.full_like(classes, -1)
     anchors = torch.arange(6)
     given = torch.tensor([1, 2, 0, 4, 5, 3])
-    assert torch.equal(boundary_partners(neighbours, classes, anchors, given, torch.Generator()), given)
+    for same in (False, True):
+        assert torch.equal(class_partners(neighbours, classes, anchors, given, torch.Generator(), same=same), given)
 
 
 def _observed(**settings):
@@ -58,6 +94,30 @@ def test_boundary_rounds_mix_across_classes_more_than_neighbour_rounds():
         mixed[partners] = float((side[a] != side[p]).float().mean())
     assert mixed["boundary"] > mixed["neighbours"] + 0.2, mixed
     assert mixed["boundary"] > 0.9, mixed
+
+
+def test_same_label_rounds_mix_within_a_class_and_their_rows_carry_it_to_the_pool():
+    synth, side = _observed(partners="same-label")
+    plan = synth.plan()
+    a, p = plan.anchor_ids, plan.partner_ids
+    assert float((side[a] == side[p]).float().mean()) > 0.9
+    shared = side[a] == side[p]
+    assert torch.equal(plan.labels[shared], side[a][shared]) and bool((plan.labels[~shared] == -1).all())
+    vectors = torch.randn(40, 3, 2)
+
+    def vectors_of(ids):
+        return vectors[ids], torch.ones(len(ids), 3, dtype=torch.long)
+
+    def label(v, mask):
+        return v.mean(dim=(1, 2)).unsqueeze(1).repeat(1, 2), {}
+
+    synth.build(plan, vectors_of, label)
+    assert torch.equal(synth.pool.labels[:len(synth.pool)], plan.labels[:len(synth.pool)])
+    drawn = synth.sample(10, torch.Generator().manual_seed(0))
+    assert drawn.labels.shape == (10,) and bool((drawn.labels >= -1).all())
+    # the neighbours rule makes rows without a label
+    plain, _ = _observed()
+    assert plain.plan().labels is None
 
 
 def test_classes_travel_with_the_state():
@@ -88,6 +148,7 @@ def test_profile_decay_reaches_the_profile():
 @pytest.mark.parametrize("settings,message", [
     (dict(partners="far"), "partners must be one of"),
     (dict(partners="boundary", mode="inverse"), "mode 'inverse' picks partners"),
+    (dict(partners="same-label", mode="inverse"), "mode 'inverse' picks partners"),
     (dict(profile_decay=0.0), "profile_decay must be in"),
     (dict(profile_decay=2.0), "profile_decay must be in"),
 ])

@@ -41,12 +41,13 @@ def test_reservoir_is_bounded_and_deterministic():
 
 def test_rows_stay_together_with_hidden_states():
     pool = SyntheticPool(4, "fifo")
-    pool.add(*batch(0, 3, hidden=True))
-    pool.add(*batch(3, 3, hidden=True))
-    vectors, masks, logits, hidden = pool.sample(4, torch.Generator().manual_seed(1))
+    pool.add(*batch(0, 3, hidden=True), labels=torch.tensor([0, -1, 2]))
+    pool.add(*batch(3, 3, hidden=True))  # rows without labels
+    vectors, masks, logits, hidden, labels = pool.sample(4, torch.Generator().manual_seed(1))
     assert vectors.shape == (4, 5, 3) and masks.shape == (4, 5) and hidden[2].shape == (4, 5, 4)
     tag = logits[:, 0]
     assert torch.equal(vectors[:, 0, 0], tag) and torch.equal(hidden[2][:, 0, 0], tag)
+    assert labels.tolist() == [{0.0: 0, 2.0: 2}.get(t, -1) for t in tag.tolist()]
     assert pool.sample(100)[0].shape[0] == 4
     assert SyntheticPool(3).sample(2) is None
 
@@ -54,12 +55,17 @@ def test_rows_stay_together_with_hidden_states():
 def test_state_dict_round_trip():
     pool = SyntheticPool(5, "reservoir")
     g = torch.Generator().manual_seed(0)
-    pool.add(*batch(0, 4, hidden=True), generator=g)
+    pool.add(*batch(0, 4, hidden=True), generator=g, labels=torch.tensor([1, 0, -1, 1]))
     pool.add(*batch(4, 4, hidden=True), generator=g)
     copy = SyntheticPool(5, "reservoir")
     copy.load_state_dict(pool.state_dict())
     assert len(copy) == 5 and copy.offered == 8
     assert torch.equal(copy.vectors, pool.vectors) and torch.equal(copy.hidden[2], pool.hidden[2])
+    assert torch.equal(copy.labels, pool.labels)
+    older = {k: v for k, v in pool.state_dict().items() if k != "labels"}  # saved before rows had labels
+    again = SyntheticPool(5, "reservoir")
+    again.load_state_dict(older)
+    assert bool((again.labels == -1).all()) and torch.equal(again.logits, pool.logits)
     empty = SyntheticPool(5, "reservoir")
     empty.load_state_dict(SyntheticPool(5, "reservoir").state_dict())
     assert len(empty) == 0
@@ -81,6 +87,10 @@ def test_bad_input():
         SyntheticPool(True)
     with pytest.raises(ValueError, match="n must be"):
         pool.sample(-1)
+    with pytest.raises(ValueError, match=r"labels must be \[M\] = \[2\] integers"):
+        pool.add(v, m, l, labels=torch.tensor([0, 1, 1]))
+    with pytest.raises(ValueError, match="labels must be"):
+        pool.add(v, m, l, labels=torch.tensor([0.0, 1.0]))
 
 
 def test_rows_of_other_lengths_are_padded_and_widen_the_pool():

@@ -113,3 +113,13 @@ def test_a_file_where_a_folder_belongs_is_refused(tmp_path, setting):
         with pytest.raises(ConfigError, match=f"{setting.replace('_', '-')} .*a_file is a file, not a folder"):
             resolve({setting: str(place)})
     assert resolve({setting: str(tmp_path / "new" / "folder")})  # made when the run starts
+
+
+def test_the_config_offers_the_synthesizer_s_own_choices():
+    """The config repeats them so that reading it imports no torch; they must not drift apart."""
+    from sage_fast import synthesis
+    from sage_fast.train import config as config_module
+
+    assert config_module.PARTNERS == synthesis.PARTNERS
+    assert config_module.POOL_POLICIES == synthesis.POLICIES
+    assert set(config_module.MODES) == set(synthesis.MODES) | {"kd"}

@@ -262,3 +262,26 @@ def test_rounds_come_three_an_epoch_by_default_and_an_older_run_keeps_its_schedu
     older.load(state)
     assert older.analysis_interval is None and older.analysis_lag == 8 // 3
     assert older._analysis_due(end_of_epoch=True) and not older._analysis_due(end_of_epoch=False)
+
+
+def test_same_label_partners_give_synthetic_rows_their_gold_label_in_the_loss(tiny, tmp_path, monkeypatch):
+    """With --partners same-label the pool's rows carry the gold label their two ends share, and the
+    step's cross-entropy sees it (other rows stay on the teacher's soft labels alone)."""
+    from sage_fast.synthesis import SyntheticRows
+
+    given = []
+    loss_labels = SyntheticRows.loss_labels
+
+    def spy(self, ignore_index=-100):
+        labels = loss_labels(self, ignore_index)
+        given.append((labels, ignore_index))
+        return labels
+
+    monkeypatch.setattr(SyntheticRows, "loss_labels", spy)
+    loop.run(tiny_config(tiny, tmp_path / "run", partners="same-label"), log=lambda *a: None)
+    pool = checkpoint.load(tmp_path / "run" / "sage")["synthesizer"]["pool"]
+    assert pool["size"] > 0 and set(pool["labels"].tolist()) <= {-1, 0, 1}
+    assert int((pool["labels"] >= 0).sum()) >= pool["size"] // 2  # neighbours of one class are the rule here
+    assert given, "the step never asked the synthetic rows for their labels"
+    assert any(bool((labels >= 0).any()) for labels, _ in given)
+    assert all(set(labels.tolist()) <= {0, 1, ignore} for labels, ignore in given)
