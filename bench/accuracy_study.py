@@ -120,6 +120,15 @@ PLAN: list[Experiment] = [
                "epoch", "minilm", {**N2K, "analysis_every": 21, "beta": 0.5}, seeds=SEEDS),
     Experiment("all-final", "all rows, three rounds an epoch, 3 seeds: the target", "minilm",
                {"analysis_every": 107}, seeds=SEEDS, stage="final"),
+    # After the diagnosis (the teacher is wrong three times as often on the hardest rows): partners
+    # of the anchor's gold label, and the synthetic row held to that label by the cross-entropy term.
+    Experiment("n2k-same-label", "labels: a partner with the anchor's gold label, the synthetic row trained on "
+               "that label too (cross-entropy, as real rows), three rounds an epoch", "minilm",
+               {**N2K, "analysis_every": 21, "partners": "same-label"}, modes=("random", "sage"), seeds=SEEDS,
+               kd_from="n2k-defaults"),
+    Experiment("n2k-1epoch-same-label", "labels: same-label partners and gold labels, one epoch", "minilm",
+               {**N2K, "epochs": 1, "analysis_every": 21, "partners": "same-label"}, modes=("random", "sage"),
+               seeds=SEEDS, kd_from="n2k-1epoch"),
 ]
 
 
