@@ -353,25 +353,12 @@ def test_inverse_transform_checks_points(fitted):
 
 
 def test_a_program_that_ends_during_the_warm_up_waits_for_it_and_exits_cleanly(tmp_path):
-    """A daemon warm-up thread inside a torch call when the interpreter finalises aborts the process
-    ("terminate called without an active exception"): a short run, or one that failed early with a
-    clear message, then crashed at exit. The warm-up is waited for instead."""
-    import subprocess
-    import sys
+    """A daemon warm-up thread inside a torch call when the interpreter finalises aborts the process:
+    a short run, or one that failed early with a clear message, then crashed at exit. The warm-up
+    is waited for instead."""
+    from exit_fixtures import assert_waited_and_exited_cleanly, busy_function, run_until_exit
 
     done = tmp_path / "warm-up finished"
-    script = (
-        "import time, torch\n"
-        "from sage_fast.regions import analyzer\n"
-        "def busy():  # a warm-up that spends its time inside torch calls\n"
-        "    a, until = torch.randn(200, 200), time.perf_counter() + 1.5\n"
-        "    while time.perf_counter() < until:\n"
-        "        a = torch.tanh(a @ a)\n"
-        f"    open({str(done)!r}, 'w').close()\n"
-        "analyzer.warm_up = busy\n"
-        "analyzer.warm_up_in_background()\n"
-        "time.sleep(0.3)\n"
-        "print('leaving')\n")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "terminate" not in out.stderr, out.stderr[-2000:]
-    assert out.stdout.strip() == "leaving" and done.exists()
+    out = run_until_exit("from sage_fast.regions import analyzer\n" + busy_function("busy", done)
+                         + "analyzer.warm_up = busy\nanalyzer.warm_up_in_background()\n")
+    assert_waited_and_exited_cleanly(out, done)

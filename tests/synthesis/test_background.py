@@ -244,33 +244,20 @@ def test_the_analysis_leaves_the_training_threads_as_they_were():
 
 
 def test_a_program_that_ends_with_a_round_in_flight_waits_for_it_and_exits_cleanly(tmp_path):
-    """The interpreter ends a daemon thread that is inside a torch call by aborting the whole process
-    ("terminate called without an active exception"): a training loop that returned with a round
-    in flight crashed at exit. The worker is waited for instead, so the round ends and the exit
-    code is the program's."""
-    import subprocess
-    import sys
+    """The interpreter ends a daemon thread that is inside a torch call by aborting the whole process:
+    a training loop that returned with a round in flight crashed at exit. The worker is waited for
+    instead, so the round ends and the exit code is the program's."""
     from pathlib import Path
 
+    from exit_fixtures import assert_waited_and_exited_cleanly, busy_function, run_until_exit
+
     done = tmp_path / "round finished"
-    script = (
-        "import sys, time, torch\n"
-        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+    out = run_until_exit(
+        f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "from sage_fast.synthesis import BackgroundRounds, background\n"
         "from test_synthesizer import label, synthesizer, vectors_of\n"
         "plan_round = background.plan_round\n"
-        "def busy(*args, **kwargs):  # a round that spends its time inside torch calls\n"
-        "    a, until = torch.randn(200, 200), time.perf_counter() + 1.5\n"
-        "    while time.perf_counter() < until:\n"
-        "        a = torch.tanh(a @ a)\n"
-        "    made = plan_round(*args, **kwargs)\n"
-        f"    open({str(done)!r}, 'w').close()\n"
-        "    return made\n"
-        "background.plan_round = busy\n"
-        "rounds = BackgroundRounds(synthesizer(), vectors_of, label, lag=3)\n"
-        "assert rounds.start(4)\n"
-        "time.sleep(0.3)\n"
-        "print('leaving')\n")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "terminate" not in out.stderr, out.stderr[-2000:]
-    assert out.stdout.strip() == "leaving" and done.exists()
+        + busy_function("busy", done, then="plan_round(*args, **kwargs)")  # a round that spends its time in torch
+        + "background.plan_round = busy\n"
+          "assert BackgroundRounds(synthesizer(), vectors_of, label, lag=3).start(4)\n")
+    assert_waited_and_exited_cleanly(out, done)
