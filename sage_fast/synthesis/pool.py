@@ -1,10 +1,10 @@
 """The bounded pool of synthetic examples.
 
 Each synthetic example exists only as input vectors (``[L, d_t]``, the teacher's embedding space) with
-a mask, plus what the teacher said about it: logits, and the mapped hidden layers when the loss
-aligns hidden states, and a gold label where the row has one (-1 where it has none). The pool holds at most ``capacity`` of them. When full, ``fifo`` overwrites the
-oldest; ``reservoir`` keeps a uniform sample of everything ever offered (Vitter's algorithm R), so
-early rounds are not forgotten entirely.
+a mask, plus what the teacher said about it (logits, and the mapped hidden layers when the loss
+aligns hidden states) and its gold label where it has one (-1 where it has none). The pool holds at
+most ``capacity`` of them. When full, ``fifo`` overwrites the oldest; ``reservoir`` keeps a uniform
+sample of everything ever offered (Vitter's algorithm R), so early rounds are not forgotten entirely.
 
 Rows are padded sequences. New rows narrower than the pool (fewer tokens ``L``) are padded with
 zeros and mask 0; wider ones widen the pool the same way. Padding is masked out everywhere it is
