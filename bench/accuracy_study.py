@@ -81,6 +81,10 @@ PAIRS = {
     "minilm": Pair("minilm", "minilm", 1.0, "from-teacher:3",
                    {"task": "rotten_tomatoes", "max_train_examples": 0, "max_eval_examples": 0,
                     "max_length": 48, "epochs": 3}),
+    # A larger gap at no new teacher cost: the same teacher (a cache hit), a student of one layer.
+    "minilm-1layer": Pair("minilm-1layer", "minilm", 1.0, "from-teacher:6",
+                          {"task": "rotten_tomatoes", "max_train_examples": 0, "max_eval_examples": 0,
+                           "max_length": 48, "epochs": 3}),
 }
 
 # Each question of the study is a list of experiments; every experiment runs every mode it names.
@@ -135,6 +139,8 @@ PLAN: list[Experiment] = [
                {"max_train_examples": 1000, "epochs": 1}, seeds=SEEDS),
     Experiment("n5k-1epoch", "data: 5,000 rows, one epoch (157 steps)", "minilm",
                {"max_train_examples": 5000, "epochs": 1}, seeds=SEEDS),
+    Experiment("n2k-1layer", "gap: a one-layer student (every sixth teacher layer), three epochs", "minilm-1layer",
+               N2K, seeds=SEEDS),
 ]
 
 
