@@ -139,8 +139,10 @@ PLAN: list[Experiment] = [
                {"max_train_examples": 1000, "epochs": 1}, seeds=SEEDS),
     Experiment("n5k-1epoch", "data: 5,000 rows, one epoch (157 steps)", "minilm",
                {"max_train_examples": 5000, "epochs": 1}, seeds=SEEDS),
+    # Two seeds only: the one-layer student (the teacher's first layer under its head) never left the
+    # majority class at this learning rate, in any mode; a third seed would say nothing new.
     Experiment("n2k-1layer", "gap: a one-layer student (every sixth teacher layer), three epochs", "minilm-1layer",
-               N2K, seeds=SEEDS),
+               N2K, seeds=(0, 1)),
     # The alignment term raised every mode by about half a point at 2,000 rows: does it on all rows?
     Experiment("all-beta", "alignment on all rows: beta 0.5, three rounds an epoch (validation only)", "minilm",
                {"analysis_every": 107, "beta": 0.5}, modes=("kd", "sage"), seeds=SEEDS),
