@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import math
 import signal
@@ -264,6 +265,15 @@ def profile_signal(config: DistillConfig, per_example: torch.Tensor, student_log
     log_p_t = torch.log_softmax(teacher_logits.float() / t, dim=-1)
     log_p_s = torch.log_softmax(student_logits.float() / t, dim=-1)
     return (t * t) * (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+
+
+def _no_buffer_sync_per_forward(ddp_class) -> dict:
+    """DDP's setting that stops it re-sending buffers before every forward: the student's buffers
+    (position ids) never change in training. Newer torch names it ``forward_sync_buffers`` and
+    warns on every rank, every mode, about the older ``broadcast_buffers``."""
+    if "forward_sync_buffers" in inspect.signature(ddp_class.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 class _StopRequest:
@@ -514,7 +524,7 @@ class ModeRun:
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
                 self.step_module, self.step_module.ignored_by_ddp())
             self.ddp = DistributedDataParallel(self.step_module, device_ids=[device] if device.type == "cuda" else None,
-                                               broadcast_buffers=False)
+                                               **_no_buffer_sync_per_forward(DistributedDataParallel))
         # A step's rows are dealt out to world.size * grad_accumulation parts; part j = rank * K + k.
         self.accumulation = config.grad_accumulation
         self.parts = world.size * self.accumulation
