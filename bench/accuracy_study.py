@@ -296,7 +296,9 @@ def report(plan: list[Experiment], ledger: Path) -> str:
         speed_text = " / ".join(f"{statistics.fmean(speed[m]):.0f}" if speed[m] else "—" for m in ("kd", "sage"))
         share = [r["analysis_share"] + (r.get("synthesis_share") or 0) for r in modes.get("sage", [])
                  if r.get("analysis_share") is not None]
-        settings = ", ".join(f"{k}={v}" for k, v in exp.overrides.items()) or "defaults"
+        pair = PAIRS[exp.pair]
+        differs = {} if pair.student == PAIRS["minilm"].student else {"student": pair.student}
+        settings = ", ".join(f"{k}={v}" for k, v in {**differs, **exp.overrides}.items()) or "defaults"
         share_text = f"{100 * statistics.fmean(share):.0f}%" if share else "—"
         name = f"{exp.name} (test)" if exp.stage == "final" else exp.name
         lines.append(f"| {name} | {exp.question} | {settings} | {fmt(vals['kd'])} | {fmt(vals['random'])} | "
