@@ -93,7 +93,7 @@ def test_interpolate_compiles_whole_and_matches_eager(noise_std):
     step = compiled(synthesise)
     with use_backend("torch"):
         eager, traced = synthesise(5), step(5)
-        other_seed, other_eager = step(6), synthesise(6)  # the seed is an input of the graph, not a constant
+        other_seed, other_eager = step(6), synthesise(6)  # a new seed is not served the old seed's noise
     torch.testing.assert_close(traced[0], eager[0])
     assert torch.equal(traced[1], eager[1])
     torch.testing.assert_close(other_seed[0], other_eager[0])
