@@ -97,13 +97,18 @@ class World:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
-    def row_counts(self, rows: int, device: torch.device | str = "cpu") -> list[int]:
-        """Every rank's ``rows``, in rank order: one small gather and a host read, for when the
-        counts do not follow from what every rank knows."""
+    def row_counts(self, rows: int) -> list[int]:
+        """Every rank's ``rows``, in rank order, for when the counts do not follow from what every
+        rank knows. Host numbers go over a CPU (gloo) group, so the host waits for the other
+        ranks' hosts but never for the device: under NCCL a device gather would have made every
+        step wait for its GPU work before reading the counts back."""
         if not self.distributed:
             return [rows]
-        counts = torch.tensor([rows], dtype=torch.int64, device=device)
-        return self.all_gather_rows(counts, [1] * self.size).tolist()
+        import torch.distributed as dist
+
+        counts = [torch.zeros(1, dtype=torch.int64) for _ in range(self.size)]
+        dist.all_gather(counts, torch.tensor([rows], dtype=torch.int64), group=_host_group())
+        return [int(count) for count in counts]
 
     def any(self, flag: bool, device: torch.device | str = "cpu") -> bool:
         """Whether any rank's ``flag`` is true (a host read: call it where the host waits anyway)."""
@@ -225,6 +230,23 @@ def init_world(device: torch.device, *, timeout: float = DEFAULT_TIMEOUT) -> Wor
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout),
                             **({"device_id": device} if device.type == "cuda" else {}))
     return world
+
+
+_host_groups: list = []  # [(default group, its CPU twin)]: one twin per default group
+
+
+def _host_group():
+    """A gloo group over the default group's ranks, for numbers that live on the host: None (the
+    default group itself) when that is gloo already. Made on first use, which every rank reaches
+    in the same collective call, and again for a new default group."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "gloo":
+        return None
+    default = dist.group.WORLD
+    if not _host_groups or _host_groups[0][0] is not default:
+        _host_groups[:] = [(default, dist.new_group(backend="gloo"))]
+    return _host_groups[0][1]
 
 
 def close_world(world: World) -> None:

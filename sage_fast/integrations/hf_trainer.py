@@ -509,10 +509,10 @@ class SAGEDistillTrainer(Trainer):
             result = self.sage_loss(student_outputs, teacher_outputs, labels=labels, attention_mask=attention_mask)
 
         if training:
-            # every rank's real rows in this micro-batch (a small gather and a host read): equal under
-            # accelerate's even batches, but a sampler of varying batch sizes, or even_batches=False
-            # at an epoch's end, gives ranks different counts
-            sizes = self.world.row_counts(n_real, self.args.device)
+            # every rank's real rows in this micro-batch (a small gather over a CPU group, no device
+            # wait): equal under accelerate's even batches, but a sampler of varying batch sizes, or
+            # even_batches=False at an epoch's end, gives ranks different counts
+            sizes = self.world.row_counts(n_real)
             self.sage_examples_seen["real"] += sum(sizes)
             per_example = result.per_example[:n_real]
             if self.on_per_example is not None:

@@ -388,10 +388,11 @@ class SAGESynthesizer:
         Under several processes every rank calls this each step with its own rows (a collective):
         the rows of all ranks are gathered and folded in on every rank. ``sizes``: each rank's row
         count this step, when the caller knows them on the host (it usually does: they follow from
-        the global batch); otherwise they are gathered first, which makes the host wait."""
+        the global batch); otherwise they are gathered first over a CPU group (``World.row_counts``:
+        the host waits for the other ranks, not for the device)."""
         if self.world.distributed:
             if sizes is None:
-                sizes = self.world.row_counts(int(ids.shape[0]), self.device)
+                sizes = self.world.row_counts(int(ids.shape[0]))
             ids, per_example_loss, embeddings, classes = self._gather_rows(ids, per_example_loss, embeddings, classes,
                                                                           sizes)
         self._fold(ids, per_example_loss, embeddings, classes)
