@@ -90,7 +90,8 @@ from .. import _checks
 from ..distributed import PeerLost, collective_failed, current_world
 from ..nn.sage_loss import SAGELoss, SAGELossConfig
 from ..regions import pooled_embedding
-from ..synthesis import RoundRecord, SAGESynthesizer, SynthesisConfig, SyntheticRows, pad_tokens, partner_classes
+from ..synthesis import (RoundRecord, SAGESynthesizer, SynthesisConfig, SyntheticRows, default_analysis_interval,
+                         pad_tokens, partner_classes)
 
 __all__ = ["STATE_FILE", "SAGEDistillTrainer", "SAGESynthesisCallback"]
 
@@ -119,8 +120,8 @@ class SAGESynthesisCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         every = self.trainer.analysis_every
-        if every is None:  # three rounds an epoch, as the driver's default (a run shorter than an epoch: its steps)
-            every = max(1, state.max_steps // max(1, math.ceil(state.num_train_epochs)) // 3)
+        if every is None:  # the driver's default schedule (a run shorter than an epoch: its steps)
+            every = default_analysis_interval(state.max_steps // max(1, math.ceil(state.num_train_epochs)))
         # No round after the last step: nothing would train on what it makes.
         if state.global_step % every == 0 and self._round_due(state):
             self.trainer.synthesis_round(state.global_step)

@@ -6,9 +6,10 @@ rows from a bounded pool. Rounds run inline or beside training (``BackgroundRoun
 on it; it imports neither."""
 from .pool import POLICIES, SyntheticPool, pad_tokens, used_lengths
 from .synthesizer import (MODES, PARTNERS, ProfileSnapshot, RoundRecord, SAGESynthesizer, SynthesisConfig,
-                          SynthesisPlan, SynthesizedRound, SyntheticRows, make_analyzer, partner_classes, plan_round)
+                          SynthesisPlan, SynthesizedRound, SyntheticRows, default_analysis_interval, make_analyzer,
+                          partner_classes, plan_round)
 from .background import BackgroundRounds, PendingRound
 
 __all__ = ["BackgroundRounds", "MODES", "PARTNERS", "POLICIES", "PendingRound", "ProfileSnapshot", "RoundRecord",
            "SAGESynthesizer", "SynthesisConfig", "SynthesisPlan", "SynthesizedRound", "SyntheticPool", "SyntheticRows",
-           "make_analyzer", "pad_tokens", "partner_classes", "plan_round", "used_lengths"]
+           "default_analysis_interval", "make_analyzer", "pad_tokens", "partner_classes", "plan_round", "used_lengths"]

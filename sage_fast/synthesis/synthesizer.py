@@ -67,6 +67,7 @@ from ..regions import ErrorProfile, LossRegionAnalyzer
 from .pool import POLICIES, SyntheticPool, used_lengths
 
 MODES = ("sage", "random", "inverse")
+ROUNDS_PER_EPOCH = 3  # the default schedule of every training loop here (the accuracy study's choice)
 PARTNERS = ("neighbours", "boundary", "same-label")
 STATE_FORMAT = 1
 
@@ -284,6 +285,15 @@ def _synchronize(device: torch.device) -> None:
     # wait for the training step's kernels, nor they for it.
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
+
+
+def default_analysis_interval(steps_per_epoch: int) -> int:
+    """Optimizer steps between analysis rounds when a loop is given none: ``ROUNDS_PER_EPOCH``
+    rounds an epoch. Chosen on the accuracy study's validation numbers (docs/results.md): with one
+    round at each epoch's end a one-epoch run got no synthetic row at all, while three rounds an
+    epoch put SAGE above random anchors and KD after one epoch on 2,000 rows, and cost nothing after
+    three."""
+    return max(1, steps_per_epoch // ROUNDS_PER_EPOCH)
 
 
 def make_analyzer(config: SynthesisConfig, n_points: int, random_state: int) -> LossRegionAnalyzer:
@@ -646,5 +656,5 @@ def _check_vectors(vectors, mask, rows: int) -> None:
 
 
 __all__ = ["MODES", "PARTNERS", "ProfileSnapshot", "RoundRecord", "SAGESynthesizer", "SynthesisConfig", "SynthesisPlan",
-           "SynthesizedRound", "SyntheticRows", "class_partners", "make_analyzer", "partner_classes", "plan_round",
+           "SynthesizedRound", "SyntheticRows", "class_partners", "default_analysis_interval", "make_analyzer", "partner_classes", "plan_round",
            "row_labels"]

@@ -40,8 +40,8 @@ from ..distributed import (SINGLE, DistributedError, PeerLost, World, close_worl
 from ..distributed import split_sizes as part_sizes  # how a step's rows[j::parts] are dealt out
 from ..nn import SAGELoss, SAGELossConfig
 from ..regions import pooled_embedding, warm_up_in_background
-from ..synthesis import (BackgroundRounds, RoundRecord, SAGESynthesizer, SynthesisConfig, partner_classes,
-                         used_lengths)
+from ..synthesis import (BackgroundRounds, RoundRecord, SAGESynthesizer, SynthesisConfig, default_analysis_interval,
+                         partner_classes, used_lengths)
 from . import DataError, ModelError, require_transformers
 from . import checkpoint as ckpt
 from . import teacher_cache
@@ -226,13 +226,11 @@ def synthesis_config(config: DistillConfig, mode: str, device: torch.device) -> 
 
 
 def analysis_interval(config: DistillConfig, steps_per_epoch: int) -> int:
-    """Steps between analysis rounds: ``analysis_every``, or by default a third of an epoch (three
-    rounds an epoch). Chosen on the accuracy study's validation numbers (docs/results.md): with one
-    round at each epoch's end a one-epoch run got no synthetic row at all, while three rounds an
-    epoch put SAGE above random anchors and KD after one epoch, and cost nothing after three."""
+    """Steps between analysis rounds: ``analysis_every``, or by default three rounds an epoch
+    (``default_analysis_interval``)."""
     if config.analysis_every is not None:
         return config.analysis_every
-    return max(1, steps_per_epoch // 3)
+    return default_analysis_interval(steps_per_epoch)
 
 
 def resolved_lag(config: DistillConfig, steps_per_epoch: int) -> int:
