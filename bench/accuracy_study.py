@@ -143,6 +143,11 @@ PLAN: list[Experiment] = [
     # majority class at this learning rate, in any mode; a third seed would say nothing new.
     Experiment("n2k-1layer", "gap: a one-layer student (every sixth teacher layer), three epochs", "minilm-1layer",
                N2K, seeds=(0, 1)),
+    # The one-layer student with a learning rate of its own: at the study's 1e-4 it never left the
+    # majority class. A screen on seed 0 over three rates, every mode at each (so the rate is chosen
+    # for KD and SAGE alike, on validation), then three seeds at the rate that serves KD best.
+    *[Experiment(f"n2k-1layer-lr{lr}", f"gap: the one-layer student at learning rate {lr} (a screen of its own rate)",
+                 "minilm-1layer", {**N2K, "lr": float(lr)}) for lr in ("3e-4", "1e-3", "3e-3")],
     # The alignment term raised every mode by about half a point at 2,000 rows: does it on all rows?
     # Random anchors were added after KD and SAGE's first two seeds (SAGE − KD +0.5 on both): is it
     # loss-awareness, or synthesis with the alignment term at all?
