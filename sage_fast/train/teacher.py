@@ -3,8 +3,9 @@
 ``fine_tune_teacher`` takes a model with or without a task head (for example the packaged MiniLM
 sentence encoder), trains it on the task's train split with AdamW (linear warm-up then linear decay,
 cross-entropy) and saves it under ``<cache>/teachers/<key>`` (``<cache>`` is ``$SAGE_FAST_CACHE`` or
-``~/.cache/sage_fast``). The key hashes the base model, the data fingerprint and every
-hyperparameter, so a second call with the same inputs is a cache hit. The folder is written to a
+``~/.cache/sage_fast``). The key hashes the base model (a packaged one by its package and version,
+not by where it is installed, so another checkout or environment reuses the teacher), the data
+fingerprint and every hyperparameter, so a second call with the same inputs is a cache hit. The folder is written to a
 temporary sibling and renamed, so an interrupted run never leaves a half-written teacher. Metrics
 (validation and test accuracy, training time) are kept in ``sage_fast_teacher.json`` beside it.
 """
@@ -60,16 +61,45 @@ def teachers_root(cache_dir=None) -> Path:
     return Path(cache_dir) if cache_dir is not None else cache_root() / "teachers"
 
 
-def teacher_key(base: str, data: TaskData, settings: TeacherSettings) -> str:
+def _base_identity(base: str) -> str:
+    """What names the base model's weights in the key: a packaged model by its package and version,
+    so a second checkout or environment reuses the teacher, anything else by its path or hub id."""
+    from .. import assets
     from .models import resolve_model_path
 
-    resolved = resolve_model_path(base)
+    resolved = resolve_model_path(base)  # also says, before any work, when the model is missing
+    if base == "minilm":
+        return "{}=={}".format(*assets.MINILM_PACKAGE)
+    if base == "mpnet":
+        return f"{assets.MPNET_NAME}:" + ",".join(f"{name}=={version}" for name, version in assets.MPNET_PARTS)
+    return resolved
+
+
+def teacher_key(base: str, data: TaskData, settings: TeacherSettings) -> str:
+    return _key(base, _base_identity(base), data, settings)
+
+
+def _key(base: str, identity: str, data: TaskData, settings: TeacherSettings) -> str:
     values = asdict(settings)
     # The key names the warm-up share by its older name, so teachers cached before the rename stay hits.
     values["warmup_fraction"] = values.pop("warmup_ratio")
-    payload = json.dumps({"base": resolved, "data": data.fingerprint(), "settings": values}, sort_keys=True)
+    payload = json.dumps({"base": identity, "data": data.fingerprint(), "settings": values}, sort_keys=True)
     stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(base).name or "model")
     return f"{stem}-{data.task}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
+
+
+def _cached(folder: Path) -> bool:
+    return (folder / METRICS_FILE).is_file() and (folder / "config.json").is_file()
+
+
+def _older_cached_folder(root: Path, base: str, data: TaskData, settings: TeacherSettings) -> Path | None:
+    """Where a packaged model's teacher was cached when the key held the package's install path."""
+    from .models import resolve_model_path
+
+    if base not in ("minilm", "mpnet"):
+        return None
+    folder = root / _key(base, resolve_model_path(base), data, settings)
+    return folder if _cached(folder) else None
 
 
 def _batches(encoded: dict, batch_size: int, order: torch.Tensor):
@@ -109,10 +139,13 @@ def fine_tune_teacher(base: str, data: TaskData, *, settings: TeacherSettings | 
 
     settings = settings or TeacherSettings()
     settings.check()
-    folder = check_folder("cache-dir", teachers_root(cache_dir)) / teacher_key(base, data, settings)
-    if not force and (folder / METRICS_FILE).is_file() and (folder / "config.json").is_file():
-        log(f"teacher cache hit: {folder}")
-        return folder
+    root = check_folder("cache-dir", teachers_root(cache_dir))
+    folder = root / teacher_key(base, data, settings)
+    if not force:
+        hit = folder if _cached(folder) else _older_cached_folder(root, base, data, settings)
+        if hit is not None:
+            log(f"teacher cache hit: {hit}")
+            return hit
     device = resolve_device(device)
     torch.manual_seed(settings.seed)
     tokenizer = load_tokenizer(base)

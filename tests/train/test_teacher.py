@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,6 +61,46 @@ def test_fine_tune_learns_caches_and_hits(tmp_path, tiny_base, tiny_data):
     assert "cache hit" in messages[-1] and (folder / METRICS_FILE).stat().st_mtime_ns == stamp
     other = TeacherSettings(epochs=10, batch_size=8, lr=5e-3, max_length=16)
     assert teacher_key(tiny_base, tiny_data, other) != folder.name
+
+
+def test_a_packaged_base_is_keyed_by_its_package_not_by_where_it_is_installed(tmp_path, monkeypatch, tiny_data):
+    from sage_fast import assets
+
+    settings = TeacherSettings(epochs=1)
+    keys = set()
+    for place in ("env-a", "env-b"):
+        folder = tmp_path / place / "model"
+        folder.mkdir(parents=True)
+        monkeypatch.setattr(assets, "minilm_path", lambda folder=folder: folder)
+        keys.add(teacher_key("minilm", tiny_data, settings))
+    assert len(keys) == 1
+    assert teacher_key("minilm", tiny_data, TeacherSettings(epochs=2)) not in keys  # settings still count
+
+
+def test_a_teacher_cached_under_the_install_path_key_is_still_a_hit(tmp_path, monkeypatch, tiny_base, tiny_data):
+    """Teachers of the packaged model cached before the key named its package stay hits (and are
+    read, not moved or rewritten); a model given by path keeps its path in the key."""
+    import hashlib
+    from dataclasses import asdict
+
+    from sage_fast import assets
+
+    monkeypatch.setattr(assets, "minilm_path", lambda: Path(tiny_base))
+    settings = TeacherSettings(epochs=1, max_length=16)
+    values = asdict(settings)
+    values["warmup_fraction"] = values.pop("warmup_ratio")
+    payload = json.dumps({"base": str(tiny_base), "data": tiny_data.fingerprint(), "settings": values}, sort_keys=True)
+    older = tmp_path / "cache" / f"minilm-toy-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
+    assert older.name != teacher_key("minilm", tiny_data, settings)
+    older.mkdir(parents=True)
+    (older / "config.json").write_text("{}")
+    (older / METRICS_FILE).write_text('{"validation_accuracy": 0.5}')
+    messages = []
+    assert fine_tune_teacher("minilm", tiny_data, settings=settings, cache_dir=tmp_path / "cache",
+                             log=messages.append) == older
+    assert messages == [f"teacher cache hit: {older}"]
+    assert sorted(p.name for p in older.iterdir()) == sorted(["config.json", METRICS_FILE])
+    assert teacher_key(str(tiny_base), tiny_data, settings) == older.name.replace("minilm", Path(tiny_base).name, 1)
 
 
 def test_bad_settings_are_usage_errors(tmp_path, tiny_base, tiny_data):
