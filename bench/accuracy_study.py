@@ -217,17 +217,24 @@ def teacher_folder(pair: Pair, log) -> str:
     return str(folder)
 
 
-def run_one(exp: Experiment, mode: str, seed: int, teacher: str, out: Path, log) -> dict:
-    from sage_fast.train.checkpoint import CHECKPOINT_NAME
+def run_config(exp: Experiment, mode: str, seed: int, teacher: str, out: Path):
+    """The driver's settings for one run: the pair's, the experiment's, then the run's own. ``mode``
+    names the report's column; the SAGE column runs ``exp.sage_mode``."""
     from sage_fast.train.config import DistillConfig
-    from sage_fast.train.loop import run
 
     pair = PAIRS[exp.pair]
-    run_dir = out / "runs" / exp.name / f"{mode}-seed{seed}"
-    driver_mode = exp.sage_mode if mode == "sage" else mode
-    values = {**pair.settings, **exp.overrides, "teacher": teacher, "student": pair.student, "mode": driver_mode,
-              "compare": [], "seed": seed, "output_dir": str(run_dir), "progress": False}
-    config = DistillConfig.from_dict(values, source=f"experiment {exp.name}").validate()
+    values = {**pair.settings, **exp.overrides, "teacher": teacher, "student": pair.student,
+              "mode": exp.sage_mode if mode == "sage" else mode, "compare": [], "seed": seed,
+              "output_dir": str(out / "runs" / exp.name / f"{mode}-seed{seed}"), "progress": False}
+    return DistillConfig.from_dict(values, source=f"experiment {exp.name}").validate()
+
+
+def run_one(exp: Experiment, mode: str, seed: int, teacher: str, out: Path, log) -> dict:
+    from sage_fast.train.checkpoint import CHECKPOINT_NAME
+    from sage_fast.train.loop import run
+
+    config = run_config(exp, mode, seed, teacher, out)
+    run_dir, driver_mode = Path(config.output_dir), config.mode
     resume = (run_dir / driver_mode / CHECKPOINT_NAME).exists()
     started = time.perf_counter()
     summary = run(config, resume=resume, log=lambda msg: None)

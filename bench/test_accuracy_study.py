@@ -107,3 +107,16 @@ def test_ledger_lines_are_json(plan, monkeypatch, tmp_path):
     study.run_plan(plan, tmp_path, ledger, None, None, log=lambda m: None)
     for line in ledger.read_text().splitlines():
         assert json.loads(line)["experiment"] in {"base", "knob", "final"}
+
+
+def test_every_run_of_the_plan_is_a_valid_driver_config(tmp_path):
+    """A typo in an experiment's overrides (or a mode the driver lacks) fails here, not hours into
+    the study; the SAGE column of an experiment with its own ``sage_mode`` runs that mode."""
+    teacher = str(tmp_path)  # any folder: the config checks the teacher's path, not its contents
+    for exp in study.PLAN:
+        for mode in exp.modes:
+            config = study.run_config(exp, mode, exp.seeds[0], teacher, tmp_path / "out")
+            assert config.mode == (exp.sage_mode if mode == "sage" else mode)
+            assert config.output_dir == str(tmp_path / "out" / "runs" / exp.name / f"{mode}-seed{exp.seeds[0]}")
+    inverse = next(e for e in study.PLAN if e.sage_mode != "sage")
+    assert study.run_config(inverse, "sage", 0, teacher, tmp_path).mode == "inverse"
