@@ -168,6 +168,10 @@ PLAN: list[Experiment] = [
     Experiment("n2k-1layer-lam-anchor", "placement: mixing weights near the anchor (lam 0.6-0.9), the one-layer "
                "student at 1e-3", "minilm-1layer", {**N2K, "lr": 1e-3, "lam_low": 0.6, "lam_high": 0.9},
                modes=("random", "sage"), seeds=SEEDS, kd_from="n2k-1layer-lr1e-3"),
+    # Neither widened it. Where between 2,000 rows (SAGE − KD +1.5) and all rows (−0.5) does the
+    # one-layer student's lead end?
+    Experiment("n5k-1layer", "data: the one-layer student at 1e-3 on 5,000 rows, three epochs", "minilm-1layer",
+               {"max_train_examples": 5000, "lr": 1e-3}, seeds=SEEDS),
     # The alignment term raised every mode by about half a point at 2,000 rows: does it on all rows?
     # Random anchors were added after KD and SAGE's first two seeds (SAGE − KD +0.5 on both): is it
     # loss-awareness, or synthesis with the alignment term at all?
