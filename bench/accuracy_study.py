@@ -7,6 +7,7 @@ One command runs every experiment, resumes where it stopped, and writes the repo
     python bench/accuracy_study.py --stage explore     # the validation-only questions
     python bench/accuracy_study.py --stage final       # the chosen settings, 3 seeds, test split once
     python bench/accuracy_study.py --stage report      # tables and plots from what has run
+    python bench/accuracy_study.py --stage test        # at the very end: each pair and size on the test split
     python bench/accuracy_study.py --list              # the plan, with what is done
 
 How it stays honest:
@@ -180,6 +181,24 @@ PLAN: list[Experiment] = [
 ]
 
 
+# The last step, taken once every decision above was made from validation: the test split of each
+# pair and data size under the settings the study ended with (three rounds an epoch; the one-layer
+# student at its screened rate). Each cell names the experiment whose runs fill each column.
+# (pair, rows, epochs, {mode: experiment})
+TEST_CELLS = [
+    ("minilm", "1,000", 1, "n1k-1epoch"),
+    ("minilm", "2,000", 1, "n2k-1epoch"),
+    ("minilm", "5,000", 1, "n5k-1epoch"),
+    ("minilm", "all", 1, "all-final-1epoch"),
+    ("minilm", "2,000", 3, {"kd": "n2k-defaults", "random": "n2k-often", "sage": "n2k-often"}),
+    ("minilm", "all", 3, "all-final"),
+    ("minilm-1layer", "2,000", 3, "n2k-1layer-lr1e-3"),
+    ("minilm-1layer", "5,000", 3, "n5k-1layer"),
+    ("minilm-1layer", "all", 3, "all-final-1layer"),
+]
+TEST_START, TEST_END = "<!-- test table: written by bench/accuracy_study.py --stage test -->", "<!-- end of test table -->"
+
+
 # ------------------------------------------------------------------------------------------ ledger
 def read_ledger(path: Path) -> list[dict]:
     if not path.is_file():
@@ -281,6 +300,75 @@ def run_plan(plan: list[Experiment], out: Path, ledger: Path, stage: str | None,
         append_ledger(ledger, record)
         log(f"    validation {record['validation_accuracy']:.4f}  ({record['wall_seconds']:.0f} s, "
             f"{record['examples_per_second'] or 0:.0f} real ex/s)")
+
+
+# ------------------------------------------------------------------------------------------ test read
+def held_out_ledger(ledger: Path) -> Path:
+    return ledger.with_name("test_read.jsonl")
+
+
+def _cell_sources(cell, plan: list[Experiment]) -> dict[str, str]:
+    """{mode: experiment} of a cell; one experiment name stands for every mode it runs."""
+    sources = cell[3]
+    if isinstance(sources, str):
+        return {m: sources for m in next(e for e in plan if e.name == sources).modes}
+    return sources
+
+
+def read_held_out(plan: list[Experiment], out: Path, ledger: Path, log) -> list[dict]:
+    """Each cell's test accuracy, once: a ``final`` run's from its ledger line, any other run's from
+    the results its driver wrote (the driver always scores the test split at the end; exploration
+    left it unread). Recorded in the test ledger beside the study's and never read again from the
+    runs, so deleting the run folders later loses nothing. A run whose folder is gone is named."""
+    by_name = {e.name: e for e in plan}
+    path = held_out_ledger(ledger)
+    known = {(r["experiment"], r["mode"], r["seed"]) for r in read_ledger(path)}
+    finals = {(r["experiment"], r["mode"], r["seed"]): r for r in read_ledger(ledger) if "test_accuracy" in r}
+    missing = []
+    for cell in TEST_CELLS:
+        for mode, name in _cell_sources(cell, plan).items():
+            for seed in by_name[name].seeds:
+                key = (name, mode, seed)
+                if key in known:
+                    continue
+                if key in finals:
+                    accuracy = finals[key]["test_accuracy"]
+                else:
+                    results = out / "runs" / name / f"{mode}-seed{seed}" / "results.json"
+                    if not results.is_file():
+                        missing.append(f"{name} {mode} seed {seed}")
+                        continue
+                    row = json.loads(results.read_text())["modes"][0]
+                    if row.get("split") != "test":
+                        raise SystemExit(f"{results} scored the {row.get('split')} split, not the test split")
+                    accuracy = row["accuracy"]
+                append_ledger(path, {"experiment": name, "mode": mode, "seed": seed, "test_accuracy": accuracy})
+                known.add(key)
+    if missing:
+        log(f"no results for {len(missing)} run(s), which must run again to be read: " + "; ".join(missing))
+    return read_ledger(path)
+
+
+def held_out_table(plan: list[Experiment], records: list[dict]) -> str:
+    found = {(r["experiment"], r["mode"], r["seed"]): r["test_accuracy"] for r in records}
+    lines = ["| pair | training rows | epochs | KD | random | SAGE | SAGE − KD | SAGE − random |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for cell in TEST_CELLS:
+        pair, rows, epochs = cell[:3]
+        sources = _cell_sources(cell, plan)
+        per_mode = {m: {s: a for (e, mode, s), a in found.items() if e == sources.get(m) and mode == m}
+                    for m in MODES}
+
+        def paired(other: str) -> str:
+            seeds = sorted(set(per_mode["sage"]) & set(per_mode[other]))
+            if not seeds:
+                return "—"
+            gap = statistics.fmean(100 * (per_mode["sage"][s] - per_mode[other][s]) for s in seeds)
+            return f"{gap:+.1f}" + (f" (n={len(seeds)})" if len(seeds) > 1 else "")
+
+        cells = " | ".join(fmt(list(per_mode[m].values())) for m in MODES)
+        lines.append(f"| {pair} | {rows} | {epochs} | {cells} | {paired('kd')} | {paired('random')} |")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -391,8 +479,9 @@ def plot_curves(plan: list[Experiment], ledger: Path, png: Path) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", choices=("explore", "final", "report"), default=None,
-                        help="run only this stage (default: every stage, then the report)")
+    parser.add_argument("--stage", choices=("explore", "final", "report", "test"), default=None,
+                        help="run only this stage (default: every stage, then the report); 'test' reads the "
+                             "test split of every pair and data size once, when no decision is left to make")
     parser.add_argument("--only", metavar="EXPERIMENT", default=None, help="run only this experiment")
     parser.add_argument("--seed", type=int, default=None,
                         help="run only this seed (several processes can share the plan, one seed each)")
@@ -416,6 +505,11 @@ def main(argv: list[str] | None = None) -> int:
             n = sum((e.name, m, s) in done for m in e.modes for s in e.seeds)
             log(f"{e.stage:8s} {e.name:28s} {n}/{len(e.modes) * len(e.seeds)} done  {e.question}")
         return 0
+    if args.stage == "test":
+        table = held_out_table(PLAN, read_held_out(PLAN, args.out, args.ledger, log))
+        log(table)
+        write_table(args.report, table, log, markers=(TEST_START, TEST_END))
+        return 0
     if args.stage != "report":
         run_plan(PLAN, args.out, args.ledger, args.stage, args.only, log, seed=args.seed)
     table = report(PLAN, args.ledger)
@@ -427,17 +521,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_table(path: Path, table: str, log) -> None:
-    """Replace the study table between its markers in ``path`` (the prose around it is kept)."""
+def write_table(path: Path, table: str, log, markers: tuple[str, str] = (TABLE_START, TABLE_END)) -> None:
+    """Replace the table between ``markers`` in ``path`` (the prose around it is kept)."""
+    table_start, table_end = markers
     if not path.is_file():
         log(f"no {path}: the table is printed above only")
         return
     text = path.read_text()
-    start, end = text.find(TABLE_START), text.find(TABLE_END)
+    start, end = text.find(table_start), text.find(table_end)
     if start < 0 or end < start:
-        log(f"{path} has no study-table markers: the table is printed above only")
+        log(f"{path} has no markers for this table: it is printed above only")
         return
-    text = text[:start + len(TABLE_START)] + "\n" + table + "\n" + text[end:]
+    text = text[:start + len(table_start)] + "\n" + table + "\n" + text[end:]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -120,3 +120,41 @@ def test_every_run_of_the_plan_is_a_valid_driver_config(tmp_path):
             assert config.output_dir == str(tmp_path / "out" / "runs" / exp.name / f"{mode}-seed{exp.seeds[0]}")
     inverse = next(e for e in study.PLAN if e.sage_mode != "sage")
     assert study.run_config(inverse, "sage", 0, teacher, tmp_path).mode == "inverse"
+
+
+def test_the_held_out_read_is_taken_once_and_kept(plan, monkeypatch, tmp_path):
+    """Exploration runs' test scores come from the results their driver wrote, final runs' from the
+    ledger; both are copied once to the held-out ledger, so a later call reads nothing again (the
+    run folders may be gone by then), and a run without results is named, not guessed."""
+    cells = [("minilm", "50", 3, {"kd": "base", "random": "knob", "sage": "knob"}), ("minilm", "all", 3, "final")]
+    monkeypatch.setattr(study, "TEST_CELLS", cells)
+    ledger = tmp_path / "ledger.jsonl"
+    study.append_ledger(ledger, {"experiment": "final", "mode": "kd", "seed": 0, "test_accuracy": 0.80})
+    study.append_ledger(ledger, {"experiment": "final", "mode": "sage", "seed": 0, "test_accuracy": 0.83})
+    out = tmp_path / "out"
+    scores = {("base", "kd", 0): 0.70, ("base", "kd", 1): 0.72, ("knob", "random", 0): 0.71,
+              ("knob", "sage", 0): 0.75}
+    for (name, mode, seed), accuracy in scores.items():
+        folder = out / "runs" / name / f"{mode}-seed{seed}"
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps({"modes": [{"split": "test", "accuracy": accuracy}]}))
+    messages = []
+    table = study.held_out_table(plan, study.read_held_out(plan, out, ledger, messages.append)).splitlines()
+    assert table[2] == "| minilm | 50 | 3 | 71.0 ± 1.4 (n=2) | 71.0 | 75.0 | +5.0 | +4.0 |"
+    assert table[3] == "| minilm | all | 3 | 80.0 | — | 83.0 | +3.0 | — |"
+    assert messages == []
+    kept = study.held_out_ledger(ledger).read_text()
+    assert kept.count("\n") == 6
+
+    (out / "runs" / "base" / "kd-seed1" / "results.json").unlink()
+    (out / "runs" / "knob" / "sage-seed0" / "results.json").write_text(
+        json.dumps({"modes": [{"split": "test", "accuracy": 0.10}]}))  # a later rerun is not read
+    again = study.held_out_table(plan, study.read_held_out(plan, out, ledger, messages.append)).splitlines()
+    assert again == table and study.held_out_ledger(ledger).read_text() == kept
+
+    folder = out / "runs" / "knob" / "random-seed0"
+    (folder / "results.json").unlink()
+    study.held_out_ledger(ledger).unlink()
+    study.read_held_out(plan, out, ledger, messages.append)
+    assert messages == ["no results for 2 run(s), which must run again to be read: base kd seed 1; "
+                        "knob random seed 0"]
