@@ -318,7 +318,7 @@ def _cell_sources(cell, plan: list[Experiment]) -> dict[str, str]:
 def read_held_out(plan: list[Experiment], out: Path, ledger: Path, log) -> list[dict]:
     """Each cell's test accuracy, once: a ``final`` run's from its ledger line, any other run's from
     the results its driver wrote (the driver always scores the test split at the end; exploration
-    left it unread). Recorded in the test ledger beside the study's and never read again from the
+    left it unread). Recorded in the held-out ledger beside the study's and never read again from the
     runs, so deleting the run folders later loses nothing. A run whose folder is gone is named."""
     by_name = {e.name: e for e in plan}
     path = held_out_ledger(ledger)
