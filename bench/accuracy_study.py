@@ -196,7 +196,8 @@ TEST_CELLS = [
     ("minilm-1layer", "5,000", 3, "n5k-1layer"),
     ("minilm-1layer", "all", 3, "all-final-1layer"),
 ]
-TEST_START, TEST_END = "<!-- test table: written by bench/accuracy_study.py --stage test -->", "<!-- end of test table -->"
+TEST_START = "<!-- test table: written by bench/accuracy_study.py --stage test -->"
+TEST_END = "<!-- end of test table -->"
 
 
 # ------------------------------------------------------------------------------------------ ledger

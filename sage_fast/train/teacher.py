@@ -5,8 +5,9 @@ sentence encoder), trains it on the task's train split with AdamW (linear warm-u
 cross-entropy) and saves it under ``<cache>/teachers/<key>`` (``<cache>`` is ``$SAGE_FAST_CACHE`` or
 ``~/.cache/sage_fast``). The key hashes the base model (a packaged one by its package and version,
 not by where it is installed, so another checkout or environment reuses the teacher), the data
-fingerprint and every hyperparameter, so a second call with the same inputs is a cache hit. The folder is written to a
-temporary sibling and renamed, so an interrupted run never leaves a half-written teacher. Metrics
+fingerprint and every hyperparameter, so a second call with the same inputs is a cache hit. The
+folder is written to a temporary sibling and renamed, so an interrupted run never leaves a
+half-written teacher. Metrics
 (validation and test accuracy, training time) are kept in ``sage_fast_teacher.json`` beside it.
 """
 from __future__ import annotations
