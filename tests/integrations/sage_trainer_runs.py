@@ -83,6 +83,16 @@ def run_until_killed(out: Path, rank: int):
 
 def main(out: Path, scenario: str | None = None):
     world = launched_world()  # what torchrun's environment says; the Trainer joins the process group
+    try:
+        run(out, world, scenario)
+    finally:
+        # What every torchrun script must do: a process that exits with a gloo group alive can abort
+        # at exit ("terminate called without an active exception") after its work is done.
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def run(out: Path, world, scenario: str | None):
     if scenario == "killed":
         run_until_killed(out, world.rank)
     elif world.distributed:
