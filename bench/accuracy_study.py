@@ -359,16 +359,9 @@ def held_out_table(plan: list[Experiment], records: list[dict]) -> str:
         sources = _cell_sources(cell, plan)
         per_mode = {m: {s: a for (e, mode, s), a in found.items() if e == sources.get(m) and mode == m}
                     for m in MODES}
-
-        def paired(other: str) -> str:
-            seeds = sorted(set(per_mode["sage"]) & set(per_mode[other]))
-            if not seeds:
-                return "—"
-            gap = statistics.fmean(100 * (per_mode["sage"][s] - per_mode[other][s]) for s in seeds)
-            return f"{gap:+.1f}" + (f" (n={len(seeds)})" if len(seeds) > 1 else "")
-
         cells = " | ".join(fmt(list(per_mode[m].values())) for m in MODES)
-        lines.append(f"| {pair} | {rows} | {epochs} | {cells} | {paired('kd')} | {paired('random')} |")
+        lines.append(f"| {pair} | {rows} | {epochs} | {cells} | {paired_gap(per_mode, 'kd')} | "
+                     f"{paired_gap(per_mode, 'random')} |")
     return "\n".join(lines)
 
 
@@ -384,6 +377,16 @@ def fmt(values: list[float], scale: float = 100.0) -> str:
         return "—"
     mean, std = mean_std(values)
     return f"{scale * mean:.1f} ± {scale * std:.1f} (n={len(values)})" if len(values) > 1 else f"{scale * mean:.1f}"
+
+
+def paired_gap(by_seed: dict[str, dict[int, float]], other: str) -> str:
+    """SAGE − ``other`` in points, over the seeds both ran: a seed fixes the data subset and the
+    initial order, so only paired runs compare like with like."""
+    paired = sorted(set(by_seed[other]) & set(by_seed["sage"]))
+    if not paired:
+        return "—"
+    gaps = [by_seed["sage"][seed] - by_seed[other][seed] for seed in paired]
+    return f"{100 * statistics.fmean(gaps):+.1f}" + (f" (n={len(gaps)})" if len(gaps) > 1 else "")
 
 
 def group(records: list[dict]) -> dict[str, dict[str, list[dict]]]:
@@ -409,16 +412,7 @@ def report(plan: list[Experiment], ledger: Path) -> str:
                 modes[mode] = by_exp.get(source, {}).get(mode, [])
         key = "test_accuracy" if exp.stage == "final" else "validation_accuracy"
         vals = {m: [r[key] for r in modes.get(m, []) if r.get(key) is not None] for m in MODES}
-        # SAGE − KD over the seeds both have: a seed fixes the data subset and the initial order, so
-        # only paired runs compare like with like
         by_seed = {m: {r["seed"]: r[key] for r in modes.get(m, []) if r.get(key) is not None} for m in MODES}
-
-        def paired_gap(other: str) -> str:
-            paired = sorted(set(by_seed[other]) & set(by_seed["sage"]))
-            if not paired:
-                return "—"
-            gaps = [by_seed["sage"][seed] - by_seed[other][seed] for seed in paired]
-            return f"{100 * statistics.fmean(gaps):+.1f}" + (f" (n={len(gaps)})" if len(gaps) > 1 else "")
         speed = {m: [r["examples_per_second"] for r in modes.get(m, []) if r.get("examples_per_second")]
                  for m in MODES}
         speed_text = " / ".join(f"{statistics.fmean(speed[m]):.0f}" if speed[m] else "—" for m in ("kd", "sage"))
@@ -431,7 +425,8 @@ def report(plan: list[Experiment], ledger: Path) -> str:
         share_text = f"{100 * statistics.fmean(share):.0f}%" if share else "—"
         name = f"{exp.name} (test)" if exp.stage == "final" else exp.name
         lines.append(f"| {name} | {exp.question} | {settings} | {fmt(vals['kd'])} | {fmt(vals['random'])} | "
-                     f"{fmt(vals['sage'])} | {paired_gap('kd')} | {paired_gap('random')} | {speed_text} | {share_text} |")
+                     f"{fmt(vals['sage'])} | {paired_gap(by_seed, 'kd')} | {paired_gap(by_seed, 'random')} | "
+                     f"{speed_text} | {share_text} |")
     return "\n".join(lines)
 
 

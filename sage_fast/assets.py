@@ -46,6 +46,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("SAGE_FAST_CACHE") or Path.home() / ".cache" / "sage_fast")
 
 
+def package_release(model: str) -> str | None:
+    """The release a packaged model (``minilm``, ``mpnet``) is installed from, ``name==version`` for
+    each package part, or None for any other name: what identifies its weights wherever they are
+    installed."""
+    parts = {"minilm": (MINILM_PACKAGE,), "mpnet": MPNET_PARTS}.get(model)
+    return None if parts is None else ",".join(f"{name}=={version}" for name, version in parts)
+
+
 def minilm_path() -> Path:
     """Folder of the packaged all-MiniLM-L6-v2 model."""
     try:

@@ -656,5 +656,5 @@ def _check_vectors(vectors, mask, rows: int) -> None:
 
 
 __all__ = ["MODES", "PARTNERS", "ProfileSnapshot", "RoundRecord", "SAGESynthesizer", "SynthesisConfig", "SynthesisPlan",
-           "SynthesizedRound", "SyntheticRows", "class_partners", "default_analysis_interval", "make_analyzer", "partner_classes", "plan_round",
-           "row_labels"]
+           "SynthesizedRound", "SyntheticRows", "class_partners", "default_analysis_interval", "make_analyzer",
+           "partner_classes", "plan_round", "row_labels"]

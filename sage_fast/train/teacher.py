@@ -7,8 +7,8 @@ cross-entropy) and saves it under ``<cache>/teachers/<key>`` (``<cache>`` is ``$
 not by where it is installed, so another checkout or environment reuses the teacher), the data
 fingerprint and every hyperparameter, so a second call with the same inputs is a cache hit. The
 folder is written to a temporary sibling and renamed, so an interrupted run never leaves a
-half-written teacher. Metrics
-(validation and test accuracy, training time) are kept in ``sage_fast_teacher.json`` beside it.
+half-written teacher. Metrics (validation and test accuracy, training time) are kept in
+``sage_fast_teacher.json`` beside it.
 """
 from __future__ import annotations
 
@@ -62,22 +62,12 @@ def teachers_root(cache_dir=None) -> Path:
     return Path(cache_dir) if cache_dir is not None else cache_root() / "teachers"
 
 
-def _base_identity(base: str) -> str:
-    """What names the base model's weights in the key: a packaged model by its package and version,
-    so a second checkout or environment reuses the teacher, anything else by its path or hub id."""
-    from .. import assets
+def teacher_key(base: str, data: TaskData, settings: TeacherSettings) -> str:
+    from ..assets import package_release
     from .models import resolve_model_path
 
     resolved = resolve_model_path(base)  # also says, before any work, when the model is missing
-    if base == "minilm":
-        return "{}=={}".format(*assets.MINILM_PACKAGE)
-    if base == "mpnet":
-        return f"{assets.MPNET_NAME}:" + ",".join(f"{name}=={version}" for name, version in assets.MPNET_PARTS)
-    return resolved
-
-
-def teacher_key(base: str, data: TaskData, settings: TeacherSettings) -> str:
-    return _key(base, _base_identity(base), data, settings)
+    return _key(base, package_release(base) or resolved, data, settings)
 
 
 def _key(base: str, identity: str, data: TaskData, settings: TeacherSettings) -> str:
@@ -95,9 +85,10 @@ def _cached(folder: Path) -> bool:
 
 def _older_cached_folder(root: Path, base: str, data: TaskData, settings: TeacherSettings) -> Path | None:
     """Where a packaged model's teacher was cached when the key held the package's install path."""
+    from ..assets import package_release
     from .models import resolve_model_path
 
-    if base not in ("minilm", "mpnet"):
+    if package_release(base) is None:
         return None
     folder = root / _key(base, resolve_model_path(base), data, settings)
     return folder if _cached(folder) else None
