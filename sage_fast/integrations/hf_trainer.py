@@ -73,6 +73,7 @@ import dataclasses
 import datetime
 import math
 import os
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -108,7 +109,15 @@ class SAGESynthesisCallback(TrainerCallback):
     ``SAGEDistillTrainer`` adds it, and reads that state back when it resumes."""
 
     def __init__(self, trainer: "SAGEDistillTrainer"):
-        self.trainer = trainer
+        # A weak reference: the trainer holds its callbacks, so a strong one back would make a cycle,
+        # and the trainer (its model, its DDP wrapper and the process group that one holds) would
+        # outlive its last name until a garbage collection, possibly at interpreter exit, where
+        # freeing a gloo group's threads aborts the process.
+        self._trainer = weakref.ref(trainer)
+
+    @property
+    def trainer(self) -> "SAGEDistillTrainer":
+        return self._trainer()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         # Otherwise each step's projection gradients would add to all earlier steps' (and a resumed

@@ -18,6 +18,7 @@ while its hidden states are narrower (8), so the loss owns projections as well. 
 """
 import signal
 import sys
+import weakref
 from pathlib import Path
 
 import torch
@@ -52,11 +53,11 @@ def trainer(out: Path, rank: int, **args):
     made = sage_trainer(out, teacher=tiny_bert(16, 2, seed=0), student=tiny_albert(seed=1), loss=loss,
                         per_device_train_batch_size=PER_DEVICE, save_strategy="steps", save_steps=SAVE_AT, **args)
     made.state_files_written = 0
-    save = made.save_sage_state
+    save, counted = type(made).save_sage_state, weakref.ref(made)  # no cycle: made is freed when unnamed
 
     def counting_save(folder):
-        made.state_files_written += 1
-        return save(folder)
+        counted().state_files_written += 1
+        return save(counted(), folder)
 
     made.save_sage_state = counting_save
     return made
@@ -86,8 +87,9 @@ def main(out: Path, scenario: str | None = None):
     try:
         run(out, world, scenario)
     finally:
-        # What every torchrun script must do: a process that exits with a gloo group alive can abort
-        # at exit ("terminate called without an active exception") after its work is done.
+        # What every torchrun script must do, once its trainers are freed (run's locals, no cycles):
+        # a process that exits with a gloo group alive can abort at exit ("terminate called
+        # without an active exception") after its work is done.
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

@@ -172,6 +172,24 @@ def count_rows_in_the_loss(trainer):
     return seen
 
 
+def test_a_trainer_is_freed_with_its_last_name_not_at_a_later_collection(tmp_path):
+    """No reference cycle through the synthesis callback: a trainer that is no longer named is
+    freed at once, with its model (and under torchrun its DDP wrapper and process group), not at
+    some later garbage collection, which may come only at interpreter exit."""
+    import gc
+    import weakref
+
+    trainer = sage_trainer(tmp_path)
+    trainer.train()
+    freed = weakref.ref(trainer)
+    gc.disable()
+    try:
+        del trainer
+        assert freed() is None
+    finally:
+        gc.enable()
+
+
 def test_synthetic_rows_reach_the_loss(tmp_path):
     trainer = sage_trainer(tmp_path)
     teacher_table = trainer.teacher.get_input_embeddings().weight
