@@ -535,8 +535,10 @@ def test_compiled_kernel_is_vectorised_and_does_not_spill(c, dtype, config):
     tiles = 1 if single else (1 if even_c else 2)  # full tiles, then the partial one
     assert k.ld_global.get(128, 0) >= tiles * (2 if single else 4) * vectors, k.summary()
     assert k.st_global.get(128, 0) >= tiles * vectors, k.summary()
-    if c == 2:  # flat runs and the label found in the tile: nothing narrower at all
-        assert set(k.ld_global) == {128} and set(k.st_global) == {128}, k.summary()
+    if c == 2:  # flat runs and the label found in the tile: nothing narrower at all, but for the
+        # reduction's scale, one 32-bit scalar in each of the code's two copies
+        assert set(k.ld_global) <= {128, 32} and k.ld_global.get(32, 0) <= 2, k.summary()
+        assert set(k.st_global) == {128}, k.summary()
     loops = ptx_loop_bodies(k.ptx)
     assert len(loops) == (0 if single else 2), k.summary()
     per_thread = block_c // (32 * warps)
