@@ -74,6 +74,7 @@ from .._backend import use_triton
 __all__ = ["kd_loss", "kd_loss_reference"]
 
 REDUCTIONS = ("mean", "sum", "none")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
 # Largest class tile. Rows up to this wide are read once; wider rows stream tile by tile.
 MAX_BLOCK_C = 16384
@@ -847,7 +848,6 @@ def _torch_chunk(s, t, labels, buf_s, buf_t, g, *, temperature, div_weight, ce_w
 # implementation for shapes) and calls it, Triton kernel or chunked torch code, without tracing into it,
 # so nothing in it (the autotuner included) splits a graph. The gradient of the reduced loss is one of
 # its outputs, computed in the forward pass with the reduction's scale folded in.
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
 
 @torch.library.custom_op("sage_fast::kd_loss", mutates_args=())
