@@ -156,8 +156,11 @@ class SAGELoss(nn.Module):
         # say) are not turned into infinities for a float16 student
         teacher_logits = _field(teacher_outputs, "logits", "teacher_outputs").detach()
         teacher_logits = teacher_logits.to(device=student_logits.device)
+        # rows labelled ignore_index here have no gold label (synthetic rows) but keep the teacher's soft
+        # labels and their place in the mean: kd_loss calls such rows soft-label rows, and leaves none out
         kd, kd_per_example = kd_loss(student_logits, teacher_logits, labels, temperature=cfg.temperature,
-                                     alpha=cfg.alpha, ignore_index=cfg.ignore_index, return_per_example=True)
+                                     alpha=cfg.alpha, ignore_index=None, soft_label_index=cfg.ignore_index,
+                                     return_per_example=True)
         if cfg.beta == 0:
             return SAGELossOutput(kd, kd_per_example, kd_per_example, None)
 
