@@ -34,12 +34,12 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import _checks
-from .kd_loss import _keep_graph, kd_loss, kd_loss_reference
+from .kd_loss import (DIVERGENCES, _check_num_items, _keep_graph, _labels_ok, _reduction_scale, kd_loss,
+                      kd_loss_reference)
 
 __all__ = ["fused_linear_kd_loss", "fused_linear_kd_loss_reference"]
 
 REDUCTIONS = ("mean", "sum", "none", "batchmean")
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 #: Default chunk: as many rows as keep one chunk's logits near this many elements. On a GPU the
 #: chunks are larger, so that the weight gradient (read and written once per chunk, ``[V, H]``)
 #: moves few bytes next to the GEMMs' work; on the CPU smaller chunks keep the working set small.
@@ -47,10 +47,6 @@ CHUNK_ELEMENTS_CUDA = 1 << 27
 CHUNK_ELEMENTS_CPU = 1 << 24
 #: Fewer rows than this make the GEMMs too thin to run at speed, whatever the vocabulary.
 MIN_CHUNK_ROWS = 16
-
-# Keywords whose values the kd_loss of the day may not know yet; passed only when they differ from
-# the default, so the op runs on either version of kd_loss.
-_KD_DEFAULTS = {"divergence": "forward_kl", "beta": 0.5, "scale_by_t2": True, "soft_label_index": None}
 
 
 def default_chunk_size(n_rows: int, vocab_size: int, device: torch.device) -> int:
@@ -122,9 +118,9 @@ class _FusedLinearKDLossFunction(torch.autograd.Function):
             ctx.kd_kwargs = kd_kwargs
             return torch.cat(losses), per_row
         loss = torch.stack(losses).sum()
-        if not isinstance(scale, float) or scale != 1.0:
+        if scale is not None:
             loss = loss * scale
-        if compute_grad and (not isinstance(scale, float) or scale != 1.0):
+        if compute_grad and scale is not None:
             for grad in (grad_h, grad_w, grad_b):
                 if grad is not None:
                     # the scale stays in the loss's dtype: a half-precision copy of 1/count would
@@ -186,7 +182,7 @@ def _recompute_none(ctx, grad_rows):
 
 
 def _check(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias,
-           chunk_size, temperature, alpha, divergence, beta, ignore_index, soft_label_index, reduction,
+           chunk_size, temperature, alpha, divergence, beta, scale_by_t2, ignore_index, soft_label_index, reduction,
            num_items_in_batch):
     """Shape, dtype, device and scalar checks, all before any work."""
     for name, value in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)):
@@ -238,45 +234,25 @@ def _check(student_hidden, student_weight, teacher_hidden, teacher_weight, label
     _checks.in_range("alpha", alpha, 0.0, 1.0)
     _checks.choice("divergence", divergence, DIVERGENCES)
     _checks.in_range("beta", beta, 0.0, 1.0)
-    _checks.integer("ignore_index", ignore_index)
+    if not isinstance(scale_by_t2, bool):
+        raise ValueError(f"scale_by_t2 must be True or False, got {scale_by_t2!r}")
+    if ignore_index is not None:
+        _checks.integer("ignore_index", ignore_index)
     if soft_label_index is not None:
         _checks.integer("soft_label_index", soft_label_index)
+        if soft_label_index == ignore_index:
+            raise ValueError(f"soft_label_index must differ from ignore_index, both are {ignore_index}")
     _checks.choice("reduction", reduction, REDUCTIONS)
-    if num_items_in_batch is not None:
-        if reduction == "none":
-            raise ValueError("num_items_in_batch divides a summed loss; it cannot be combined with reduction='none'")
-        if isinstance(num_items_in_batch, torch.Tensor):
-            if num_items_in_batch.numel() != 1:
-                raise ValueError(f"num_items_in_batch must be a number or a one-element tensor, got shape "
-                                 f"{tuple(num_items_in_batch.shape)}")
-        else:
-            _checks.in_range("num_items_in_batch", num_items_in_batch, 0.0, float("inf"), lo_open=True,
-                             hi_open=True)
+    _check_num_items(num_items_in_batch, reduction, student_hidden.device)
+    # kd_loss checks each chunk's labels too, but only after that chunk's GEMMs: here a bad label
+    # stops the call before any work
     if labels is not None and _checks.values_checked(labels) and not torch.compiler.is_compiling():
-        ok = (labels >= 0) & (labels < vocab) | (labels == ignore_index)
-        if soft_label_index is not None:
-            ok |= labels == soft_label_index
+        ok = _labels_ok(labels, vocab, ignore_index, soft_label_index)
         if not bool(ok.all()):
             bad = labels[~ok]
-            raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found "
-                             f"{bad.numel()} out of range, e.g. {int(bad[0])}")
-
-
-def _scale(labels, n_rows, ignore_index, reduction, num_items_in_batch, device, dtype):
-    """What the summed loss and its gradients are multiplied by: a float, or a device tensor where it
-    depends on the labels' values (read on the device, never on the host)."""
-    if num_items_in_batch is not None:
-        if isinstance(num_items_in_batch, torch.Tensor):
-            return 1.0 / num_items_in_batch.detach().to(device=device, dtype=dtype).reshape(())
-        return 1.0 / float(num_items_in_batch)
-    if reduction == "sum":
-        return 1.0
-    if labels is None:
-        return 1.0 / n_rows
-    # rows labelled ignore_index count in no term and not in the mean; a batch with none that count
-    # has loss 0 (not 0/0), as in TRL and Liger
-    counted = (labels != ignore_index).sum().clamp_min(1)
-    return 1.0 / counted.to(dtype)
+            raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index} or "
+                             f"soft_label_index={soft_label_index}; found {bad.numel()} out of range, "
+                             f"e.g. {int(bad[0])}")
 
 
 def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
@@ -309,7 +285,7 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher
     or biases of the wrong shape, and every bad value ``kd_loss`` refuses.
     """
     _check(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias,
-           chunk_size, temperature, alpha, divergence, beta, ignore_index, soft_label_index, reduction,
+           chunk_size, temperature, alpha, divergence, beta, scale_by_t2, ignore_index, soft_label_index, reduction,
            num_items_in_batch)
     leading = student_hidden.shape[:-1]
     h = student_hidden.reshape(-1, student_hidden.shape[-1])
@@ -320,10 +296,12 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher
     if chunk_size is None:
         chunk_size = default_chunk_size(n_rows, vocab, h.device)
     acc = torch.float64 if torch.float64 in (h.dtype, k.dtype) else torch.float32
-    scale = _scale(y, n_rows, ignore_index, reduction, num_items_in_batch, h.device, acc)
-    kd_kwargs = dict(temperature=temperature, alpha=alpha, ignore_index=ignore_index)
-    given = dict(divergence=divergence, beta=beta, scale_by_t2=scale_by_t2, soft_label_index=soft_label_index)
-    kd_kwargs.update({key: value for key, value in given.items() if value != _KD_DEFAULTS[key]})
+    reduction = "mean" if reduction == "batchmean" else reduction
+    # "sum" without num_items_in_batch needs no scale: None spares a pass over the gradients
+    scale = None if reduction == "sum" and num_items_in_batch is None else \
+        _reduction_scale(reduction, y, ignore_index, num_items_in_batch, n_rows, acc, h.device)
+    kd_kwargs = dict(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta, scale_by_t2=scale_by_t2,
+                     ignore_index=ignore_index, soft_label_index=soft_label_index)
     teacher_bias = None if teacher_bias is None else teacher_bias.detach()
     loss, per_row = _FusedLinearKDLossFunction.apply(
         h, student_weight, student_bias, k, teacher_weight.detach(), teacher_bias, y, scale, chunk_size, kd_kwargs,

@@ -163,9 +163,15 @@ def test_lower_precision_close_to_float64(dtype, seed):
 
 def test_large_magnitudes(seed):
     # hidden states of 100: logits in the hundreds, where an unshifted softmax overflows float32's exp
-    inputs = make_inputs(12, 8, 8, 37, scale=100.0, ignored=(1,))
-    assert_matches_reference(inputs, rtol=1e-4, atol=1e-5, dtype=torch.float32, temperature=4.0, alpha=0.5,
-                             chunk_size=5)
+    inputs = make_inputs(12, 8, 8, 37, dtype=torch.float32, scale=100.0, ignored=(1,))
+    kw = dict(temperature=4.0, alpha=0.5)
+    loss, grads = run(fused_linear_kd_loss, inputs, chunk_size=5, **kw)
+    ref_loss, ref_grads = run(fused_linear_kd_loss_reference, inputs, dtype=torch.float64, **kw)
+    assert bool(torch.isfinite(loss))
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+    for grad, ref in zip(grads, ref_grads, strict=True):
+        # float32 logits of a few hundred carry absolute errors of ~1e-5 into the softmax
+        torch.testing.assert_close(grad.double(), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_incoming_gradient_scales_and_retained_graph_keeps_the_gradient(seed):
@@ -275,3 +281,54 @@ def test_bad_keywords_name_the_argument(kw, message):
     with pytest.raises(ValueError, match=message):
         fused_linear_kd_loss(x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"],
                              x["labels"], **kw)
+
+
+def _float32_leaves(inputs):
+    return leaves(inputs, torch.float32)
+
+
+@pytest.mark.filterwarnings("ignore:You are importing from 'trl.experimental'")
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("num_items", [None, 9])
+def test_jsd_matches_trl_generalized_jsd_loss(beta, num_items, seed):
+    pytest.importorskip("trl")
+    from trl.experimental.gkd import GKDTrainer
+
+    inputs = make_inputs(24, 16, 12, 50, bias=False, leading=(3, 8), ignored=(0, 1, 2, 13))
+    kw = dict(temperature=2.0, beta=beta)
+    x = _float32_leaves(inputs)
+    ours = fused_linear_kd_loss(x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"],
+                                x["labels"], divergence="jsd", scale_by_t2=False, num_items_in_batch=num_items,
+                                chunk_size=7, **kw)
+    grads = torch.autograd.grad(ours, [x["student_hidden"], x["student_weight"]])
+    y = _float32_leaves(inputs)
+    theirs = GKDTrainer.generalized_jsd_loss(y["student_hidden"] @ y["student_weight"].t(),
+                                             y["teacher_hidden"] @ y["teacher_weight"].t(), y["labels"],
+                                             num_items_in_batch=num_items, **kw)
+    their_grads = torch.autograd.grad(theirs, [y["student_hidden"], y["student_weight"]])
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    for grad, their in zip(grads, their_grads, strict=True):
+        torch.testing.assert_close(grad, their, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("alpha, beta, temperature", [(1.0, 0.5, 1.0), (0.5, 0.3, 2.0), (0.2, 0.9, 1.0)])
+def test_jsd_matches_liger_fused_linear_jsd_loss(alpha, beta, temperature, seed):
+    pytest.importorskip("liger_kernel")
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+    inputs = make_inputs(40, 16, 24, 64, ignored=(5, 6, 39))
+    x = _float32_leaves(inputs)
+    ours = fused_linear_kd_loss(x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"],
+                                x["labels"], student_bias=x["student_bias"], teacher_bias=x["teacher_bias"],
+                                divergence="jsd", beta=beta, alpha=alpha, temperature=temperature, scale_by_t2=False,
+                                chunk_size=16)
+    grads = torch.autograd.grad(ours, [x["student_hidden"], x["student_weight"], x["student_bias"]])
+    y = _float32_leaves(inputs)
+    liger = LigerFusedLinearJSDLoss(weight_hard_loss=1.0 - alpha, weight_soft_loss=alpha, beta=beta,
+                                    temperature=temperature, compiled=False, chunk_size=16)
+    theirs = liger(y["student_hidden"], y["student_weight"], y["teacher_hidden"], y["teacher_weight"], y["labels"],
+                   y["student_bias"], y["teacher_bias"])
+    their_grads = torch.autograd.grad(theirs, [y["student_hidden"], y["student_weight"], y["student_bias"]])
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    for grad, their in zip(grads, their_grads, strict=True):
+        torch.testing.assert_close(grad, their, rtol=1e-5, atol=1e-5)
