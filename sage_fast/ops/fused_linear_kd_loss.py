@@ -287,6 +287,22 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher
     _check(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias,
            chunk_size, temperature, alpha, divergence, beta, scale_by_t2, ignore_index, soft_label_index, reduction,
            num_items_in_batch)
+    device_type = student_hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        # as F.linear would under autocast: both heads in the autocast dtype (the casts are
+        # differentiable, so the gradients reach the parameters in their own dtype); inside, every
+        # op then runs in the dtype of its inputs
+        low = torch.get_autocast_dtype(device_type)
+        student_hidden, student_weight, teacher_hidden, teacher_weight = (
+            x.to(low) for x in (student_hidden, student_weight, teacher_hidden, teacher_weight))
+        student_bias, teacher_bias = (None if b is None else b.to(low) for b in (student_bias, teacher_bias))
+        with torch.autocast(device_type, enabled=False):
+            return fused_linear_kd_loss(
+                student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias=student_bias,
+                teacher_bias=teacher_bias, chunk_size=chunk_size, temperature=temperature, alpha=alpha,
+                divergence=divergence, beta=beta, scale_by_t2=scale_by_t2, ignore_index=ignore_index,
+                soft_label_index=soft_label_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
+                return_per_example=return_per_example)
     leading = student_hidden.shape[:-1]
     h = student_hidden.reshape(-1, student_hidden.shape[-1])
     k = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])

@@ -174,6 +174,19 @@ def test_large_magnitudes(seed):
         torch.testing.assert_close(grad.double(), ref, rtol=1e-4, atol=1e-4)
 
 
+def test_under_autocast_the_heads_run_in_its_dtype_and_gradients_keep_theirs():
+    torch.manual_seed(0)
+    inputs = make_inputs(20, 16, 8, 40, dtype=torch.float32, ignored=(2,))
+    device_type = inputs["student_hidden"].device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        loss, grads = run(fused_linear_kd_loss, inputs, temperature=2.0, alpha=0.5, chunk_size=6)
+        ref_loss, ref_grads = run(fused_linear_kd_loss_reference, inputs, temperature=2.0, alpha=0.5)
+    assert loss.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-2, atol=1e-2)
+    for grad, ref in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(grad, ref, rtol=3e-2, atol=3e-3)
+
+
 def test_incoming_gradient_scales_and_retained_graph_keeps_the_gradient(seed):
     inputs = make_inputs(11, 8, 6, 19)
     x = leaves(inputs)
