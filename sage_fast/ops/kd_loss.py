@@ -1,38 +1,63 @@
-"""Fused knowledge-distillation loss: tempered KL to the teacher plus cross-entropy to the labels.
+"""Fused distillation loss: a divergence from the teacher plus cross-entropy to the labels.
 
-For row ``i`` with student logits ``s``, teacher logits ``t``, label ``y``, temperature ``T`` and
-weight ``alpha``::
+For row ``i`` (a classifier's example, or one token of a language model: logits of any leading shape
+``[..., V]`` are rows of V classes) with student logits ``s``, teacher logits ``t``, label ``y``,
+temperature ``T`` and weight ``alpha``, with p = softmax(t/T) and q = softmax(s/T)::
 
-    l_i = alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)
+    l_i = alpha * w * D(p, q) + (1 - alpha) * CE(s, y),       w = T^2 (Hinton's scaling) or 1
 
-Everything is computed from max-shifted logits ``u = t - max t`` and ``v = s - max s``, so no two
+    forward KL   D = KL(p || q) = sum_j p_j log(p_j / q_j)
+    reverse KL   D = KL(q || p) = sum_j q_j log(q_j / p_j)
+    JSD          D = beta KL(p || m) + (1 - beta) KL(q || m),   m = beta p + (1 - beta) q
+
+The JSD is TRL's generalized JSD (GKD) and Liger's, and as there it is forward KL at ``beta == 0``
+and reverse KL at ``beta == 1``. Rows labelled ``ignore_index`` count in no term and not in the
+mean (loss 0, gradient 0); rows labelled ``soft_label_index`` keep D and count in the mean, without
+CE. Everything is computed from max-shifted logits ``u = t - max t`` and ``v = s - max s``, so no two
 large numbers ever cancel (logits of 1e4 keep a float32 loss accurate to ~1e-6, not ~1e-3)::
 
-    KL = sum_j p_j (u_j - v_j) / T  -  log Z_t  +  log Z_s,    Z_t = sum_j exp(u_j/T), p = exp(u/T) / Z_t
-    CE = log sum_j exp(v_j)  -  v_y          (0 where y == ignore_index, or when no labels are given)
+    Z_t = sum_j exp(u_j/T),  Z_s = sum_j exp(v_j/T),  log p_j = u_j/T - log Z_t,  log q_j = v_j/T - log Z_s
+    KL(p || q) = sum_j exp(u_j/T) (u_j - v_j) / (T Z_t)  +  log(Z_s / Z_t)
+    KL(q || p) = sum_j exp(v_j/T) (v_j - u_j) / (T Z_s)  +  log(Z_t / Z_s)
+    JSD: with x_j = log(beta p_j) and y_j = log((1 - beta) q_j), log m_j = max(x, y) + log(1 + exp(-|x - y|))
+         (in logs, so a class where p and q both underflow keeps a finite log m), and
+         KL(p || m) = sum_j p_j (x_j - log m_j) - log beta, KL(q || m) likewise
+    CE = log sum_j exp(v_j)  -  v_y          (0 for ignored and soft-label rows, or without labels)
 
-(the maxima cancel exactly between the three terms of ``KL``). CE uses the untempered student
-logits. The gradient with respect to the student is::
+(the maxima cancel exactly between the terms of each KL). CE uses the untempered student logits.
+The gradient of ``D`` with respect to the student's logits::
 
-    dl_i/ds_j = alpha * T * (softmax(s/T)_j - p_j)  +  (1 - alpha) * (softmax(s)_j - [j == y])
+    forward KL   (q_j - p_j) / T
+    reverse KL   q_j (log q_j - log p_j - KL(q || p)) / T
+    JSD          (1 - beta) q_j (log(q_j / m_j) - KL(q || m)) / T
+
+(for the JSD, the terms of d m / d s cancel against those of d log m: only the student's own KL
+moves), and that of CE is ``softmax(s)_j - [j == y]``; ``l_i``'s is their sum with the weights
+``alpha * w`` and ``1 - alpha``.
 
 The kernel reads each input once: a row that fits one tile is loaded, reduced and turned into its
 gradient from registers; a wider row streams tile by tile (running maxima and sums, rescaled when a
-maximum grows) and is read a second time for the gradient, from L2 while the working set fits. The
-gradient is written once, in the student's dtype, with the reduction's scale folded in, so backward
-has nothing to do for the usual ``loss.backward()``. Per element: one exp2 for each softmax (two at
-T == 1 or T == 2, where the untempered one is the tempered one, or its square) with the constants
-folded into one multiply, no masks on full tiles, and the ``-[j == y]`` term written afterwards as
-one element per row instead of a comparison per element. When nothing needs a gradient
-(evaluation, error-profile refresh) nothing is written but the losses.
+maximum grows; reverse KL's cross term is one more running sum) and is read a second time for the
+gradient, from L2 while the working set fits. A streamed JSD row takes one more pass: its log m
+terms need the row's final maxima and sums. The gradient is written once, in the student's dtype,
+with the reduction's scale folded in, so backward has nothing to do for the usual
+``loss.backward()``. Per element of forward KL: one exp2 for each softmax (two at T == 1 or T == 2,
+where the untempered one is the tempered one, or its square) with the constants folded into one
+multiply, no masks on full tiles, and the ``-[j == y]`` term written afterwards as one element per
+row instead of a comparison per element; reverse KL adds a multiply-add, JSD an exp and a log. When
+nothing needs a gradient (evaluation, error-profile refresh) nothing is written but the losses.
 
-On CUDA nothing synchronises with the host: value checks (finite teacher, labels in range) run on
-CPU tensors and, on CUDA, only when asked (``sage_fast.check_values``); an out-of-range label the
-kernel meets makes that row's loss NaN instead of reading out of bounds. Backward scales the stored
-gradient in place by a kernel that does nothing when the incoming gradient is 1, decided on the
-device.
+On CUDA nothing synchronises with the host: the mean's denominator (the rows that count) is counted
+on the device, and the kernel reads the reduction's scale (that count, or ``num_items_in_batch``)
+through a pointer; value checks (finite teacher, labels in range) run on CPU tensors and, on CUDA,
+only when asked (``sage_fast.check_values``); an out-of-range label the kernel meets makes that
+row's loss NaN instead of reading out of bounds. Backward scales the stored gradient in place by a
+kernel that does nothing when the incoming gradient is 1, decided on the device.
 
-The teacher is a target: no gradient flows to ``teacher_logits`` even if it requires one.
+The op is a ``torch.library`` custom op (``sage_fast::kd_loss``), so ``torch.compile`` takes it as one
+node, Triton path included. Its gradient is a constant to autograd: a second derivative raises and
+names ``kd_loss_reference``, the plain composition, as the one to use. The teacher is a target: no
+gradient flows to ``teacher_logits`` even if it requires one.
 """
 from __future__ import annotations
 
