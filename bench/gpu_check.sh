@@ -164,6 +164,7 @@ bench interpolate 45 main "not compile"
 bench knn 50 main "not compile"
 if [ "$have_cuml" = 1 ]; then bench regions 40 main "not compile"; fi
 bench kd_loss 60 peers "compile or liger"
+bench fused_linear_kd_loss 60 peers "fused_linear"
 bench align_loss 40 peers "compile"
 bench interpolate 40 peers "compile"
 
