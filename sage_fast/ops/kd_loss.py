@@ -468,7 +468,7 @@ def _gpu_configs(n_classes: int, elem_bytes: int, max_block_c: int) -> tuple[tup
     (several rows per program when rows are narrow) where a row fits, and streaming tiles where a
     row is wide. Each thread holds 16 or 32 elements of a tile: several 16-byte loads in flight
     per input, per-row reductions spread over enough elements, and no spills; narrow rows take at most
-    ``MAX_BLOCK_ROWS`` rows a program, with as little as one 16-byte vector per thread and input. Few
+    ``MAX_BLOCK_ROWS`` rows a program, with as few as 8 elements per thread and input. Few
     candidates, as each is compiled and timed on the first call for a key."""
     width = _next_pow2(n_classes)
 
@@ -483,9 +483,10 @@ def _gpu_configs(n_classes: int, elem_bytes: int, max_block_c: int) -> tuple[tup
                 configs += [(tile // width, width, w) for w in warps_for(tile)]
         if width * MAX_BLOCK_ROWS < 2048:
             # Few classes: tiles of at most MAX_BLOCK_ROWS rows are small, so each thread holds fewer
-            # elements (down to one 16-byte vector per input), with more warps to keep loads in flight.
+            # elements (8: two 16-byte vectors per fp32 input, and for 2 classes four rows, whose four
+            # per-row losses are one 16-byte store; with 4 they would be an 8-byte one).
             for rows in (MAX_BLOCK_ROWS, MAX_BLOCK_ROWS // 2):
-                configs += [(rows, width, w) for w in warps_for(rows * width, (16, 8, 4))]
+                configs += [(rows, width, w) for w in warps_for(rows * width, (16, 8))]
     if width > 2048:
         for block_c, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8)):
             if block_c < width and block_c <= max_block_c:
