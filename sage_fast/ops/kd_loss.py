@@ -583,6 +583,14 @@ def _vector_width(n_classes: int, *strides: int) -> int:
     return vec
 
 
+#: Most rows one program takes: a batch of 65,536 rows (a typical token batch, or a large classifier
+#: batch) then launches at least 256 programs, enough for one per SM on a 132-SM H100 or H200 with
+#: room to balance; narrow rows in larger tiles would leave SMs idle and the launch latency-bound.
+MAX_BLOCK_ROWS = 256
+#: Row count and SM count the cap above is sized for (tests check the grid against them).
+TYPICAL_ROWS, GPU_SMS = 65536, 132
+
+
 def _rows_bucket(n_rows: int) -> int:
     """The autotuning key's row count: a power of two (at least 16, at most 65536), so that the
     last, shorter batch of an epoch does not tune again, but 32 rows and 64k rows are told apart."""
@@ -593,19 +601,26 @@ def _gpu_configs(n_classes: int, elem_bytes: int, max_block_c: int) -> tuple[tup
     """(BLOCK_ROWS, BLOCK_C, num_warps) candidates for rows of ``n_classes``: whole rows in one tile
     (several rows per program when rows are narrow) where a row fits, and streaming tiles where a
     row is wide. Each thread holds 16 or 32 elements of a tile: several 16-byte loads in flight
-    per input, per-row reductions spread over enough elements, and no spills. Few candidates, as
-    each is compiled and timed on the first call for a key."""
+    per input, per-row reductions spread over enough elements, and no spills; narrow rows take at most
+    ``MAX_BLOCK_ROWS`` rows a program, with as few as 8 elements per thread and input. Few
+    candidates, as each is compiled and timed on the first call for a key."""
     width = _next_pow2(n_classes)
 
-    def warps_for(elements: int) -> list[int]:
-        return [elements // (32 * per_thread) for per_thread in (32, 16)
+    def warps_for(elements: int, per_thread_options=(32, 16)) -> list[int]:
+        return [elements // (32 * per_thread) for per_thread in per_thread_options
                 if 1 <= elements // (32 * per_thread) <= 32 and per_thread * elem_bytes >= 16]
 
     configs = []
     if width <= max_block_c:
         for tile in sorted({2048, 4096, 8192, width}):
-            if tile >= width:
+            if tile >= width and tile // width <= MAX_BLOCK_ROWS:
                 configs += [(tile // width, width, w) for w in warps_for(tile)]
+        if width * MAX_BLOCK_ROWS < 2048:
+            # Few classes: tiles of at most MAX_BLOCK_ROWS rows are small, so each thread holds fewer
+            # elements (8: two 16-byte vectors per fp32 input, and for 2 classes four rows, whose four
+            # per-row losses are one 16-byte store; with 4 they would be an 8-byte one).
+            for rows in (MAX_BLOCK_ROWS, MAX_BLOCK_ROWS // 2):
+                configs += [(rows, width, w) for w in warps_for(rows * width, (16, 8))]
     if width > 2048:
         for block_c, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8)):
             if block_c < width and block_c <= max_block_c:
