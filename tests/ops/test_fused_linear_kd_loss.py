@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from sage_fast import check_values
 from sage_fast.ops.fused_linear_kd_loss import (
     default_chunk_size,
     fused_linear_kd_loss,
@@ -278,9 +279,14 @@ def _bad(**changes):
 ])
 def test_bad_input_names_the_argument(changes, message):
     x = _bad(**changes)
-    with pytest.raises(ValueError, match=message):
-        fused_linear_kd_loss(x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"],
-                             x["labels"], student_bias=x["student_bias"], teacher_bias=x["teacher_bias"])
+    # values (a label out of range) are checked on CUDA tensors too when asked
+    check_values(True)
+    try:
+        with pytest.raises(ValueError, match=message):
+            fused_linear_kd_loss(x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"],
+                                 x["labels"], student_bias=x["student_bias"], teacher_bias=x["teacher_bias"])
+    finally:
+        check_values(None)
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -288,6 +294,7 @@ def test_bad_input_names_the_argument(changes, message):
     (dict(alpha=1.5), "alpha"), (dict(reduction="avg"), "reduction"), (dict(divergence="kl"), "divergence"),
     (dict(beta=2.0), "beta"), (dict(num_items_in_batch=0), "num_items_in_batch"),
     (dict(num_items_in_batch=3, reduction="none"), "num_items_in_batch"),
+    (dict(scale_by_t2="yes"), "scale_by_t2"), (dict(soft_label_index=-100), "soft_label_index"),
 ])
 def test_bad_keywords_name_the_argument(kw, message):
     x = _bad()
