@@ -74,6 +74,7 @@ from .._backend import use_triton
 __all__ = ["kd_loss", "kd_loss_reference"]
 
 REDUCTIONS = ("mean", "sum", "none")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
 # Largest class tile. Rows up to this wide are read once; wider rows stream tile by tile.
 MAX_BLOCK_C = 16384
@@ -847,7 +848,6 @@ def _torch_chunk(s, t, labels, buf_s, buf_t, g, *, temperature, div_weight, ce_w
 # implementation for shapes) and calls it, Triton kernel or chunked torch code, without tracing into it,
 # so nothing in it (the autotuner included) splits a graph. The gradient of the reduced loss is one of
 # its outputs, computed in the forward pass with the reduction's scale folded in.
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
 
 @torch.library.custom_op("sage_fast::kd_loss", mutates_args=())
@@ -980,7 +980,7 @@ def _check(student_logits, teacher_logits, labels, temperature, alpha, divergenc
     if labels is not None:
         flags.append(_labels_ok(labels, n_classes, ignore_index, soft_label_index).all())
     if isinstance(num_items_in_batch, torch.Tensor):
-        flags.append(num_items_in_batch.detach() > 0)
+        flags.append((num_items_in_batch.detach() > 0).to(flags[0].device))
     flags = torch.stack([f.reshape(()) for f in flags]).tolist()
     # a finite sum proves every value finite; a non-finite one may also be an overflow, so look closer
     if not flags[0]:
@@ -1033,7 +1033,11 @@ def _reduction_scale(reduction, labels, ignore_index, num_items_in_batch, n_rows
     a tensor ``num_items_in_batch`` is used where it lies: the host never waits for a value."""
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):
-            return torch.reciprocal(num_items_in_batch.detach().to(device=device, dtype=acc))
+            on_host = num_items_in_batch.device.type == "cpu" and device.type != "cpu"
+            if not on_host or torch.compiler.is_compiling():
+                return torch.reciprocal(num_items_in_batch.detach().to(device=device, dtype=acc))
+            # a CPU value is read for free, where copying it to the device would wait for the copy
+            num_items_in_batch = float(num_items_in_batch)
         return torch.full((), 1.0 / num_items_in_batch, dtype=acc, device=device)
     if reduction != "mean":
         return torch.ones((), dtype=acc, device=device)

@@ -571,3 +571,35 @@ def test_several_programs_and_a_partial_last_one(shape, monkeypatch, seed):
     student, teacher, labels = make_inputs(*shape, ignored=(3,))
     assert_finite_and_close("triton", student, teacher, labels, dict(temperature=2.0, alpha=0.3),
                             loss_tol=(1e-5, 1e-5), grad_tol=(1e-4, 1e-6))
+
+
+@pytest.mark.parametrize("divergence", [1, 2], ids=["reverse_kl", "jsd"])
+def test_compiled_other_divergences_stream_128_bit_without_spills(divergence):
+    # reverse KL streams with one more running sum, the JSD takes one more pass over a streamed row:
+    # a vocabulary-sized bf16 row through the widest streaming tile, every loop on 128-bit accesses
+    tl = pytest.importorskip("triton.language")
+    from sm90 import compile_sm90, parse_global_access_bits
+
+    c, n_rows, (block_rows, block_c, warps) = 32000, 65536, (1, 4096, 8)
+    vec = kd_module._vector_width(c, c, c, c)
+    k = compile_sm90(
+        kd_module._kd_loss_kernel,
+        dict(student_ptr="*bf16", teacher_ptr="*bf16", labels_ptr="*i64", loss_ptr="*fp32", grad_ptr="*bf16",
+             scale_ptr="*fp32", n_rows=n_rows, n_classes_v=c // vec, stride_student_v=c // vec,
+             stride_teacher_v=c // vec, stride_grad_v=c // vec, rows_bucket=kd_module._rows_bucket(n_rows),
+             temperature=2.0, temperature_lo=0.0, div_weight=2.0, div_weight_lo=0.0, ce_weight=0.5, ce_weight_lo=0.0,
+             beta=0.5, beta_lo=0.0, ignore_index=-100, soft_label_index=-100),
+        dict(USE_DIV=True, DIV=divergence, HAS_LABELS=True, MASK_ROWS=True, COMPUTE_GRAD=True, TEMP_MODE=2,
+             ACC=tl.float32, VEC=vec, CONTIGUOUS=True, FAST_MATH=True, BLOCK_ROWS=block_rows, BLOCK_C=block_c,
+             SINGLE_TILE=False, EVEN_C=False),
+        num_warps=warps)
+    assert k.n_spills == 0, k.summary()
+    loops = ptx_loop_bodies(k.ptx)
+    assert len(loops) >= (2 if divergence == 1 else 3), k.summary()  # statistics, (JSD sums), gradient
+    for body in loops:
+        loads, stores = parse_global_access_bits("\n".join(body))
+        assert set(loads) | set(stores) == {128}, (loads, stores)
+    if divergence == 1:  # the same instruction budget as forward KL's loops
+        per_thread = block_c // (32 * warps)
+        for body, limit in zip(loops, (30, 18)):
+            assert len(body) <= limit * per_thread, f"{len(body) / per_thread:.1f} PTX instructions per element"

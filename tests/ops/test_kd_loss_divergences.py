@@ -326,3 +326,29 @@ def test_bad_input_raises_naming_the_argument(index, monkeypatch):
     monkeypatch.setattr(kd_module, "_forward_torch", no_launch)
     with pytest.raises(ValueError, match=name):
         call()
+
+
+# ------------------------------------------------------------------ no host waits
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation exists only with a GPU")
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("vocab", [2, 1000, 32000])
+def test_no_host_synchronisation_on_cuda(divergence, vocab, monkeypatch):
+    # the mean over the rows that count is counted on the device, and num_items_in_batch is used where
+    # it lies (read for free when on the CPU)
+    monkeypatch.setattr(kd_module._checks, "_VALUE_CHECKS", False)  # whatever SAGE_FAST_CHECK_VALUES says
+    student, teacher, labels = make_inputs((4, 64, vocab), dtype=torch.bfloat16, ignored=range(0, 256, 3))
+    student.requires_grad_(True)
+    kw = dict(temperature=2.0, alpha=0.5, divergence=divergence, beta=0.3)
+
+    def step():
+        kd_loss(student, teacher, labels, **kw).backward()
+        kd_loss(student, teacher, labels, num_items_in_batch=labels.ne(-100).sum(), **kw).backward()
+        kd_loss(student, teacher, labels, num_items_in_batch=torch.tensor(100, device="cpu"), **kw).backward()
+
+    step()  # the first call for a key tunes the kernel, which synchronises
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
