@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from sage_fast import check_values, use_backend
 from sage_fast.ops.fused_linear_kd_loss import (
     default_chunk_size,
     fused_linear_kd_loss,
@@ -68,14 +69,28 @@ def assert_matches_reference(inputs, *, rtol=1e-9, atol=1e-11, dtype=None, weigh
         torch.testing.assert_close(grad.double(), ref, rtol=rtol, atol=atol)
 
 
+# each chunk's kd_loss on either of its paths: the Triton kernel (compiled on CUDA, interpreted on
+# the CPU in CI) and the plain-torch one (the CPU's own, which the benchmarks time)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("shape", [(1, 4, 6, 5), (37, 8, 6, 53), (64, 16, 24, 300)], ids=str)
-def test_matches_float64_reference(shape, reduction, seed):
+def test_matches_float64_reference(shape, reduction, backend, seed):
     n, h_s, h_t, v = shape
-    inputs = make_inputs(n, h_s, h_t, v)
+    inputs = make_inputs(n, h_s, h_t, v, ignored=(0, n - 1) if n > 2 else ())
     weights = torch.rand(n, dtype=torch.float64) if reduction == "none" else None
-    assert_matches_reference(inputs, weights=weights, temperature=2.0, alpha=0.3, reduction=reduction,
-                             chunk_size=max(1, n // 3))
+    with use_backend(backend):
+        assert_matches_reference(inputs, weights=weights, temperature=2.0, alpha=0.3, reduction=reduction,
+                                 chunk_size=max(1, n // 3))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
+def test_other_divergences_match_float64_reference(divergence, backend, seed):
+    inputs = make_inputs(29, 8, 12, 47, ignored=(3, 4))
+    inputs["labels"][7] = -1  # a soft-label row: the divergence, no cross-entropy
+    with use_backend(backend):
+        assert_matches_reference(inputs, temperature=1.5, alpha=0.7, divergence=divergence, beta=0.3,
+                                 scale_by_t2=False, soft_label_index=-1, chunk_size=6)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 2, 9, 10, 11, 40, None])
@@ -278,9 +293,14 @@ def _bad(**changes):
 ])
 def test_bad_input_names_the_argument(changes, message):
     x = _bad(**changes)
-    with pytest.raises(ValueError, match=message):
-        fused_linear_kd_loss(x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"],
-                             x["labels"], student_bias=x["student_bias"], teacher_bias=x["teacher_bias"])
+    # values (a label out of range) are checked on CUDA tensors too when asked
+    check_values(True)
+    try:
+        with pytest.raises(ValueError, match=message):
+            fused_linear_kd_loss(x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"],
+                                 x["labels"], student_bias=x["student_bias"], teacher_bias=x["teacher_bias"])
+    finally:
+        check_values(None)
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -288,6 +308,7 @@ def test_bad_input_names_the_argument(changes, message):
     (dict(alpha=1.5), "alpha"), (dict(reduction="avg"), "reduction"), (dict(divergence="kl"), "divergence"),
     (dict(beta=2.0), "beta"), (dict(num_items_in_batch=0), "num_items_in_batch"),
     (dict(num_items_in_batch=3, reduction="none"), "num_items_in_batch"),
+    (dict(scale_by_t2="yes"), "scale_by_t2"), (dict(soft_label_index=-100), "soft_label_index"),
 ])
 def test_bad_keywords_name_the_argument(kw, message):
     x = _bad()
