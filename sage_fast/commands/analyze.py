@@ -51,7 +51,8 @@ def run(args) -> int:
     from ..synthesis import SAGESynthesizer
     from ..train import checkpoint
     from ..train.config import DistillConfig
-    from ..train.loop import Student, build_setup, synthesis_config
+    from ..train.setup import build_setup, synthesis_config
+    from ..train.student import Student
 
     path = find_checkpoint(Path(args.path))
     try:

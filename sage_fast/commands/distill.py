@@ -90,7 +90,8 @@ def run(args) -> int:
     from ..distributed import PeerLost, launched_world
     from ..errors import UsageError
     from ..train import checkpoint
-    from ..train.loop import NonFiniteTraining, TrainingInterrupted, run as run_distillation
+    from ..train.loop import NonFiniteTraining, run as run_distillation
+    from ..train.stopping import TrainingInterrupted
 
     config = resolve_config(args)
     main = launched_world().is_main  # under torchrun, rank 0 speaks for the run

@@ -8,7 +8,8 @@ import torch
 
 pytest.importorskip("umap")
 
-from sage_fast.synthesis import BackgroundRounds, SyntheticPool, background, used_lengths  # noqa: E402
+from sage_fast.synthesis import BackgroundRounds, SyntheticPool, background  # noqa: E402
+from sage_fast.synthesis.pool import used_lengths  # noqa: E402
 from test_synthesizer import N, label, planted, synthesizer, vectors_of  # noqa: E402
 
 

@@ -206,7 +206,8 @@ WAIT_AT_STEP_3 = """
             while not go.exists() and time.monotonic() < deadline:
                 time.sleep(0.02)
 
-    loop.after_step = wait_at_step_3
+    run = loop.run
+    loop.run = lambda *args, **kwargs: run(*args, callbacks=[wait_at_step_3], **kwargs)
     from sage_fast.cli import main
     raise SystemExit(main(sys.argv[2:]))
 """
