@@ -26,7 +26,6 @@ docs/other-distillers.md has the details.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import math
 import os
 import weakref
@@ -48,6 +47,8 @@ from ..distributed import PeerLost, collective_failed, current_world
 from ..nn.sage_loss import SAGELoss, SAGELossConfig
 from ..synthesis import (Batch, RoundRecord, SAGESynthesizer, SessionSettings, SynthesisConfig, SynthesisSession,
                          label_in_chunks, mix)
+
+from .processes import average_gradients, peer_lost, share_from_rank_zero, vector_inputs, wait_at_most
 
 __all__ = ["STATE_FILE", "SAGEDistillTrainer", "SAGESynthesisCallback"]
 
@@ -164,7 +165,7 @@ class SAGEDistillTrainer(Trainer):
         super().__init__(*args, **kwargs)
         # The Trainer's arguments have joined torchrun's process group by now (if there is one).
         self.world = current_world()
-        self._wait_at_most_ddp_timeout()
+        wait_at_most(self.world, self.args.ddp_timeout)
         self.teacher = teacher.requires_grad_(False).eval().to(self.args.device)
         self.sage_loss = loss.to(self.args.device)
         self.on_per_example = on_per_example
@@ -242,45 +243,12 @@ class SAGEDistillTrainer(Trainer):
         return optimizer
 
     # ------------------------------------------------------------------ several processes
-    def _wait_at_most_ddp_timeout(self) -> None:
-        """Collectives give up on a silent peer after ``args.ddp_timeout`` seconds, as the Trainer
-        documents: transformers gives the process group that timeout when it creates it, except with
-        ``use_cpu=True``, where gloo would wait its default 30 minutes."""
-        import torch.distributed as dist
-
-        set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)  # no public setter
-        if self.world.distributed and set_timeout is not None and dist.get_backend() in ("gloo", "nccl"):
-            set_timeout(datetime.timedelta(seconds=self.args.ddp_timeout))
-
-    def _share_projections(self) -> None:
-        """Rank 0's projections on every rank, as DDP starts every rank from rank 0's student (each
-        process built its loss with its own random state)."""
-        if not self.world.distributed or not self.sage_loss.state_dict():
-            return
-        state = {name: value.detach().cpu() for name, value in self.sage_loss.state_dict().items()}
-        self.sage_loss.load_state_dict(self.world.broadcast_object(state))
-
-    def _average_projection_gradients(self) -> None:
-        """The projections' gradients averaged over the ranks, as DDP averages the student's: one
-        all-reduce of all of them, flattened. A projection without a gradient on a rank counts as zero
-        there, so every rank issues the same collective."""
-        projections = [p for p in self.sage_loss.parameters() if p.requires_grad]
-        if not projections:
-            return
-        for p in projections:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1).float() for p in projections])
-        self.world.all_reduce_sum(flat).div_(self.world.size)
-        for p, averaged in zip(projections, flat.split([p.numel() for p in projections])):
-            p.grad.copy_(averaged.view_as(p.grad))
-
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         # The step's last micro-batch (the Trainer lets DDP reduce the student's gradients on it):
         # before gradient clipping and the optimizer step.
         if self.world.distributed and self.accelerator.sync_gradients:
-            self._average_projection_gradients()
+            average_gradients(self.world, self.sage_loss)
         return loss
 
     # ------------------------------------------------------------------ checkpoints
@@ -298,27 +266,14 @@ class SAGEDistillTrainer(Trainer):
             # Before the Trainer's own loading, so a checkpoint of another kind of run is named as such.
             self.load_sage_state(resume_from_checkpoint)
         try:
-            self._share_projections()
+            share_from_rank_zero(self.world, self.sage_loss)
             self.sage_loss.zero_grad(set_to_none=True)  # as the Trainer clears the model's before its first step
             return super().train(resume_from_checkpoint or None, *args, **kwargs)
         except RuntimeError as error:  # a failed collective is one (torch.distributed.DistError among them)
             if not self.world.distributed or isinstance(error, PeerLost) or not collective_failed(error):
                 raise
-            raise self._peer_lost(error) from error
-
-    def _peer_lost(self, error: BaseException) -> PeerLost:
-        """What this rank says when a collective failed: where it stopped, what is kept, how to go on."""
-        if self._last_checkpoint is None:
-            kept, resume = "no checkpoint was written yet", "(there is nothing to resume from)"
-        else:
-            kept = f"the last checkpoint is {self._last_checkpoint}"
-            resume = "with the script calling trainer.train(resume_from_checkpoint=True)"
-        cause = str(error).strip().splitlines()
-        return PeerLost(
-            f"rank {self.world.rank}: another process of this run stopped or stopped answering (no reply within "
-            f"ddp_timeout {self.args.ddp_timeout:g} s) at global step {self.state.global_step}; {kept}; see that "
-            f"process's own message for why, then start the same torchrun command again {resume}. "
-            f"({cause[0] if cause else type(error).__name__})")
+            raise peer_lost(self.world, error, self._last_checkpoint, self.args.ddp_timeout,
+                            self.state.global_step) from error
 
     def sage_state_dict(self) -> dict:
         synthesis = {"synthesizer": None} if self.session is None else self.session.state_dict()
@@ -349,18 +304,6 @@ class SAGEDistillTrainer(Trainer):
         self.sage_examples_seen = dict(state["examples_seen"])
 
     # ------------------------------------------------------------------ synthesis
-    def _vector_inputs(self, model, vectors, mask, token_type_ids=None) -> dict:
-        """Keyword arguments that feed ``model`` vectors instead of token ids. Models that number
-        positions from the padding (RoBERTa, MPNet) get the position ids ``input_ids`` would give."""
-        inputs = {"inputs_embeds": vectors, "attention_mask": mask}
-        embeddings = getattr(getattr(model, "base_model", model), "embeddings", None)
-        if embeddings is not None and hasattr(embeddings, "create_position_ids_from_inputs_embeds"):
-            valid = mask.long()
-            inputs["position_ids"] = torch.cumsum(valid, dim=1) * valid + embeddings.padding_idx
-        if token_type_ids is not None:
-            inputs["token_type_ids"] = token_type_ids
-        return inputs
-
     def _vectors_of(self, ids: torch.Tensor):
         """Teacher-space vectors and masks of training rows, fetched by position, padded to the
         longest (the synthesizer's ``vectors_of``)."""
@@ -391,7 +334,7 @@ class SAGEDistillTrainer(Trainer):
         """The teacher's logits and the hidden layers the loss reads on synthetic vectors (the
         session's ``label``)."""
         def forward(vectors, mask, output_hidden_states):
-            return self.teacher(**self._vector_inputs(self.teacher, vectors, mask),
+            return self.teacher(**vector_inputs(self.teacher, vectors, mask),
                                 output_hidden_states=output_hidden_states, return_dict=True)
 
         return label_in_chunks(forward, vectors, mask, self.sage_loss.teacher_layers_needed,
@@ -477,7 +420,7 @@ class SAGEDistillTrainer(Trainer):
             batch = self._mixed_batch(model_inputs, teacher_outputs, labels, synthetic)
             attention_mask, labels = batch.mask, batch.labels
             # self.model, not model, is asked how it numbers positions: model may be a wrapper.
-            student_outputs = model(**self._vector_inputs(self.model, batch.vectors, batch.mask, batch.token_types),
+            student_outputs = model(**vector_inputs(self.model, batch.vectors, batch.mask, batch.token_types),
                                     output_hidden_states=True)
             result = self.sage_loss(student_outputs, {"logits": batch.logits, "hidden_states": batch.hidden or None},
                                     labels=labels, attention_mask=attention_mask)

@@ -27,8 +27,9 @@ MODES = ("sage", "kd", "random", "inverse")
 POOL_POLICIES = ("fifo", "reservoir")
 PARTNERS = ("neighbours", "boundary", "same-label")
 PROFILE_SIGNALS = ("loss", "disagreement", "trusted")
-# Settings known by an older name: still read from config files, saved runs (--resume) and flags.
-RENAMED = {"train_limit": "max_train_examples", "eval_limit": "max_eval_examples", "warmup_fraction": "warmup_ratio"}
+# The names transformers.TrainingArguments gives some settings: read as flags and config keys too.
+TRAINING_ARGUMENTS_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs",
+                            "gradient_accumulation_steps": "grad_accumulation", "logging_steps": "log_every"}
 
 
 class ConfigError(UsageError, ValueError):
@@ -76,8 +77,9 @@ class DistillConfig:
     # --- optimisation ---
     epochs: int = _opt(3, "passes over the training data")
     max_steps: int | None = _opt(None, "stop after this many optimiser steps in total (unset: epochs decide)")
-    batch_size: int = _opt(32, "real examples per optimizer step, over all processes and micro-batches (under "
-                                "torchrun each process trains on its share, so the same command gives the same run)")
+    batch_size: int = _opt(32, "the global batch: real examples per optimizer step over all processes and "
+                                "micro-batches (under torchrun each process trains on its share, so the same command "
+                                "gives the same run)")
     grad_accumulation: int = _opt(1, "micro-batches each process splits its share of a step into (gradient "
                                      "accumulation): the same step in less memory")
     eval_batch_size: int = _opt(128, "examples per forward pass in evaluation and teacher labelling")
@@ -279,11 +281,11 @@ def check_folder(flag: str, path) -> Path:
 
 
 def canonical(values: dict[str, Any]) -> dict[str, Any]:
-    """``values`` with keys as setting names: ``-`` read as ``_``, older names as their new ones."""
+    """``values`` with keys as setting names: ``-`` read as ``_``, TrainingArguments names as ours."""
     out = {}
     for key, value in values.items():
         key = str(key).replace("-", "_")
-        out[RENAMED.get(key, key)] = value
+        out[TRAINING_ARGUMENTS_NAMES.get(key, key)] = value
     return out
 
 
