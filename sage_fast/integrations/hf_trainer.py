@@ -42,9 +42,10 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
         "sage_fast.integrations.hf_trainer needs transformers: pip install 'sage-fast[train]'"
     ) from err
 
-from .. import _checks
+from ..assets import cache_root
 from ..distributed import PeerLost, collective_failed, current_world
 from ..nn.sage_loss import SAGELoss, SAGELossConfig
+from ..regions import use_compilation_cache
 from ..synthesis import (Batch, RoundRecord, SAGESynthesizer, SessionSettings, SynthesisConfig, SynthesisSession,
                          label_in_chunks, mix)
 
@@ -212,6 +213,7 @@ class SAGEDistillTrainer(Trainer):
         return synthesis
 
     def _make_session(self, synthesizer: SAGESynthesizer, settings: SessionSettings) -> SynthesisSession:
+        use_compilation_cache(cache_root() / "numba")
         plot_path = None
         if self.loss_maps and self.world.is_main:  # every rank's map is the same: one draws it
             plot_path = lambda number: Path(self.args.output_dir) / "loss_maps" / f"round{number:03d}.png"  # noqa: E731

@@ -38,7 +38,8 @@ from ..distributed import (SINGLE, DistributedError, PeerLost, World, close_worl
                            launched_world)
 from ..distributed import split_sizes as part_sizes  # how a step's rows[j::parts] are dealt out
 from ..errors import UsageError
-from ..regions import warm_up_in_background
+from ..assets import cache_root
+from ..regions import use_compilation_cache, warm_up_in_background
 from ..synthesis import Batch, RoundRecord, SAGESynthesizer, SynthesisSession, mix
 from . import DataError, require_transformers
 from . import checkpoint as ckpt
@@ -150,10 +151,6 @@ class ModeRun:
                                    seconds=self.timer.seconds)
         session.start(self.steps_per_epoch, self.total_steps)
         return session
-
-    @property
-    def synthesizer(self) -> SAGESynthesizer | None:
-        return None if self.session is None else self.session.synthesizer
 
     @property
     def analysis_rounds(self) -> int:
@@ -446,6 +443,7 @@ def run(config: DistillConfig, *, resume: bool = False, log=print,
     every step (DDP), rank 0 writes the files (lock, config, metrics, checkpoints, pictures, results)
     and logs; the others stay quiet. On one process nothing of this applies. ``callbacks``: see the
     module docstring."""
+    use_compilation_cache(cache_root() / "numba")
     world = launched_world()
     device = rank_device(config, world)
     world = init_world(device, timeout=config.dist_timeout)
