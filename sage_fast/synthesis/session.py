@@ -97,7 +97,7 @@ class RoundSchedule:
     def due(self, step: int) -> bool:
         """Whether a round starts after ``step``; none after the last step, where nothing would
         train on what it makes."""
-        return step % self.interval == 0 and step < self.total_steps
+        return 0 < step < self.total_steps and step % self.interval == 0
 
     def lag_at(self, step: int) -> int:
         return min(self.lag, self.total_steps - 1 - step)

@@ -633,7 +633,7 @@ class SAGESynthesizer:
     def load_state_dict(self, state: Mapping) -> None:
         if not isinstance(state, Mapping):
             raise ValueError(f"state must be a dict from state_dict(), got {type(state).__name__}")
-        missing = sorted({"rounds", "profile", "pool", "pool_generator", "analysis_generator"} - set(state))
+        missing = sorted({"rounds", "profile", "classes", "pool", "pool_generator", "analysis_generator"} - set(state))
         if missing:
             raise ValueError(f"state is missing {missing}: give a dict from SAGESynthesizer.state_dict()")
         if state.get("format", STATE_FORMAT) != STATE_FORMAT:
@@ -645,8 +645,7 @@ class SAGESynthesizer:
         if changed:
             raise ValueError(f"state was saved with {', '.join(changed)}; build the synthesizer with the same settings")
         self.profile.load_state_dict(state["profile"])
-        if "classes" in state:  # states written before classes were kept have none: all unknown
-            self.classes.copy_(_checks.tensor("state['classes']", state["classes"], ndim=1))
+        self.classes.copy_(_checks.tensor("state['classes']", state["classes"], ndim=1))
         self.pool.load_state_dict(state["pool"], device=self.device)
         self.pool_generator.set_state(state["pool_generator"])
         self.analysis_generator.set_state(state["analysis_generator"])
