@@ -190,23 +190,9 @@ class DistillConfig:
         number("lam_high", 0.0, 1.0)
         number("noise_std", 0.0, math.inf, hi_open=True)
         number("dist_timeout", 0.0, math.inf, lo_open=True, hi_open=True)
-        if self.batch_size % self.grad_accumulation:
-            raise ConfigError(f"batch-size ({self.batch_size}) must be a multiple of grad-accumulation "
-                              f"({self.grad_accumulation}): each micro-batch takes an equal share of the step")
         if self.profile_decay is not None:
             number("profile_decay", 0.0, 1.0, lo_open=True)
-        if self.partners != "neighbours" and "inverse" in [self.mode, *self.compare]:
-            raise ConfigError(f"partners {self.partners!r} picks among map neighbours, while mode 'inverse' finds partners "
-                              "through the map's inverse: leave inverse out of --mode/--compare, or use "
-                              "--partners neighbours")
-        if self.lam_low > self.lam_high:
-            raise ConfigError(f"lam-low ({self.lam_low}) must not exceed lam-high ({self.lam_high})")
-        if self.pool_size < self.synthetic_per_round:
-            raise ConfigError(
-                f"pool-size ({self.pool_size}) must be at least synthetic-per-round ({self.synthetic_per_round}): "
-                "otherwise each round would push out examples it has just made")
-        if self.eval_file is not None and self.train_file is None:
-            raise ConfigError("eval-file was given without train-file; give both, or neither to use --task")
+        self._check_combinations()
         if not isinstance(self.student, str) or not self.student:
             raise bad("student", "a model folder, hub id, config file or 'from-teacher:K'", self.student)
         if self.student.startswith("from-teacher"):
@@ -221,6 +207,24 @@ class DistillConfig:
         if self.cache_dir:
             check_folder("cache-dir", self.cache_dir)
         return self
+
+    def _check_combinations(self) -> None:
+        """Settings that are fine alone but cannot work together."""
+        if self.batch_size % self.grad_accumulation:
+            raise ConfigError(f"batch-size ({self.batch_size}) must be a multiple of grad-accumulation "
+                              f"({self.grad_accumulation}): each micro-batch takes an equal share of the step")
+        if self.partners != "neighbours" and "inverse" in [self.mode, *self.compare]:
+            raise ConfigError(f"partners {self.partners!r} picks among map neighbours, while mode 'inverse' finds partners "
+                              "through the map's inverse: leave inverse out of --mode/--compare, or use "
+                              "--partners neighbours")
+        if self.lam_low > self.lam_high:
+            raise ConfigError(f"lam-low ({self.lam_low}) must not exceed lam-high ({self.lam_high})")
+        if self.pool_size < self.synthetic_per_round:
+            raise ConfigError(
+                f"pool-size ({self.pool_size}) must be at least synthetic-per-round ({self.synthetic_per_round}): "
+                "otherwise each round would push out examples it has just made")
+        if self.eval_file is not None and self.train_file is None:
+            raise ConfigError("eval-file was given without train-file; give both, or neither to use --task")
 
     def _check_types(self) -> None:
         """Text settings must be text and switches true or false: a config file can hold anything,

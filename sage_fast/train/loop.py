@@ -34,19 +34,20 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..assets import cache_root
 from ..distributed import (SINGLE, DistributedError, PeerLost, World, close_world, collective_failed, init_world,
                            launched_world)
 from ..distributed import split_sizes as part_sizes  # how a step's rows[j::parts] are dealt out
 from ..errors import UsageError
-from ..assets import cache_root
 from ..regions import use_compilation_cache, warm_up_in_background
 from ..synthesis import Batch, RoundRecord, SAGESynthesizer, SynthesisSession, mix
-from . import DataError, require_transformers
+from . import DataError
 from . import checkpoint as ckpt
 from .config import DistillConfig
 from .metrics import MetricsLog, Timer, format_table
 from .models import _first_line, save_interface
 from .run_lock import RunLock
+from .schedule import linear_schedule
 from .setup import Setup, build_setup, rank_device, session_settings, synthesis_config
 from .stopping import StopRequest, TrainingInterrupted, sigterm_stops
 from .student import Student, StudentStep, no_buffer_sync_per_forward
@@ -58,23 +59,6 @@ RANK_SEED_STRIDE = 1_000_003  # rank r's torch / numpy / python streams start at
 class NonFiniteTraining(RuntimeError):
     """The training loss or the weights became non-finite: the run stopped and kept its last
     checkpoint; the message names the mode and the step."""
-
-
-
-def linear_schedule(optimizer, total_steps: int, warmup_ratio: float, *, done_steps: int = 0):
-    """Linear warm-up over ``int(warmup_ratio * total_steps)`` steps, then linear decay to 0, for an
-    optimizer that has taken ``done_steps`` steps (a resumed or stretched run).
-
-    This is transformers' ``get_linear_schedule_with_warmup`` one step ahead (``warmup + 1`` and
-    ``total_steps + 1`` steps, started at step 1): theirs gives step ``s`` the factor ``s / warmup``,
-    so the first step trains at a learning rate of 0; here step ``s`` gets ``(s + 1) / (warmup + 1)``
-    in the warm-up and ``(total - s) / (total - warmup)`` after it."""
-    transformers = require_transformers()  # imported on use: the driver's optional dependency
-    warmup = int(warmup_ratio * total_steps)
-    for group in optimizer.param_groups:  # a scheduler started past step 0 needs the base rate
-        group.setdefault("initial_lr", group["lr"])
-    return transformers.get_linear_schedule_with_warmup(optimizer, warmup + 1, total_steps + 1,
-                                                        last_epoch=done_steps)
 
 
 

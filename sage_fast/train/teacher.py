@@ -128,6 +128,7 @@ def fine_tune_teacher(base: str, data: TaskData, *, settings: TeacherSettings | 
     from tqdm.auto import tqdm
 
     from .models import load_classifier, load_tokenizer
+    from .schedule import linear_schedule
 
     settings = settings or TeacherSettings()
     settings.check()
@@ -146,15 +147,12 @@ def fine_tune_teacher(base: str, data: TaskData, *, settings: TeacherSettings | 
 
     steps_per_epoch = math.ceil(len(data.train) / settings.batch_size)
     total_steps = max(1, math.ceil(settings.epochs * steps_per_epoch))
-    warmup = int(settings.warmup_ratio * total_steps)
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         (no_decay if parameter.dim() < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(parameter)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: (step + 1) / (warmup + 1) if step < warmup
-        else max(0.0, (total_steps - step) / max(1, total_steps - warmup)))
+    schedule = linear_schedule(optimizer, total_steps, settings.warmup_ratio)
     generator = torch.Generator().manual_seed(settings.seed)
 
     started = time.perf_counter()
