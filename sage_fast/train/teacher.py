@@ -83,17 +83,6 @@ def _cached(folder: Path) -> bool:
     return (folder / METRICS_FILE).is_file() and (folder / "config.json").is_file()
 
 
-def _older_cached_folder(root: Path, base: str, data: TaskData, settings: TeacherSettings) -> Path | None:
-    """Where a packaged model's teacher was cached when the key held the package's install path."""
-    from ..assets import package_release
-    from .models import resolve_model_path
-
-    if package_release(base) is None:
-        return None
-    folder = root / _key(base, resolve_model_path(base), data, settings)
-    return folder if _cached(folder) else None
-
-
 def _batches(encoded: dict, batch_size: int, order: torch.Tensor):
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
@@ -135,10 +124,9 @@ def fine_tune_teacher(base: str, data: TaskData, *, settings: TeacherSettings | 
     root = check_folder("cache-dir", teachers_root(cache_dir))
     folder = root / teacher_key(base, data, settings)
     if not force:
-        hit = folder if _cached(folder) else _older_cached_folder(root, base, data, settings)
-        if hit is not None:
-            log(f"teacher cache hit: {hit}")
-            return hit
+        if _cached(folder):
+            log(f"teacher cache hit: {folder}")
+            return folder
     device = resolve_device(device)
     torch.manual_seed(settings.seed)
     tokenizer = load_tokenizer(base)
