@@ -23,7 +23,7 @@ from ..errors import UsageError
 from .data import TASKS
 
 MODES = ("sage", "kd", "random", "inverse")
-# The synthesizer's own choices, repeated so that reading a config imports no torch (a test keeps them equal).
+# The synthesis session's own choices, repeated so that reading a config imports no torch (a test keeps them equal).
 POOL_POLICIES = ("fifo", "reservoir")
 PARTNERS = ("neighbours", "boundary", "same-label")
 PROFILE_SIGNALS = ("loss", "disagreement", "trusted")

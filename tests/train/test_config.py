@@ -126,4 +126,5 @@ def test_the_config_offers_the_synthesizer_s_own_choices():
 
     assert config_module.PARTNERS == synthesis.PARTNERS
     assert config_module.POOL_POLICIES == synthesis.POLICIES
+    assert config_module.PROFILE_SIGNALS == synthesis.PROFILE_SIGNALS
     assert set(config_module.MODES) == set(synthesis.MODES) | {"kd"}
