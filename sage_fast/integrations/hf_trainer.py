@@ -365,10 +365,11 @@ class SAGEDistillTrainer(Trainer):
                 labels, ids = inputs.pop("labels", None), inputs.pop(self.example_id_column)
                 teacher_outputs = self.teacher(**inputs, output_hidden_states=self.sage_loss.config.beta > 0)
                 out = model(**inputs, output_hidden_states=True)
-                result = self.sage_loss(out, teacher_outputs, labels=labels, attention_mask=inputs.get("attention_mask"))
+                mask = inputs.get("attention_mask")
+                result = self.sage_loss(out, teacher_outputs, labels=labels, attention_mask=mask)
                 signal, embeddings = self.session.profile_rows(result.per_example, out["logits"],
                                                                teacher_outputs["logits"], labels,
-                                                               out["hidden_states"][-1], inputs.get("attention_mask"))
+                                                               out["hidden_states"][-1], mask)
                 yield ids, signal, embeddings
         finally:
             model.train(was_training)

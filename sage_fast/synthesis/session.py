@@ -167,7 +167,8 @@ def mix(real: Batch, synthetic: SyntheticRows | None, ignore_index: int, width: 
     labels = real.labels
     if labels is None:
         labels = torch.full((n_real,), ignore_index, dtype=torch.long, device=real.vectors.device)
-    vectors, mask, logits, hidden, token_types = real.vectors, real.mask, real.logits, dict(real.hidden), real.token_types
+    vectors, mask, logits, token_types = real.vectors, real.mask, real.logits, real.token_types
+    hidden = dict(real.hidden)
     if synthetic is not None:
         full = max(vectors.shape[1], synthetic.vectors.shape[1])
         vectors = torch.cat([pad_tokens(vectors, full), pad_tokens(synthetic.vectors.to(vectors), full)])

@@ -1,5 +1,5 @@
-"""The SAGE training driver (see DESIGN.md, "The SAGE loop"): one mode's optimizer step,
-evaluation and checkpoints, and the run of every mode.
+"""The SAGE training driver (the README's "The driver"): one mode's optimizer step, evaluation and
+checkpoints, and the run of every mode.
 
 Per step: a batch of real examples, whose teacher outputs come from the on-disk cache, mixed with
 synthetic rows from the synthesis session's pool; ``SAGELoss`` on both; the real rows' profile
@@ -150,7 +150,9 @@ class ModeRun:
         return self.out_dir / ckpt.CHECKPOINT_NAME
 
     def state_dict(self) -> dict:
-        synthesis = {"synthesizer": None, "round_in_flight": None} if self.session is None else self.session.state_dict()
+        synthesis = {"synthesizer": None, "round_in_flight": None}
+        if self.session is not None:
+            synthesis = self.session.state_dict()
         return {
             "format": ckpt.FORMAT_VERSION, "mode": self.mode, "config": self.config.to_dict(),
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,

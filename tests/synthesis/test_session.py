@@ -58,9 +58,11 @@ def test_mix_pads_joins_and_trims_like_a_plain_reference(seed, real_width, synth
         return torch.cat([t.double(), t.new_zeros(t.shape[0], full - t.shape[1], *t.shape[2:]).double()], 1)
 
     torch.testing.assert_close(out.vectors, torch.cat([padded(real.vectors), padded(synthetic.vectors)])[:, :width])
-    torch.testing.assert_close(out.hidden[1], torch.cat([padded(real.hidden[1]), padded(synthetic.hidden[1])])[:, :width])
+    hidden = torch.cat([padded(real.hidden[1]), padded(synthetic.hidden[1])])
+    torch.testing.assert_close(out.hidden[1], hidden[:, :width])
     assert torch.equal(out.mask, torch.cat([padded(real.mask), padded(synthetic.mask)]).long()[:, :width])
-    assert torch.equal(out.token_types, torch.cat([padded(real.token_types), torch.zeros(m, full).double()]).long()[:, :width])
+    token_types = torch.cat([padded(real.token_types), torch.zeros(m, full).double()]).long()
+    assert torch.equal(out.token_types, token_types[:, :width])
     assert out.labels.tolist() == [0, 1, 1, 1, -100] and out.n_real == n
     torch.testing.assert_close(out.logits, torch.cat([real.logits, synthetic.logits.double()]))
     alone = mix(real, None, ignore_index=-100)

@@ -128,3 +128,18 @@ def test_the_config_offers_the_synthesizer_s_own_choices():
     assert config_module.POOL_POLICIES == synthesis.POLICIES
     assert config_module.PROFILE_SIGNALS == synthesis.PROFILE_SIGNALS
     assert set(config_module.MODES) == set(synthesis.MODES) | {"kd"}
+
+
+def test_training_arguments_flags_set_our_settings_and_help_says_the_batch_is_global(capsys):
+    from sage_fast.cli import build_parser
+    from sage_fast.commands.distill import resolve_config
+
+    args = build_parser().parse_args(["distill", "--learning-rate", "3e-4", "--num-train-epochs", "2",
+                                      "--gradient-accumulation-steps", "4", "--logging-steps", "5"])
+    config = resolve_config(args)
+    assert (config.lr, config.epochs, config.grad_accumulation, config.log_every) == (3e-4, 2, 4, 5)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["distill", "--help"])
+    assert "the global batch" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["distill", "--warmup-fraction", "0.1"])
