@@ -23,12 +23,13 @@ from ..errors import UsageError
 from .data import TASKS
 
 MODES = ("sage", "kd", "random", "inverse")
-# The synthesizer's own choices, repeated so that reading a config imports no torch (a test keeps them equal).
+# The synthesis session's own choices, repeated so that reading a config imports no torch (a test keeps them equal).
 POOL_POLICIES = ("fifo", "reservoir")
 PARTNERS = ("neighbours", "boundary", "same-label")
 PROFILE_SIGNALS = ("loss", "disagreement", "trusted")
-# Settings known by an older name: still read from config files, saved runs (--resume) and flags.
-RENAMED = {"train_limit": "max_train_examples", "eval_limit": "max_eval_examples", "warmup_fraction": "warmup_ratio"}
+# The names transformers.TrainingArguments gives some settings: read as flags and config keys too.
+TRAINING_ARGUMENTS_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs",
+                            "gradient_accumulation_steps": "grad_accumulation", "logging_steps": "log_every"}
 
 
 class ConfigError(UsageError, ValueError):
@@ -76,8 +77,9 @@ class DistillConfig:
     # --- optimisation ---
     epochs: int = _opt(3, "passes over the training data")
     max_steps: int | None = _opt(None, "stop after this many optimiser steps in total (unset: epochs decide)")
-    batch_size: int = _opt(32, "real examples per optimizer step, over all processes and micro-batches (under "
-                                "torchrun each process trains on its share, so the same command gives the same run)")
+    batch_size: int = _opt(32, "the global batch: real examples per optimizer step over all processes and "
+                                "micro-batches (under torchrun each process trains on its share, so the same command "
+                                "gives the same run)")
     grad_accumulation: int = _opt(1, "micro-batches each process splits its share of a step into (gradient "
                                      "accumulation): the same step in less memory")
     eval_batch_size: int = _opt(128, "examples per forward pass in evaluation and teacher labelling")
@@ -188,23 +190,9 @@ class DistillConfig:
         number("lam_high", 0.0, 1.0)
         number("noise_std", 0.0, math.inf, hi_open=True)
         number("dist_timeout", 0.0, math.inf, lo_open=True, hi_open=True)
-        if self.batch_size % self.grad_accumulation:
-            raise ConfigError(f"batch-size ({self.batch_size}) must be a multiple of grad-accumulation "
-                              f"({self.grad_accumulation}): each micro-batch takes an equal share of the step")
         if self.profile_decay is not None:
             number("profile_decay", 0.0, 1.0, lo_open=True)
-        if self.partners != "neighbours" and "inverse" in [self.mode, *self.compare]:
-            raise ConfigError(f"partners {self.partners!r} picks among map neighbours, while mode 'inverse' finds partners "
-                              "through the map's inverse: leave inverse out of --mode/--compare, or use "
-                              "--partners neighbours")
-        if self.lam_low > self.lam_high:
-            raise ConfigError(f"lam-low ({self.lam_low}) must not exceed lam-high ({self.lam_high})")
-        if self.pool_size < self.synthetic_per_round:
-            raise ConfigError(
-                f"pool-size ({self.pool_size}) must be at least synthetic-per-round ({self.synthetic_per_round}): "
-                "otherwise each round would push out examples it has just made")
-        if self.eval_file is not None and self.train_file is None:
-            raise ConfigError("eval-file was given without train-file; give both, or neither to use --task")
+        self._check_combinations()
         if not isinstance(self.student, str) or not self.student:
             raise bad("student", "a model folder, hub id, config file or 'from-teacher:K'", self.student)
         if self.student.startswith("from-teacher"):
@@ -219,6 +207,24 @@ class DistillConfig:
         if self.cache_dir:
             check_folder("cache-dir", self.cache_dir)
         return self
+
+    def _check_combinations(self) -> None:
+        """Settings that are fine alone but cannot work together."""
+        if self.batch_size % self.grad_accumulation:
+            raise ConfigError(f"batch-size ({self.batch_size}) must be a multiple of grad-accumulation "
+                              f"({self.grad_accumulation}): each micro-batch takes an equal share of the step")
+        if self.partners != "neighbours" and "inverse" in [self.mode, *self.compare]:
+            raise ConfigError(f"partners {self.partners!r} picks among map neighbours, while mode 'inverse' finds partners "
+                              "through the map's inverse: leave inverse out of --mode/--compare, or use "
+                              "--partners neighbours")
+        if self.lam_low > self.lam_high:
+            raise ConfigError(f"lam-low ({self.lam_low}) must not exceed lam-high ({self.lam_high})")
+        if self.pool_size < self.synthetic_per_round:
+            raise ConfigError(
+                f"pool-size ({self.pool_size}) must be at least synthetic-per-round ({self.synthetic_per_round}): "
+                "otherwise each round would push out examples it has just made")
+        if self.eval_file is not None and self.train_file is None:
+            raise ConfigError("eval-file was given without train-file; give both, or neither to use --task")
 
     def _check_types(self) -> None:
         """Text settings must be text and switches true or false: a config file can hold anything,
@@ -279,11 +285,11 @@ def check_folder(flag: str, path) -> Path:
 
 
 def canonical(values: dict[str, Any]) -> dict[str, Any]:
-    """``values`` with keys as setting names: ``-`` read as ``_``, older names as their new ones."""
+    """``values`` with keys as setting names: ``-`` read as ``_``, TrainingArguments names as ours."""
     out = {}
     for key, value in values.items():
         key = str(key).replace("-", "_")
-        out[RENAMED.get(key, key)] = value
+        out[TRAINING_ARGUMENTS_NAMES.get(key, key)] = value
     return out
 
 
