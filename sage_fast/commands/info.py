@@ -8,9 +8,10 @@ import platform
 from .. import __version__
 from .._backend import decide, interpreter_enabled
 
-OPS = ("kd_loss", "align_loss", "interpolate")
+# fused_linear_kd_loss runs its head GEMMs in torch and each chunk's loss on kd_loss's path
+OPS = ("kd_loss", "fused_linear_kd_loss", "align_loss", "interpolate")
 PACKAGES = ("torch", "triton", "numpy", "transformers", "datasets", "umap-learn", "cupy-cuda12x", "cuml-cu12",
-            "matplotlib", "liger-kernel")
+            "cupy-cuda13x", "cuml-cu13", "matplotlib", "liger-kernel", "trl")
 
 
 def _version(dist: str) -> str:
@@ -35,7 +36,7 @@ def report() -> str:
     for device in devices:
         d = decide(device)
         for op in OPS:
-            lines.append(f"  {op:<12} {device:<7} -> {d.backend:<6} ({d.reason})")
+            lines.append(f"  {op:<20} {device:<7} -> {d.backend:<6} ({d.reason})")
     try:
         regions = importlib.import_module("sage_fast.regions")
         describe = getattr(regions, "describe_backends", None)
