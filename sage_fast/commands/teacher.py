@@ -51,5 +51,10 @@ def run(args) -> int:
     if metrics:
         print(f"validation accuracy {metrics['validation_accuracy']:.4f}  test accuracy {metrics['test_accuracy']:.4f}  "
               f"({metrics['train_examples']} examples, {metrics['steps']} steps, {metrics['train_seconds']} s)")
+        from ..train.label_identity import below_chance
+
+        warning = below_chance(metrics.get("validation_accuracy"), data.num_labels, "validation", "the teacher")
+        if warning:
+            print(f"warning: {warning}")
     print(folder)
     return 0

@@ -84,6 +84,22 @@ class TaskData:
             digest.update(json.dumps([name, split.texts, split.text_pairs, split.labels]).encode())
         return digest.hexdigest()[:16]
 
+    def renumbered(self, order: list[int]) -> "TaskData":
+        """The same rows with label ``i`` numbered ``order[i]`` (a permutation), and the label names
+        in the new order: the data in another model's class order."""
+        if sorted(order) != list(range(self.num_labels)):
+            raise DataError(f"a renumbering of {self.num_labels} labels must be a permutation of 0..{self.num_labels - 1}, "
+                            f"got {order}")
+        names = [""] * self.num_labels
+        for old, new in enumerate(order):
+            names[new] = self.label_names[old]
+
+        def moved(split: Split) -> Split:
+            return Split(list(split.texts), [order[label] for label in split.labels],
+                         None if split.text_pairs is None else list(split.text_pairs), list(split.ids))
+
+        return TaskData(self.task, moved(self.train), moved(self.validation), moved(self.test), names)
+
     def summary(self) -> str:
         sizes = ", ".join(f"{name} {len(split)}" for name, split in self.splits().items())
         return f"{self.task}: {sizes}; labels {self.label_names}"

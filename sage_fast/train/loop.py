@@ -44,7 +44,7 @@ from ..synthesis import (BackgroundRounds, RoundRecord, SAGESynthesizer, Synthes
                          partner_classes, used_lengths)
 from . import DataError, ModelError, require_transformers
 from . import checkpoint as ckpt
-from . import teacher_cache
+from . import label_identity, teacher_cache
 from .config import DistillConfig
 from .data import encode, load_task
 from .metrics import MetricsLog, Timer, format_table
@@ -98,6 +98,7 @@ class Setup:
     layer_map: dict[int, int]
     teacher_metrics: dict = field(default_factory=dict)
     world: World = SINGLE
+    warnings: list = field(default_factory=list)  # said in the log and again under the results table
 
 
 def _check_teacher_labels(teacher, num_labels: int, name: str) -> None:
@@ -135,11 +136,13 @@ def build_setup(config: DistillConfig, log=print, *, world: World = SINGLE, devi
                 "information (fine-tune it first: sage-fast teacher)")
     teacher = load_classifier(teacher_name, data.num_labels).to(device).eval().requires_grad_(False)
     _check_teacher_labels(teacher, data.num_labels, teacher_name)
+    data = label_identity.align_to_teacher(data, teacher.config, teacher_name, log)
     tokenizer = load_tokenizer(teacher_name)
     encoded = {name: encode(split, tokenizer, config.max_length) for name, split in data.splits().items()}
 
     torch.manual_seed(config.seed)
     student = build_student(config.student, teacher, data.num_labels).to(device)
+    label_identity.name_classes(student.config, data.label_names)
     layer_map = SAGELossConfig(num_student_layers=student.config.num_hidden_layers,
                                num_teacher_layers=teacher.config.num_hidden_layers).resolved_layer_map()
     teacher_layers = sorted(set(layer_map.values())) if config.beta > 0 else []
@@ -166,8 +169,9 @@ def build_setup(config: DistillConfig, log=print, *, world: World = SINGLE, devi
     for name in ("validation", "test"):
         predicted = outputs[name]["logits"].argmax(-1)
         teacher_metrics[f"{name}_accuracy_vector"] = float((predicted == encoded[name]["labels"]).float().mean())
+    warnings = label_identity.teacher_warnings(teacher_metrics, data, teacher_name, log)
     return Setup(config, device, data, tokenizer, teacher, teacher_name, encoded, outputs, teacher_layers,
-                 student, layer_map, teacher_metrics, world)
+                 student, layer_map, teacher_metrics, world, warnings)
 
 
 def build_student(spec: str, teacher, num_labels: int):
