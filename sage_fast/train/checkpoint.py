@@ -46,8 +46,8 @@ def save_atomic(obj, path: str | Path) -> Path:
 
 
 def remove_stale_temporaries(directory: str | Path, name: str = CHECKPOINT_NAME) -> list[Path]:
-    """Delete the temporaries that ``save_atomic`` left in ``directory`` for ``name`` when its writer
-    was killed mid-write; returns them. One whose writer (named in the file name) still runs on this
+    """Delete the temporaries that ``save_atomic`` left in ``directory`` for ``name`` (a file name, or
+    a glob of file names) when its writer was killed mid-write; returns them. One whose writer (named in the file name) still runs on this
     host is kept: it may be a write in progress. One without a writer in its name was left by an
     earlier version of this module and is removed too: call this where no such version can be
     writing (the driver does while it holds the run folder's lock)."""
@@ -56,7 +56,9 @@ def remove_stale_temporaries(directory: str | Path, name: str = CHECKPOINT_NAME)
     if not directory.is_dir():
         return removed
     for tmp in directory.glob(f".{name}.*.tmp"):
-        writer = tmp.name[len(name) + 2:].split(".")[0]
+        # ".<name>.<pid>.<random>.tmp", and mkstemp's random part holds no dot: the writer is the
+        # second part from the end, whatever ``name`` is (a glob such as "teacher-*.pt" too).
+        writer = tmp.name[:-len(".tmp")].split(".")[-2]
         if writer.isdigit() and process_alive(int(writer)):
             continue
         tmp.unlink(missing_ok=True)

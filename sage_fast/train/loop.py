@@ -163,7 +163,8 @@ def build_setup(config: DistillConfig, log=print, *, world: World = SINGLE, devi
             key = teacher_cache.cache_key(identity, data.fingerprint(), name, config.max_length, layers)
             outputs[name], hit = teacher_cache.load_or_compute(
                 cache_dir, key, lambda: teacher_cache.compute(forward, encoded[name], layers, config.eval_batch_size,
-                                                              device, config.progress, f"teacher outputs ({name})"))
+                                                              device, config.progress, f"teacher outputs ({name})"),
+                teacher=teacher_name, split=name)
             if hit:
                 log(f"teacher outputs for {name} from the cache ({cache_dir})")
     for name in ("validation", "test"):

@@ -79,8 +79,53 @@ def _key(base: str, identity: str, data: TaskData, settings: TeacherSettings) ->
     return f"{stem}-{data.task}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 
 
+class TeacherDiverged(ModelError):
+    """The teacher's fine-tuning gave a non-finite loss or non-finite weights; nothing was cached."""
+
+
 def _cached(folder: Path) -> bool:
     return (folder / METRICS_FILE).is_file() and (folder / "config.json").is_file()
+
+
+def _weights_finite(folder: Path) -> bool:
+    """Whether every weight saved in ``folder`` is finite (a folder whose weights cannot be read is
+    left to the loader, which says what is wrong with it)."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        return True
+    for path in folder.glob("*.safetensors"):
+        try:
+            tensors = load_file(str(path))
+        except Exception:  # noqa: BLE001 - a damaged file is the loader's to report
+            return True
+        if not all(bool(t.isfinite().all()) for t in tensors.values() if t.is_floating_point()):
+            return False
+    return True
+
+
+# A staging folder is ".<key>.<pid>.<random>": a killed writer's is found and removed by its pid.
+def _staging_prefix(folder: Path) -> str:
+    return f".{folder.name}.{os.getpid()}."
+
+
+def remove_stale_staging(root: Path, log=print) -> list[Path]:
+    """Remove the staging folders of teacher writes whose process is gone (a killed ``sage-fast
+    teacher`` leaves a whole model copy behind); one whose writer still runs is kept."""
+    from .run_lock import process_alive
+
+    removed = []
+    if not root.is_dir():
+        return removed
+    for staging in root.glob(".*"):
+        parts = staging.name.split(".")
+        if not staging.is_dir() or len(parts) < 4 or not parts[-2].isdigit() or process_alive(int(parts[-2])):
+            continue
+        shutil.rmtree(staging, ignore_errors=True)
+        removed.append(staging)
+    if removed:
+        log(f"removed {len(removed)} unfinished teacher folder(s) that killed runs left in {root}")
+    return removed
 
 
 def _older_cached_folder(root: Path, base: str, data: TaskData, settings: TeacherSettings) -> Path | None:
@@ -133,8 +178,13 @@ def fine_tune_teacher(base: str, data: TaskData, *, settings: TeacherSettings | 
     settings.check()
     root = check_folder("cache-dir", teachers_root(cache_dir))
     folder = root / teacher_key(base, data, settings)
+    remove_stale_staging(root, log)
+    replace = force or folder.exists()  # a folder there but not used (damaged, diverged) is replaced
     if not force:
         hit = folder if _cached(folder) else _older_cached_folder(root, base, data, settings)
+        if hit is not None and not _weights_finite(hit):
+            log(f"the cached teacher {hit} holds non-finite weights (a fine-tuning that diverged); training it again")
+            hit = None
         if hit is not None:
             log(f"teacher cache hit: {hit}")
             return hit
@@ -175,10 +225,16 @@ def fine_tune_teacher(base: str, data: TaskData, *, settings: TeacherSettings | 
             optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            value = loss.item()  # read for the progress bar anyway
+            if not math.isfinite(value):
+                bar.close()
+                _diverged(base, data, settings, f"the loss is {value} at step {step} of {total_steps}")
+            bar.set_postfix(loss=f"{value:.3f}")
     bar.close()
     train_seconds = time.perf_counter() - started
     model.eval()
+    if not all(bool(p.detach().isfinite().all()) for p in model.parameters()):
+        _diverged(base, data, settings, "its weights hold non-finite values after training")
     metrics = {
         "base": base, "task": data.task, "settings": asdict(settings), "data_fingerprint": data.fingerprint(),
         "train_examples": len(data.train), "steps": total_steps, "train_seconds": round(train_seconds, 1),
@@ -190,14 +246,12 @@ def fine_tune_teacher(base: str, data: TaskData, *, settings: TeacherSettings | 
     model.config.label2id = {name: i for i, name in enumerate(data.label_names)}
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=_staging_prefix(folder)))
     try:
         model.cpu().save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
+        _publish(staging, folder, replace=replace)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -206,4 +260,42 @@ def fine_tune_teacher(base: str, data: TaskData, *, settings: TeacherSettings | 
     return folder
 
 
-__all__ = ["TeacherSettings", "accuracy", "fine_tune_teacher", "read_teacher_metrics", "teacher_key", "teachers_root"]
+def _diverged(base: str, data: TaskData, settings: TeacherSettings, what: str):
+    raise TeacherDiverged(f"fine-tuning the teacher {base} on {data.task} diverged: {what} (learning rate "
+                          f"{settings.lr:g}); nothing was saved or cached. Train it with a lower learning rate "
+                          "(sage-fast teacher --lr, or distill's --teacher-lr)")
+
+
+def _publish(staging: Path, folder: Path, *, replace: bool) -> None:
+    """Move the finished ``staging`` folder to ``folder``. Another process may have published the
+    same key meanwhile: the same inputs made it, so theirs is kept unless ``replace`` (--force, or a
+    folder that was there but unusable). A folder replaced is first renamed aside, in one step, and
+    only then deleted: a process reading it meanwhile finds the old teacher or the new one, never a
+    half-deleted one, and the files it has open stay readable."""
+    for _ in range(3):
+        try:
+            os.rename(staging, folder)  # fails while a folder with files is there
+            return
+        except OSError:
+            if not folder.exists():
+                continue  # removed meanwhile: try again
+        if not replace and _cached(folder):  # a concurrent run of the same key finished first:
+            shutil.rmtree(staging, ignore_errors=True)  # its teacher is this one
+            return
+        aside = Path(tempfile.mkdtemp(dir=folder.parent, prefix=_staging_prefix(folder)))
+        try:
+            try:
+                os.rename(folder, aside / "old")
+            except FileNotFoundError:
+                pass
+            try:
+                os.rename(staging, folder)
+                return
+            except OSError:
+                continue  # another writer got in between: look again
+        finally:
+            shutil.rmtree(aside, ignore_errors=True)
+    raise ModelError(f"could not move the new teacher into {folder}: other processes keep writing there")
+
+
+__all__ = ["TeacherDiverged", "TeacherSettings", "accuracy", "fine_tune_teacher", "read_teacher_metrics", "teacher_key", "teachers_root"]
