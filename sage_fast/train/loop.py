@@ -44,12 +44,12 @@ from ..synthesis import (BackgroundRounds, RoundRecord, SAGESynthesizer, Synthes
                          partner_classes, used_lengths)
 from . import DataError, ModelError, require_transformers
 from . import checkpoint as ckpt
-from . import label_identity, teacher_cache
+from . import label_identity, run_identity, teacher_cache
 from .config import DistillConfig
 from .data import encode, load_task
 from .metrics import MetricsLog, Timer, format_table
-from .models import (VectorInterface, _first_line, load_classifier, load_tokenizer, save_interface, saved_label_count,
-                     student_from_config, student_from_teacher)
+from .models import (VectorInterface, _first_line, check_student_config, check_student_spec, load_classifier,
+                     load_tokenizer, save_interface, saved_label_count, student_from_config, student_from_teacher)
 from .run_lock import RunLock
 from .teacher import TeacherSettings, fine_tune_teacher, read_teacher_metrics
 
@@ -111,6 +111,7 @@ def build_setup(config: DistillConfig, log=print, *, world: World = SINGLE, devi
     """Data, teacher, tokenizer and the teacher's cached outputs. Under several processes rank 0
     fine-tunes the teacher and fills the caches first; the others then read them."""
     device = resolve_device(config.device) if device is None else device
+    check_student_spec(config.student, config.max_length)  # before the data and the teacher
     task = config.task if config.train_file is None else Path(config.train_file).name.split(".")[0]
     data = load_task(task, train_file=config.train_file, eval_file=config.eval_file,
                      text_column=config.text_column, text_pair_column=config.text_pair_column,
@@ -143,6 +144,7 @@ def build_setup(config: DistillConfig, log=print, *, world: World = SINGLE, devi
     torch.manual_seed(config.seed)
     student = build_student(config.student, teacher, data.num_labels).to(device)
     label_identity.name_classes(student.config, data.label_names)
+    check_student_config(student.config, config.student, config.max_length)
     layer_map = SAGELossConfig(num_student_layers=student.config.num_hidden_layers,
                                num_teacher_layers=teacher.config.num_hidden_layers).resolved_layer_map()
     teacher_layers = sorted(set(layer_map.values())) if config.beta > 0 else []
@@ -223,11 +225,7 @@ def linear_schedule(optimizer, total_steps: int, warmup_ratio: float, *, done_st
 
 def synthesis_config(config: DistillConfig, mode: str, device: torch.device) -> SynthesisConfig:
     """The synthesizer's settings for ``mode`` (``sage`` or ``random``) from the driver's config."""
-    return SynthesisConfig(
-        mode=mode, synthetic_per_round=config.synthetic_per_round, pool_size=config.pool_size,
-        pool_policy=config.pool_policy, quantile=config.quantile, n_neighbors=config.n_neighbors,
-        lam_low=config.lam_low, lam_high=config.lam_high, noise_std=config.noise_std, seed=config.seed,
-        device=device, profile_decay=config.profile_decay, partners=config.partners)
+    return config.synthesis_settings(mode, device)
 
 
 def analysis_interval(config: DistillConfig, steps_per_epoch: int) -> int:
@@ -585,7 +583,7 @@ class ModeRun:
             "round_in_flight": None if self.background is None else self.background.state_dict(),
             "metrics": self.metrics.records, "timer": dict(self.timer.seconds),
             "total_steps": self.total_steps, "world_size": self.world.size,
-            "analysis_interval": self.analysis_interval,
+            "analysis_interval": self.analysis_interval, **run_identity.record(self.setup.data),
         }
 
     def save(self) -> Path:
@@ -603,6 +601,7 @@ class ModeRun:
     def load(self, state: dict) -> None:
         if state["mode"] != self.mode:
             raise ckpt.CheckpointError(f"{self.checkpoint_path} holds a {state['mode']!r} run, not {self.mode!r}")
+        run_identity.check_checkpoint(state, self.config, self.setup.data, self.total_steps, self.checkpoint_path)
         saved_world = state.get("world_size", 1)
         if saved_world != self.world.size:
             raise ckpt.CheckpointError(
@@ -941,7 +940,7 @@ def default_output_dir() -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
-def run(config: DistillConfig, *, resume: bool = False, log=print) -> dict:
+def run(config: DistillConfig, *, resume: bool = False, log=print, overwrite: bool = False) -> dict:
     """Train the main mode and every baseline in ``config.compare``; returns the summary that is
     also written to ``<output_dir>/results.json``.
 
@@ -965,7 +964,7 @@ def run(config: DistillConfig, *, resume: bool = False, log=print) -> dict:
             refusal = None
             if world.is_main:
                 try:
-                    _prepare_folder(config, out_dir, modes, resume, log)
+                    _prepare_folder(config, out_dir, modes, resume, log, overwrite)
                 except UsageError as error:
                     refusal = error
             # a folder rank 0 refused stops every rank now, with rank 0's message
@@ -983,10 +982,10 @@ def _quiet(message: str) -> None:
     """The log of ranks other than 0: rank 0 says everything once."""
 
 
-def _prepare_folder(config: DistillConfig, out_dir: Path, modes: list[str], resume: bool, log) -> None:
-    if not resume and any((out_dir / m / ckpt.CHECKPOINT_NAME).exists() for m in modes):
-        raise DataError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another "
-                        "--output-dir")
+def _prepare_folder(config: DistillConfig, out_dir: Path, modes: list[str], resume: bool, log,
+                    overwrite: bool = False) -> None:
+    if not resume:
+        run_identity.check_fresh_folder(out_dir, overwrite=overwrite, log=log)
     for mode in modes:
         stale = [*ckpt.remove_stale_temporaries(out_dir / mode),
                  *ckpt.remove_stale_temporaries(out_dir / mode, "metrics.jsonl")]
