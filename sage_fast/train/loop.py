@@ -47,7 +47,7 @@ from . import checkpoint as ckpt
 from . import label_identity, run_identity, teacher_cache
 from .config import DistillConfig
 from .data import encode, load_task
-from .metrics import MetricsLog, Timer, format_table
+from .metrics import MetricsLog, Timer, format_table, notes, one_class_warning
 from .models import (VectorInterface, _first_line, check_student_config, check_student_spec, load_classifier,
                      load_tokenizer, save_interface, saved_label_count, student_from_config, student_from_teacher)
 from .run_lock import RunLock
@@ -348,6 +348,7 @@ class Student:
         # Tokens each training row uses, on the host: a step trims its batch's shared padding from
         # these, never from the device's masks (reading those back would make every step wait).
         self.lengths = used_lengths(setup.encoded["train"]["attention_mask"])
+        self.predicted_counts = {}  # split -> rows predicted as each class at its last evaluation
 
     @property
     def autocast(self):
@@ -452,6 +453,7 @@ class Student:
         device, world = self.device, self.setup.world
         self.interface.eval()
         correct = 0
+        counts = torch.zeros(self.setup.data.num_labels, dtype=torch.long)
         n = enc["input_ids"].shape[0]
         share = world.share(n)
         for start in range(share.start, share.stop, self.config.eval_batch_size):
@@ -462,10 +464,14 @@ class Student:
             with self.autocast:
                 out = self.interface.student_forward(self.interface.embed(enc["input_ids"][sl, :width].to(device)),
                                                      mask[:, :width], token_type_ids=types)
-            correct += int((out.logits.argmax(-1).cpu() == enc["labels"][sl]).sum())
+            predicted = out.logits.argmax(-1).cpu()
+            correct += int((predicted == enc["labels"][sl]).sum())
+            counts += torch.bincount(predicted, minlength=counts.numel())[:counts.numel()]
         self.interface.train()
         if world.distributed:
             correct = int(world.all_reduce_sum(torch.tensor([correct], device=device)).item())
+            counts = world.all_reduce_sum(counts.to(device)).cpu()
+        self.predicted_counts[split] = counts
         return correct / n
 
 
@@ -853,7 +859,7 @@ class ModeRun:
                 accuracy = self.model.evaluate("validation")
                 self.metrics.log(kind="eval", mode=self.mode, split="validation", epoch=self.epoch + 1,
                                  step=self.global_step, accuracy=accuracy,
-                                 epoch_seconds=time.perf_counter() - started)
+                                 epoch_seconds=time.perf_counter() - started, warning=self._one_class("validation"))
                 self.epoch += 1
                 self.step_in_epoch = 0
                 self.done = self.global_step >= self.total_steps
@@ -873,11 +879,20 @@ class ModeRun:
             train_seconds=train_seconds,
             examples_per_second=self.examples_seen["real"] / train_seconds if train_seconds > 0 else None,
             analysis_share=self.timer.share("analysis"), synthesis_share=self.timer.share("synthesis"),
-            labelling_share=self.timer.share("labelling"), analysis_rounds=self.analysis_rounds)
+            labelling_share=self.timer.share("labelling"), analysis_rounds=self.analysis_rounds,
+            warning=self._one_class("test"))
         teacher_dir = Path(self.setup.teacher_name)
         if self.world.is_main:
             save_interface(self.interface, self.trained_dir, tokenizer=self.setup.tokenizer,
                            teacher_path=str(teacher_dir) if teacher_dir.is_dir() else None)
+
+    def _one_class(self, split: str) -> str | None:
+        """The warning, logged, when the student predicted one class for every row of ``split``."""
+        warning = one_class_warning(self.model.predicted_counts.get(split, []), self.setup.data.label_names, split,
+                                    f"the {self.mode} student")
+        if warning:
+            self.log(f"[{self.mode}] warning: {warning}")
+        return warning
 
     @property
     def trained_dir(self) -> Path:
@@ -1011,7 +1026,7 @@ def _run_modes(config: DistillConfig, out_dir: Path, modes: list[str], resume: b
     summary = {"output_dir": str(out_dir), "teacher": setup.teacher_name, "task": setup.data.task,
                "teacher_validation_accuracy": setup.teacher_metrics.get("validation_accuracy_vector"),
                "teacher_test_accuracy": setup.teacher_metrics.get("test_accuracy_vector"), "modes": rows,
-               "trained": trained}
+               "trained": trained, "warnings": list(setup.warnings)}
     table = results_table(summary)
     if world.is_main:
         (out_dir / RESULTS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
@@ -1029,4 +1044,4 @@ def results_table(summary: dict) -> str:
         ("examples_per_second", "real ex/s", "{:.1f}"), ("synthetic_examples", "synthetic seen", "{:d}"),
         ("analysis_share", "analysis", "{:.1%}"), ("synthesis_share", "synthesis", "{:.1%}"),
         ("labelling_share", "labelling", "{:.1%}"),
-    ])
+    ]) + "".join(f"\nwarning: {note}" for note in notes(summary))
