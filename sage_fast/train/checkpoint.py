@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -154,3 +155,62 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------ folders
+# A folder written whole (a cached teacher, an export) is made in a staging sibling named
+# ".<name>.<pid>.<random>" and renamed into place when complete; a killed writer's staging folder is
+# found by its process id and removed.
+def staging_prefix(folder: Path) -> str:
+    return f".{Path(folder).name}.{os.getpid()}."
+
+
+def remove_stale_staging(root: str | Path, name: str = "*", *, log=print, what: str = "") -> list[Path]:
+    """Remove the staging folders in ``root`` (of ``name``, or of any name) whose writer is gone;
+    one whose writer still runs on this host is kept."""
+    removed = []
+    root = Path(root)
+    if not root.is_dir():
+        return removed
+    for staging in root.glob(f".{name}.*.*"):
+        parts = staging.name.split(".")
+        if not staging.is_dir() or len(parts) < 4 or not parts[-2].isdigit() or process_alive(int(parts[-2])):
+            continue
+        shutil.rmtree(staging, ignore_errors=True)
+        removed.append(staging)
+    if removed:
+        log(f"removed {len(removed)} unfinished {what + ' ' if what else ''}folder(s) that killed processes left "
+            f"in {root}")
+    return removed
+
+
+def publish_folder(staging: Path, folder: Path, *, replace: bool = True, keep=None) -> None:
+    """Move the finished ``staging`` folder to ``folder``. When ``folder`` is there and ``keep(folder)``
+    says it is already what ``staging`` holds (another process made the same thing meanwhile), it is
+    kept unless ``replace``. A folder replaced is first renamed aside, in one step, and only then
+    deleted: a reader finds the old folder or the new one, never a half-written or half-deleted one,
+    files it has open stay readable, and a kill at any moment loses neither."""
+    for _ in range(3):
+        try:
+            os.rename(staging, folder)  # fails while a folder with files is there
+            return
+        except OSError:
+            if not folder.exists():
+                continue  # removed meanwhile: try again
+        if not replace and keep is not None and keep(folder):
+            shutil.rmtree(staging, ignore_errors=True)
+            return
+        aside = Path(tempfile.mkdtemp(dir=folder.parent, prefix=staging_prefix(folder)))
+        try:
+            try:
+                os.rename(folder, aside / "old")
+            except FileNotFoundError:
+                pass
+            try:
+                os.rename(staging, folder)
+                return
+            except OSError:
+                continue  # another writer got in between: look again
+        finally:
+            shutil.rmtree(aside, ignore_errors=True)
+    raise UsageError(f"could not move the finished folder into {folder}: other processes keep writing there")

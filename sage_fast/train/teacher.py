@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -27,6 +26,7 @@ import torch
 from .._checks import in_range, integer
 from ..devices import resolve_device
 from . import ModelError
+from .checkpoint import publish_folder, remove_stale_staging, staging_prefix
 from .config import check_folder
 from .data import Split, TaskData, encode
 
@@ -104,30 +104,6 @@ def _weights_finite(folder: Path) -> bool:
     return True
 
 
-# A staging folder is ".<key>.<pid>.<random>": a killed writer's is found and removed by its pid.
-def _staging_prefix(folder: Path) -> str:
-    return f".{folder.name}.{os.getpid()}."
-
-
-def remove_stale_staging(root: Path, log=print) -> list[Path]:
-    """Remove the staging folders of teacher writes whose process is gone (a killed ``sage-fast
-    teacher`` leaves a whole model copy behind); one whose writer still runs is kept."""
-    from .run_lock import process_alive
-
-    removed = []
-    if not root.is_dir():
-        return removed
-    for staging in root.glob(".*"):
-        parts = staging.name.split(".")
-        if not staging.is_dir() or len(parts) < 4 or not parts[-2].isdigit() or process_alive(int(parts[-2])):
-            continue
-        shutil.rmtree(staging, ignore_errors=True)
-        removed.append(staging)
-    if removed:
-        log(f"removed {len(removed)} unfinished teacher folder(s) that killed runs left in {root}")
-    return removed
-
-
 def _older_cached_folder(root: Path, base: str, data: TaskData, settings: TeacherSettings) -> Path | None:
     """Where a packaged model's teacher was cached when the key held the package's install path."""
     from ..assets import package_release
@@ -178,7 +154,7 @@ def fine_tune_teacher(base: str, data: TaskData, *, settings: TeacherSettings | 
     settings.check()
     root = check_folder("cache-dir", teachers_root(cache_dir))
     folder = root / teacher_key(base, data, settings)
-    remove_stale_staging(root, log)
+    remove_stale_staging(root, log=log, what="teacher")
     replace = force or folder.exists()  # a folder there but not used (damaged, diverged) is replaced
     if not force:
         hit = folder if _cached(folder) else _older_cached_folder(root, base, data, settings)
@@ -246,12 +222,12 @@ def fine_tune_teacher(base: str, data: TaskData, *, settings: TeacherSettings | 
     model.config.label2id = {name: i for i, name in enumerate(data.label_names)}
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=_staging_prefix(folder)))
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=staging_prefix(folder)))
     try:
         model.cpu().save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
-        _publish(staging, folder, replace=replace)
+        publish_folder(staging, folder, replace=replace, keep=_cached)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -264,38 +240,6 @@ def _diverged(base: str, data: TaskData, settings: TeacherSettings, what: str):
     raise TeacherDiverged(f"fine-tuning the teacher {base} on {data.task} diverged: {what} (learning rate "
                           f"{settings.lr:g}); nothing was saved or cached. Train it with a lower learning rate "
                           "(sage-fast teacher --lr, or distill's --teacher-lr)")
-
-
-def _publish(staging: Path, folder: Path, *, replace: bool) -> None:
-    """Move the finished ``staging`` folder to ``folder``. Another process may have published the
-    same key meanwhile: the same inputs made it, so theirs is kept unless ``replace`` (--force, or a
-    folder that was there but unusable). A folder replaced is first renamed aside, in one step, and
-    only then deleted: a process reading it meanwhile finds the old teacher or the new one, never a
-    half-deleted one, and the files it has open stay readable."""
-    for _ in range(3):
-        try:
-            os.rename(staging, folder)  # fails while a folder with files is there
-            return
-        except OSError:
-            if not folder.exists():
-                continue  # removed meanwhile: try again
-        if not replace and _cached(folder):  # a concurrent run of the same key finished first:
-            shutil.rmtree(staging, ignore_errors=True)  # its teacher is this one
-            return
-        aside = Path(tempfile.mkdtemp(dir=folder.parent, prefix=_staging_prefix(folder)))
-        try:
-            try:
-                os.rename(folder, aside / "old")
-            except FileNotFoundError:
-                pass
-            try:
-                os.rename(staging, folder)
-                return
-            except OSError:
-                continue  # another writer got in between: look again
-        finally:
-            shutil.rmtree(aside, ignore_errors=True)
-    raise ModelError(f"could not move the new teacher into {folder}: other processes keep writing there")
 
 
 __all__ = ["TeacherDiverged", "TeacherSettings", "accuracy", "fine_tune_teacher", "read_teacher_metrics", "teacher_key", "teachers_root"]

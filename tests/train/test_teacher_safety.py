@@ -15,12 +15,13 @@ from cli_fixtures import make_data, make_teacher  # noqa: E402
 
 from sage_fast.cli import main  # noqa: E402
 from sage_fast.train import ModelError, teacher_cache  # noqa: E402
+from sage_fast.train.checkpoint import publish_folder  # noqa: E402
 from sage_fast.train.data import load_files  # noqa: E402
 from sage_fast.train.teacher import (  # noqa: E402
     METRICS_FILE,
     TeacherDiverged,
     TeacherSettings,
-    _publish,
+    _cached,
     fine_tune_teacher,
     remove_stale_staging,
 )
@@ -126,8 +127,8 @@ def made(folder, text):
 
 def test_a_second_writer_of_one_key_keeps_the_first_and_force_replaces_it(tmp_path):
     target = made(tmp_path / "key", "first")
-    _publish(made(tmp_path / ".key.1.a", "second"), target, replace=False)
+    publish_folder(made(tmp_path / ".key.1.a", "second"), target, replace=False, keep=_cached)
     assert (target / METRICS_FILE).read_text() == "first"
-    _publish(made(tmp_path / ".key.1.b", "forced"), target, replace=True)
+    publish_folder(made(tmp_path / ".key.1.b", "forced"), target, replace=True, keep=_cached)
     assert (target / METRICS_FILE).read_text() == "forced"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["key"]
