@@ -146,6 +146,12 @@ class DistillConfig:
 
         def number(name: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
             value = getattr(self, name)
+            if isinstance(value, str):
+                # YAML 1.1 reads 1e-3 (no dot) as text; a number written as text is still that number.
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise bad(name, "a finite number", value)
             ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)

@@ -23,7 +23,9 @@ import csv
 import gzip
 import hashlib
 import json
+import math
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -239,6 +241,9 @@ def _read_records(path: Path | str) -> tuple[list[dict], list[int]]:
         raise DataError(f"{path} does not exist or is not a file")
     kind = _format_of(path)
     records, lines = [], []
+    # Long texts are truncated to max-length tokens anyway: csv's default limit of 128 KiB a cell
+    # would refuse such a file as "not CSV".
+    previous_limit = csv.field_size_limit(2**31 - 1)
     try:
         with _open_text(path) as f:
             if kind == "jsonl":
@@ -257,6 +262,12 @@ def _read_records(path: Path | str) -> tuple[list[dict], list[int]]:
             else:
                 reader = csv.DictReader(f, delimiter="," if kind == "csv" else "\t", strict=True)
                 header = reader.fieldnames or []
+                repeated = sorted({name for name in header if header.count(name) > 1})
+                if repeated:
+                    # csv.DictReader keeps the last of same-named columns and drops the others unseen.
+                    raise DataError(f"{path} has {len(repeated)} column name(s) used more than once in its header "
+                                    f"({', '.join(map(repr, repeated))}): which column is meant is ambiguous; rename "
+                                    "them so that each name is used once")
                 for record in reader:
                     if None in record or any(value is None for value in record.values()):
                         raise DataError(f"{path} line {reader.line_num} has {'more' if None in record else 'fewer'} "
@@ -267,6 +278,8 @@ def _read_records(path: Path | str) -> tuple[list[dict], list[int]]:
         raise
     except (OSError, EOFError, csv.Error, UnicodeDecodeError) as err:
         raise DataError(f"cannot read {path}: {err}. The file may be truncated or not {kind.upper()}") from None
+    finally:
+        csv.field_size_limit(previous_limit)
     if not records:
         raise DataError(f"{path} holds no examples")
     return records, lines
@@ -311,8 +324,22 @@ def _columns(path, text_column, text_pair_column, label_column):
         texts.append(cells[text_column])
         if pairs is not None:
             pairs.append(cells[text_pair_column])
-        labels.append(cells[label_column])
+        labels.append(_label_text(cells[label_column]))
     return texts, pairs, labels
+
+
+_INTEGRAL = re.compile(r"[+-]?\d+(?:\.0*)?|[+-]?\d+(?:\.\d*)?[eE][+-]?\d+")
+
+
+def _label_text(text: str) -> str:
+    """A label as text, integral numbers as integers: "1", "1.0" and "01" are one label (as JSON's 1
+    and 1.0 are), not two classes of one meaning."""
+    stripped = text.strip()
+    if _INTEGRAL.fullmatch(stripped):
+        value = float(stripped)
+        if math.isfinite(value) and value.is_integer():
+            return str(int(value))
+    return text
 
 
 def _label_key(label):
@@ -350,6 +377,12 @@ def load_files(train_file, eval_file=None, *, text_column="text", text_pair_colu
             raise DataError(f"{eval_file} has labels {unknown[:10]} that never occur in {train_file} "
                             f"(its labels are {label_names[:20]}); the model cannot predict them")
         test = Split(e_texts, [index[str(label).strip()] for label in e_raw], e_pairs)
+        if len(set(test.labels)) < 2:
+            # As for a one-label train split: a model that predicts that label everywhere scores 1.0.
+            raise DataError(f"every example in {eval_file} has the label {label_names[test.labels[0]]!r}: accuracy "
+                            "on it says only how often a model predicts that label, so it cannot measure the "
+                            "distillation; give a test file with at least two labels (is --label-column "
+                            f"{label_column!r} the right column?)")
         train, validation = _carve_validation(train, seed)
     return _finish(task, train, validation, test, label_names, max_train_examples, max_eval_examples, seed)
 
