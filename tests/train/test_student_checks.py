@@ -66,3 +66,11 @@ def test_n_neighbors_1_is_refused_before_a_baseline_runs(tiny, tmp_path, capsys)
     assert code == 2 and "Traceback" not in err
     assert "n-neighbors must be an integer in [2, inf], got 1" in err.strip().splitlines()[-1]
     assert not (tmp_path / "run").exists()
+
+
+def test_the_teacher_commands_settings_are_checked_before_its_data(tmp_path, capsys):
+    code = main(["teacher", "--train-file", str(tmp_path / "absent.csv"), "--lr", "-1", "--cache-dir",
+                 str(tmp_path / "teachers"), "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "lr" in err.strip().splitlines()[-1] and "absent.csv" not in err
