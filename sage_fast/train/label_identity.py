@@ -86,10 +86,20 @@ def below_chance(accuracy: float | None, num_labels: int, split: str, who: str) 
             "classes): its classes may mean other labels than the data's, or it did not learn the task")
 
 
-def teacher_warnings(teacher_metrics: dict, data: TaskData, teacher: str, log=print) -> list[str]:
-    """The warnings the teacher's own scores call for (logged, and returned for the results)."""
+def teacher_warnings(teacher_metrics: dict, data: TaskData, teacher: str, log=print,
+                     outputs: dict | None = None) -> list[str]:
+    """The warnings the teacher's own scores call for (logged, and returned for the results): below
+    chance on validation, or one class for every validation row (``outputs``: its cached outputs)."""
+    import torch
+
+    from .metrics import one_class_warning
+
     found = [below_chance(teacher_metrics.get("validation_accuracy_vector"), data.num_labels, "validation",
                           f"the teacher {teacher}")]
+    if outputs is not None and "validation" in outputs:
+        predicted = outputs["validation"]["logits"].argmax(-1)
+        found.append(one_class_warning(torch.bincount(predicted, minlength=data.num_labels), data.label_names,
+                                       "validation", f"the teacher {teacher}"))
     found = [warning for warning in found if warning]
     for warning in found:
         log(f"warning: {warning}")

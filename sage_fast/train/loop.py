@@ -172,7 +172,7 @@ def build_setup(config: DistillConfig, log=print, *, world: World = SINGLE, devi
     for name in ("validation", "test"):
         predicted = outputs[name]["logits"].argmax(-1)
         teacher_metrics[f"{name}_accuracy_vector"] = float((predicted == encoded[name]["labels"]).float().mean())
-    warnings = label_identity.teacher_warnings(teacher_metrics, data, teacher_name, log)
+    warnings = label_identity.teacher_warnings(teacher_metrics, data, teacher_name, log, outputs)
     return Setup(config, device, data, tokenizer, teacher, teacher_name, encoded, outputs, teacher_layers,
                  student, layer_map, teacher_metrics, world, warnings)
 

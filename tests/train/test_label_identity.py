@@ -126,3 +126,17 @@ def test_a_teacher_below_chance_is_warned_in_the_log(swapped_teacher, tmp_path):
     assert setup.teacher_metrics["validation_accuracy_vector"] < 0.5
     assert len(setup.warnings) == 1 and "below chance" in setup.warnings[0]
     assert any(line.startswith("warning: ") and "below chance" in line for line in said)
+
+
+def test_a_teacher_that_predicts_one_class_is_warned():
+    from sage_fast.train.label_identity import teacher_warnings
+
+    from sage_fast.train.data import Split, TaskData
+
+    data = TaskData("toy", Split(["a", "b"], [0, 1]), Split(["a", "b"], [0, 1]), Split(["a", "b"], [0, 1]),
+                    ["neg", "pos"])
+    said = []
+    outputs = {"validation": {"logits": torch.tensor([[0.0, 2.0], [0.0, 3.0]])}}
+    warnings = teacher_warnings({"validation_accuracy_vector": 0.5}, data, "T", said.append, outputs)
+    assert len(warnings) == 1 and "the teacher T predicts one class ('pos') for every row of validation" in warnings[0]
+    assert said == [f"warning: {warnings[0]}"]
