@@ -48,10 +48,11 @@ def save_atomic(obj, path: str | Path) -> Path:
 
 def remove_stale_temporaries(directory: str | Path, name: str = CHECKPOINT_NAME) -> list[Path]:
     """Delete the temporaries that ``save_atomic`` left in ``directory`` for ``name`` (a file name, or
-    a glob of file names) when its writer was killed mid-write; returns them. One whose writer (named in the file name) still runs on this
-    host is kept: it may be a write in progress. One without a writer in its name was left by an
-    earlier version of this module and is removed too: call this where no such version can be
-    writing (the driver does while it holds the run folder's lock)."""
+    a glob of file names) when its writer was killed mid-write; returns them. One whose writer
+    (named in the file name) still runs on this host is kept: it may be a write in progress. One
+    without a writer in its name was left by an earlier version of this module and is removed too:
+    call this where no such version can be writing (the driver does while it holds the run folder's
+    lock)."""
     removed = []
     directory = Path(directory)
     if not directory.is_dir():

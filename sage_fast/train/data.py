@@ -90,8 +90,8 @@ class TaskData:
         """The same rows with label ``i`` numbered ``order[i]`` (a permutation), and the label names
         in the new order: the data in another model's class order."""
         if sorted(order) != list(range(self.num_labels)):
-            raise DataError(f"a renumbering of {self.num_labels} labels must be a permutation of 0..{self.num_labels - 1}, "
-                            f"got {order}")
+            raise DataError(f"a renumbering of {self.num_labels} labels must be a permutation of "
+                            f"0..{self.num_labels - 1}, got {order}")
         names = [""] * self.num_labels
         for old, new in enumerate(order):
             names[new] = self.label_names[old]

@@ -305,10 +305,16 @@ def check_student_spec(spec: str, max_length: int) -> None:
     if spec.startswith("from-teacher"):
         return
     path = Path(spec)
-    if path.is_file() or (path.is_dir() and (path / "config.json").is_file()):
-        config = read_model_config(path)
-        if config is not None:
-            check_student_config(config, spec, max_length)
+    if not (path.is_file() or (path.is_dir() and (path / "config.json").is_file())):
+        return
+    values = read_model_config(path)
+    if not values or "model_type" not in values:
+        return  # not a model config: said where the student is built
+    try:  # the model type's defaults fill what the file leaves out (a BERT config without pad_token_id pads with 0)
+        config = require_transformers().AutoConfig.for_model(**values)
+    except (ValueError, TypeError, KeyError):
+        return
+    check_student_config(config, spec, max_length)
 
 
 def student_from_pretrained(name_or_path: str, num_labels: int):

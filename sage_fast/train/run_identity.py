@@ -77,7 +77,8 @@ def check_checkpoint(state: dict, config, data, total_steps: int, path: Path) ->
     or with fewer steps than it has done; a CheckpointError says which and what to do."""
     saved = canonical(state.get("config") or {})
     current = config.to_dict()
-    changed = [f"{key} {_shown(saved[key])} there, {_shown(current[key])} here" for key in sorted(saved)
+    changed = [f"{key.replace('_', '-')} {_shown(saved[key])} there, {_shown(current[key])} here"
+               for key in sorted(saved)
                if key in current and key not in RESUMABLE_CHANGES and not _same(key, saved[key], current[key])]
     if changed:
         raise CheckpointError(f"{path} was trained with other settings than this run's ({'; '.join(changed)}): "
@@ -94,8 +95,8 @@ def check_checkpoint(state: dict, config, data, total_steps: int, path: Path) ->
     done = state.get("global_step", 0)
     if done > total_steps:
         raise CheckpointError(f"{path} has done {done} steps, more than the {total_steps} this run asks for "
-                              f"(--max-steps {config.max_steps}, --epochs {config.epochs}): ask for at least {done}, or "
-                              "leave --max-steps unset")
+                              f"(--max-steps {config.max_steps}, --epochs {config.epochs}): ask for at least "
+                              f"{done}, or leave --max-steps unset")
 
 
 __all__ = ["MODE_FILES", "RESUMABLE_CHANGES", "RUN_FILES", "check_checkpoint", "check_fresh_folder", "record",

@@ -242,4 +242,5 @@ def _diverged(base: str, data: TaskData, settings: TeacherSettings, what: str):
                           "(sage-fast teacher --lr, or distill's --teacher-lr)")
 
 
-__all__ = ["TeacherDiverged", "TeacherSettings", "accuracy", "fine_tune_teacher", "read_teacher_metrics", "teacher_key", "teachers_root"]
+__all__ = ["TeacherDiverged", "TeacherSettings", "accuracy", "fine_tune_teacher", "read_teacher_metrics", "teacher_key",
+           "teachers_root"]

@@ -66,10 +66,10 @@ def check_finite(outputs: dict, teacher: str, split: str) -> dict:
     logits = outputs["logits"]
     bad = int((~torch.isfinite(logits)).any(-1).sum())
     if bad:
-        raise ModelError(f"the teacher {teacher} gives non-finite logits (NaN or inf) on {bad} of the {logits.shape[0]} "
-                         f"{split} examples: its weights are broken, as after a fine-tuning that diverged. Fine-tune it "
-                         "again with a lower learning rate (sage-fast teacher --force --lr ..., or --teacher-lr for "
-                         "the teacher distill makes), or use another --teacher")
+        raise ModelError(f"the teacher {teacher} gives non-finite logits (NaN or inf) on {bad} of the "
+                         f"{logits.shape[0]} {split} examples: its weights are broken, as after a fine-tuning that "
+                         "diverged. Fine-tune it again with a lower learning rate (sage-fast teacher --force --lr "
+                         "..., or --teacher-lr for the teacher distill makes), or use another --teacher")
     return outputs
 
 

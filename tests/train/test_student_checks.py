@@ -32,8 +32,8 @@ def gpt2(**values):
 
 
 STUDENTS = {
-    "too few positions": (bert(max_position_embeddings=8), "has 8 position embeddings, fewer than --max-length 12 tokens"
-                                                           ": use --max-length 8 or less"),
+    "too few positions": (bert(max_position_embeddings=8),
+                          "has 8 position embeddings, fewer than --max-length 12 tokens: use --max-length 8 or less"),
     "a GPT-2 without a padding token": (gpt2(), "has no padding token"),
     "heads that do not divide the width": (bert(hidden_size=30, num_attention_heads=4),
                                            "has hidden size 30, which its 4 attention heads do not divide"),
