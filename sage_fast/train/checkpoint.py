@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,13 +47,15 @@ def save_atomic(obj, path: str | Path) -> Path:
     return path
 
 
-def remove_stale_temporaries(directory: str | Path, name: str = CHECKPOINT_NAME) -> list[Path]:
+def remove_stale_temporaries(directory: str | Path, name: str = CHECKPOINT_NAME, *, older_than: float = 0.0
+                             ) -> list[Path]:
     """Delete the temporaries that ``save_atomic`` left in ``directory`` for ``name`` (a file name, or
     a glob of file names) when its writer was killed mid-write; returns them. One whose writer
     (named in the file name) still runs on this host is kept: it may be a write in progress. One
     without a writer in its name was left by an earlier version of this module and is removed too:
     call this where no such version can be writing (the driver does while it holds the run folder's
-    lock)."""
+    lock). With ``older_than``, only temporaries untouched for that many seconds go: in a cache
+    that processes of other hosts may share, a writer's process id says nothing there."""
     removed = []
     directory = Path(directory)
     if not directory.is_dir():
@@ -61,7 +64,7 @@ def remove_stale_temporaries(directory: str | Path, name: str = CHECKPOINT_NAME)
         # ".<name>.<pid>.<random>.tmp", and mkstemp's random part holds no dot: the writer is the
         # second part from the end, whatever ``name`` is (a glob such as "teacher-*.pt" too).
         writer = tmp.name[:-len(".tmp")].split(".")[-2]
-        if writer.isdigit() and process_alive(int(writer)):
+        if (writer.isdigit() and process_alive(int(writer))) or not _untouched_for(tmp, older_than):
             continue
         tmp.unlink(missing_ok=True)
         removed.append(tmp)
@@ -166,9 +169,25 @@ def staging_prefix(folder: Path) -> str:
     return f".{Path(folder).name}.{os.getpid()}."
 
 
-def remove_stale_staging(root: str | Path, name: str = "*", *, log=print, what: str = "") -> list[Path]:
-    """Remove the staging folders in ``root`` (of ``name``, or of any name) whose writer is gone;
-    one whose writer still runs on this host is kept."""
+def _untouched_for(path: Path, seconds: float) -> bool:
+    if seconds <= 0:
+        return True
+    try:
+        return time.time() - path.stat().st_mtime > seconds
+    except OSError:
+        return False
+
+
+# What a shared cache waits before it takes a writer for dead: another host's live writer has a
+# process id that means nothing here, but it touches its staging folder far more often than this.
+CACHE_STALE_SECONDS = 3600.0
+
+
+def remove_stale_staging(root: str | Path, name: str = "*", *, log=print, what: str = "",
+                         older_than: float = 0.0) -> list[Path]:
+    """Remove the staging folders in ``root`` (of ``name``, or of any name) whose writer is gone
+    (and, with ``older_than``, untouched for that many seconds); one whose writer still runs on this
+    host is kept."""
     removed = []
     root = Path(root)
     if not root.is_dir():
@@ -176,6 +195,8 @@ def remove_stale_staging(root: str | Path, name: str = "*", *, log=print, what: 
     for staging in root.glob(f".{name}.*.*"):
         parts = staging.name.split(".")
         if not staging.is_dir() or len(parts) < 4 or not parts[-2].isdigit() or process_alive(int(parts[-2])):
+            continue
+        if not _untouched_for(staging, older_than):
             continue
         shutil.rmtree(staging, ignore_errors=True)
         removed.append(staging)

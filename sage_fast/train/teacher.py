@@ -26,7 +26,7 @@ import torch
 from .._checks import in_range, integer
 from ..devices import resolve_device
 from . import ModelError
-from .checkpoint import publish_folder, remove_stale_staging, staging_prefix
+from .checkpoint import CACHE_STALE_SECONDS, publish_folder, remove_stale_staging, staging_prefix
 from .config import check_folder
 from .data import Split, TaskData, encode
 
@@ -154,7 +154,7 @@ def fine_tune_teacher(base: str, data: TaskData, *, settings: TeacherSettings | 
     settings.check()
     root = check_folder("cache-dir", teachers_root(cache_dir))
     folder = root / teacher_key(base, data, settings)
-    remove_stale_staging(root, log=log, what="teacher")
+    remove_stale_staging(root, log=log, what="teacher", older_than=CACHE_STALE_SECONDS)
     replace = force or folder.exists()  # a folder there but not used (damaged, diverged) is replaced
     if not force:
         hit = folder if _cached(folder) else _older_cached_folder(root, base, data, settings)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import ModelError
-from .checkpoint import remove_stale_temporaries, save_atomic
+from .checkpoint import CACHE_STALE_SECONDS, remove_stale_temporaries, save_atomic
 from .config import check_folder
 
 CACHE_FORMAT = 1
@@ -82,7 +82,8 @@ def load_or_compute(cache_dir: str | Path | None, key: str, make: Callable[[], d
         return check_finite(make(), teacher, split), False
     folder = check_folder("cache-dir", cache_dir)  # before the pass, not after
     path = folder / f"teacher-{key}.pt"
-    remove_stale_temporaries(folder, "teacher-*.pt")  # a killed writer's copy would stay there for ever
+    # a killed writer's copy would stay there for ever
+    remove_stale_temporaries(folder, "teacher-*.pt", older_than=CACHE_STALE_SECONDS)
     if path.is_file():
         try:
             stored = torch.load(path, map_location="cpu", weights_only=True)

@@ -5,6 +5,7 @@ what killed writers leave in the caches is removed. Two writers of one key do no
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -107,15 +108,22 @@ def test_cached_non_finite_outputs_are_refused_too(tmp_path):
 
 def test_killed_writers_leftovers_are_removed_from_both_caches(tmp_path):
     dead, alive = dead_pid(), os.getpid()
-    for pid in (dead, alive):
-        (tmp_path / f".teacher-abc.pt.{pid}.x1y2.tmp").write_bytes(b"partial")
-        (tmp_path / f".minilm-toy-0123.{pid}.k3j4").mkdir()
-        (tmp_path / f".minilm-toy-0123.{pid}.k3j4" / "model.safetensors").write_bytes(b"partial")
+    hours_ago = time.time() - 2 * 3600
+    for pid, stamp in ((dead, hours_ago), (alive, hours_ago), (dead + 1_000_000, None)):
+        # the last: a writer unknown here (another host's?) that wrote a moment ago is left alone
+        for leftover in (tmp_path / f".teacher-abc.pt.{pid}.x1y2.tmp", tmp_path / f".minilm-toy-0123.{pid}.k3j4"):
+            if leftover.suffix == ".tmp":
+                leftover.write_bytes(b"partial")
+            else:
+                leftover.mkdir()
+            if stamp is not None:
+                os.utime(leftover, (stamp, stamp))
     teacher_cache.load_or_compute(tmp_path, "k", lambda: {"logits": torch.zeros(2, 2), "hidden": {}})
-    removed = remove_stale_staging(tmp_path, log=lambda *a: None)
+    removed = remove_stale_staging(tmp_path, log=lambda *a: None, older_than=3600)
     assert [p.name for p in removed] == [f".minilm-toy-0123.{dead}.k3j4"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [f".teacher-abc.pt.{alive}.x1y2.tmp", f".minilm-toy-0123.{alive}.k3j4", "teacher-k.pt"])
+    kept = [f".teacher-abc.pt.{pid}.x1y2.tmp" for pid in (alive, dead + 1_000_000)]
+    kept += [f".minilm-toy-0123.{pid}.k3j4" for pid in (alive, dead + 1_000_000)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, "teacher-k.pt"])
 
 
 def made(folder, text):
