@@ -9,7 +9,9 @@ Loaders
   labels, so GLUE's validation split is our test split, and our validation split is carved off train
   (a seeded 10%, at most 2,000 examples).
 - CSV or JSONL files (optionally .gz/.bz2 compressed): labels (strings or ints) map to the sorted
-  label set of the train file. With an eval file it becomes the test split and validation is carved
+  label set of the train file; integral numbers are one label however written (1, 1.0, 01), and a
+  header that names two columns alike is refused. When the teacher names its classes, the driver
+  renumbers the labels in the teacher's order (``label_identity``). With an eval file it becomes the test split and validation is carved
   off train as for GLUE; without one, train is split 80/10/10 by a seeded permutation.
 
 ``max_train_examples`` / ``max_eval_examples`` keep a uniformly random subset (fixed seed, original
