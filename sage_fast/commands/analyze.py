@@ -48,11 +48,15 @@ def run(args) -> int:
     # imports this module to build its parser, and --help must stay fast.
     from tqdm.auto import tqdm
 
+    from ..assets import cache_root
+    from ..regions import use_compilation_cache
     from ..synthesis import SAGESynthesizer
     from ..train import checkpoint
     from ..train.config import DistillConfig
-    from ..train.loop import Student, build_setup, synthesis_config
+    from ..train.setup import build_setup, synthesis_config
+    from ..train.student import Student
 
+    use_compilation_cache(cache_root() / "numba")
     path = find_checkpoint(Path(args.path))
     try:
         state = checkpoint.load(path)

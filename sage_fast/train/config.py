@@ -24,12 +24,13 @@ from ..errors import UsageError
 from .data import TASKS
 
 MODES = ("sage", "kd", "random", "inverse")
-# The synthesizer's own choices, repeated so that reading a config imports no torch (a test keeps them equal).
+# The synthesis session's own choices, repeated so that reading a config imports no torch (a test keeps them equal).
 POOL_POLICIES = ("fifo", "reservoir")
 PARTNERS = ("neighbours", "boundary", "same-label")
 PROFILE_SIGNALS = ("loss", "disagreement", "trusted")
-# Settings known by an older name: still read from config files, saved runs (--resume) and flags.
-RENAMED = {"train_limit": "max_train_examples", "eval_limit": "max_eval_examples", "warmup_fraction": "warmup_ratio"}
+# The names transformers.TrainingArguments gives some settings: read as flags and config keys too.
+TRAINING_ARGUMENTS_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs",
+                            "gradient_accumulation_steps": "grad_accumulation", "logging_steps": "log_every"}
 
 
 class ConfigError(UsageError, ValueError):
@@ -77,8 +78,9 @@ class DistillConfig:
     # --- optimisation ---
     epochs: int = _opt(3, "passes over the training data")
     max_steps: int | None = _opt(None, "stop after this many optimiser steps in total (unset: epochs decide)")
-    batch_size: int = _opt(32, "real examples per optimizer step, over all processes and micro-batches (under "
-                                "torchrun each process trains on its share, so the same command gives the same run)")
+    batch_size: int = _opt(32, "the global batch: real examples per optimizer step over all processes and "
+                                "micro-batches (under torchrun each process trains on its share, so the same command "
+                                "gives the same run)")
     grad_accumulation: int = _opt(1, "micro-batches each process splits its share of a step into (gradient "
                                      "accumulation): the same step in less memory")
     eval_batch_size: int = _opt(128, "examples per forward pass in evaluation and teacher labelling")
@@ -145,13 +147,7 @@ class DistillConfig:
                 raise ConfigError(str(err)) from None
 
         def number(name: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                # YAML 1.1 reads 1e-3 (no dot) as text; a number written as text is still that number.
-                try:
-                    value = float(value)
-                except ValueError:
-                    pass
+            value = _number_from_text(getattr(self, name))
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise bad(name, "a finite number", value)
             ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
@@ -195,23 +191,9 @@ class DistillConfig:
         number("lam_high", 0.0, 1.0)
         number("noise_std", 0.0, math.inf, hi_open=True)
         number("dist_timeout", 0.0, math.inf, lo_open=True, hi_open=True)
-        if self.batch_size % self.grad_accumulation:
-            raise ConfigError(f"batch-size ({self.batch_size}) must be a multiple of grad-accumulation "
-                              f"({self.grad_accumulation}): each micro-batch takes an equal share of the step")
         if self.profile_decay is not None:
             number("profile_decay", 0.0, 1.0, lo_open=True)
-        if self.partners != "neighbours" and "inverse" in [self.mode, *self.compare]:
-            raise ConfigError(f"partners {self.partners!r} picks among map neighbours, while mode 'inverse' finds partners "
-                              "through the map's inverse: leave inverse out of --mode/--compare, or use "
-                              "--partners neighbours")
-        if self.lam_low > self.lam_high:
-            raise ConfigError(f"lam-low ({self.lam_low}) must not exceed lam-high ({self.lam_high})")
-        if self.pool_size < self.synthetic_per_round:
-            raise ConfigError(
-                f"pool-size ({self.pool_size}) must be at least synthetic-per-round ({self.synthetic_per_round}): "
-                "otherwise each round would push out examples it has just made")
-        if self.eval_file is not None and self.train_file is None:
-            raise ConfigError("eval-file was given without train-file; give both, or neither to use --task")
+        self._check_combinations()
         if not isinstance(self.student, str) or not self.student:
             raise bad("student", "a model folder, hub id, config file or 'from-teacher:K'", self.student)
         if self.student.startswith("from-teacher"):
@@ -223,12 +205,16 @@ class DistillConfig:
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise bad(name, "a column name", getattr(self, name))
         self._check_synthesis()
+        self._check_paths()
+        return self
+
+    def _check_paths(self) -> None:
+        """The folders a run writes must be usable; paths are saved absolute (``absolute_paths``)."""
         check_folder("output-dir", self.output_dir or "runs")
         for name, value in absolute_paths(self.to_dict()).items():
             setattr(self, name, value)
         if self.cache_dir:
             check_folder("cache-dir", self.cache_dir)
-        return self
 
     def _check_synthesis(self) -> None:
         """The synthesizer's own check of its settings, for each mode that makes one, here with the
@@ -255,6 +241,24 @@ class DistillConfig:
             pool_policy=self.pool_policy, quantile=self.quantile, n_neighbors=self.n_neighbors,
             lam_low=self.lam_low, lam_high=self.lam_high, noise_std=self.noise_std, seed=self.seed,
             device=device, profile_decay=self.profile_decay, partners=self.partners)
+
+    def _check_combinations(self) -> None:
+        """Settings that are fine alone but cannot work together."""
+        if self.batch_size % self.grad_accumulation:
+            raise ConfigError(f"batch-size ({self.batch_size}) must be a multiple of grad-accumulation "
+                              f"({self.grad_accumulation}): each micro-batch takes an equal share of the step")
+        if self.partners != "neighbours" and "inverse" in [self.mode, *self.compare]:
+            raise ConfigError(f"partners {self.partners!r} picks among map neighbours, while mode 'inverse' finds partners "
+                              "through the map's inverse: leave inverse out of --mode/--compare, or use "
+                              "--partners neighbours")
+        if self.lam_low > self.lam_high:
+            raise ConfigError(f"lam-low ({self.lam_low}) must not exceed lam-high ({self.lam_high})")
+        if self.pool_size < self.synthetic_per_round:
+            raise ConfigError(
+                f"pool-size ({self.pool_size}) must be at least synthetic-per-round ({self.synthetic_per_round}): "
+                "otherwise each round would push out examples it has just made")
+        if self.eval_file is not None and self.train_file is None:
+            raise ConfigError("eval-file was given without train-file; give both, or neither to use --task")
 
     def _check_types(self) -> None:
         """Text settings must be text and switches true or false: a config file can hold anything,
@@ -301,6 +305,16 @@ class DistillConfig:
         (directory / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
 
 
+def _number_from_text(value):
+    """YAML 1.1 reads ``1e-3`` (no dot) as text; a number written as text is still that number."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
 def check_folder(flag: str, path) -> Path:
     """``path`` as a Path, or a ConfigError when it (or a folder it would be made in) is a file."""
     path = Path(path)
@@ -335,11 +349,11 @@ def absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def canonical(values: dict[str, Any]) -> dict[str, Any]:
-    """``values`` with keys as setting names: ``-`` read as ``_``, older names as their new ones."""
+    """``values`` with keys as setting names: ``-`` read as ``_``, TrainingArguments names as ours."""
     out = {}
     for key, value in values.items():
         key = str(key).replace("-", "_")
-        out[RENAMED.get(key, key)] = value
+        out[TRAINING_ARGUMENTS_NAMES.get(key, key)] = value
     return out
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import DataError
 from .checkpoint import CHECKPOINT_NAME, CheckpointError
-from .config import MODES, PATH_SETTINGS, canonical
+from .config import MODES, canonical
 
 # Settings a resumed run may change: how long it trains, where and how it runs; the rest decide
 # what a step computes, so a checkpoint continues only under the settings it was made with.
@@ -57,17 +57,6 @@ def record(data) -> dict:
                                                                   data.splits().items()}}
 
 
-def _same(key: str, saved, current) -> bool:
-    """Whether a saved setting equals this run's; a path saved relative (by an earlier version) is
-    the same as this run's absolute one when it ends with it."""
-    if saved == current:
-        return True
-    if key in PATH_SETTINGS and isinstance(saved, str) and isinstance(current, str) and saved and current:
-        saved_parts = Path(saved).parts
-        return not Path(saved).is_absolute() and Path(current).parts[-len(saved_parts):] == saved_parts
-    return False
-
-
 def _shown(value) -> str:
     return "unset" if value is None else repr(value)
 
@@ -79,7 +68,7 @@ def check_checkpoint(state: dict, config, data, total_steps: int, path: Path) ->
     current = config.to_dict()
     changed = [f"{key.replace('_', '-')} {_shown(saved[key])} there, {_shown(current[key])} here"
                for key in sorted(saved)
-               if key in current and key not in RESUMABLE_CHANGES and not _same(key, saved[key], current[key])]
+               if key in current and key not in RESUMABLE_CHANGES and saved[key] != current[key]]
     if changed:
         raise CheckpointError(f"{path} was trained with other settings than this run's ({'; '.join(changed)}): "
                               "continuing or reporting it would mix two runs. Start a new run in another "

@@ -104,17 +104,6 @@ def _weights_finite(folder: Path) -> bool:
     return True
 
 
-def _older_cached_folder(root: Path, base: str, data: TaskData, settings: TeacherSettings) -> Path | None:
-    """Where a packaged model's teacher was cached when the key held the package's install path."""
-    from ..assets import package_release
-    from .models import resolve_model_path
-
-    if package_release(base) is None:
-        return None
-    folder = root / _key(base, resolve_model_path(base), data, settings)
-    return folder if _cached(folder) else None
-
-
 def _batches(encoded: dict, batch_size: int, order: torch.Tensor):
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
@@ -149,6 +138,7 @@ def fine_tune_teacher(base: str, data: TaskData, *, settings: TeacherSettings | 
     from tqdm.auto import tqdm
 
     from .models import load_classifier, load_tokenizer
+    from .schedule import linear_schedule
 
     settings = settings or TeacherSettings()
     settings.check()
@@ -156,14 +146,11 @@ def fine_tune_teacher(base: str, data: TaskData, *, settings: TeacherSettings | 
     folder = root / teacher_key(base, data, settings)
     remove_stale_staging(root, log=log, what="teacher", older_than=CACHE_STALE_SECONDS)
     replace = force or folder.exists()  # a folder there but not used (damaged, diverged) is replaced
-    if not force:
-        hit = folder if _cached(folder) else _older_cached_folder(root, base, data, settings)
-        if hit is not None and not _weights_finite(hit):
-            log(f"the cached teacher {hit} holds non-finite weights (a fine-tuning that diverged); training it again")
-            hit = None
-        if hit is not None:
-            log(f"teacher cache hit: {hit}")
-            return hit
+    if not force and _cached(folder):
+        if _weights_finite(folder):
+            log(f"teacher cache hit: {folder}")
+            return folder
+        log(f"the cached teacher {folder} holds non-finite weights (a fine-tuning that diverged); training it again")
     device = resolve_device(device)
     torch.manual_seed(settings.seed)
     tokenizer = load_tokenizer(base)
@@ -172,15 +159,12 @@ def fine_tune_teacher(base: str, data: TaskData, *, settings: TeacherSettings | 
 
     steps_per_epoch = math.ceil(len(data.train) / settings.batch_size)
     total_steps = max(1, math.ceil(settings.epochs * steps_per_epoch))
-    warmup = int(settings.warmup_ratio * total_steps)
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         (no_decay if parameter.dim() < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(parameter)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: (step + 1) / (warmup + 1) if step < warmup
-        else max(0.0, (total_steps - step) / max(1, total_steps - warmup)))
+    schedule = linear_schedule(optimizer, total_steps, settings.warmup_ratio)
     generator = torch.Generator().manual_seed(settings.seed)
 
     started = time.perf_counter()
@@ -220,7 +204,15 @@ def fine_tune_teacher(base: str, data: TaskData, *, settings: TeacherSettings | 
     }
     model.config.id2label = dict(enumerate(data.label_names))
     model.config.label2id = {name: i for i, name in enumerate(data.label_names)}
+    _publish(model, tokenizer, metrics, folder, replace)
+    log(f"teacher saved to {folder}: validation accuracy {metrics['validation_accuracy']:.4f}, "
+        f"test accuracy {metrics['test_accuracy']:.4f}, trained in {train_seconds:.0f} s")
+    return folder
 
+
+def _publish(model, tokenizer, metrics: dict, folder: Path, replace: bool) -> None:
+    """The teacher written to a staging folder beside ``folder`` and renamed into place
+    (``replace``: over what is there), so a reader never sees a teacher half written."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=staging_prefix(folder)))
     try:
@@ -231,9 +223,6 @@ def fine_tune_teacher(base: str, data: TaskData, *, settings: TeacherSettings | 
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    log(f"teacher saved to {folder}: validation accuracy {metrics['validation_accuracy']:.4f}, "
-        f"test accuracy {metrics['test_accuracy']:.4f}, trained in {train_seconds:.0f} s")
-    return folder
 
 
 def _diverged(base: str, data: TaskData, settings: TeacherSettings, what: str):

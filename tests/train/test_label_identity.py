@@ -15,7 +15,7 @@ from sage_fast.train import ModelError  # noqa: E402
 from sage_fast.train.config import DistillConfig  # noqa: E402
 from sage_fast.train.data import load_files  # noqa: E402
 from sage_fast.train.label_identity import align_to_teacher, below_chance, match_by_name  # noqa: E402
-from sage_fast.train.loop import build_setup  # noqa: E402
+from sage_fast.train.setup import build_setup  # noqa: E402
 from sage_fast.train.teacher import TeacherSettings, fine_tune_teacher  # noqa: E402
 
 WORDS = {"fresh": "great fun superb", "rotten": "awful dull boring"}

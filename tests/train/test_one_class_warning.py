@@ -29,7 +29,8 @@ def test_a_student_stuck_at_one_class_is_warned_under_the_table(tmp_path, monkey
             head.weight.zero_()
             head.bias.copy_(torch.tensor([-50.0, 50.0]))
 
-    monkeypatch.setattr(loop, "after_step", stuck)
+    run = loop.run  # the command's run, with the callback
+    monkeypatch.setattr(loop, "run", lambda *args, **kwargs: run(*args, callbacks=[stuck], **kwargs))
     code = main(distill_args(tmp_path, tmp_path / "run") + ["--mode", "kd", "--compare", "none", "--max-steps", "2"])
     out = capsys.readouterr().out
     assert code == 0
