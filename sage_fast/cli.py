@@ -64,9 +64,26 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {err.filename}" if getattr(err, "filename", None) else ""
         print(f"sage-fast {args.command}: {err.strerror or err}{where}", file=sys.stderr)
         return 1
+    except Exception as err:
+        if not _refused_write(err):
+            raise
+        # safetensors reports a failed write (a full disk) as its own error, not an OSError
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"sage-fast {args.command}: writing a weights file failed ({text})", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\nsage-fast {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _refused_write(err: Exception) -> bool:
+    """Whether ``err`` is safetensors' error for a file it could not write or read (imported only
+    when an error occurred: the command line must not pay for it)."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        return False
+    return isinstance(err, SafetensorError)
 
 
 if __name__ == "__main__":

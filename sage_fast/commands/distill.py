@@ -52,17 +52,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output-dir from its checkpoints (its saved config is the base; "
                              "--epochs / --max-steps may extend it)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in an --output-dir that holds another run, deleting that run's config, "
+                             "results and mode folders (without it such a folder is refused)")
 
 
-RESUMABLE_CHANGES = {"epochs", "max_steps", "device", "progress", "compare", "cache_dir", "output_dir", "dist_timeout",
-                     "grad_accumulation"}
 
 
 def resolve_config(args) -> DistillConfig:
     from pathlib import Path
 
     from ..errors import UsageError
-    from ..train.config import ConfigError, canonical, read_config_file, resolve
+    from ..train.config import ConfigError, absolute_paths, canonical, read_config_file, resolve
+    from ..train.run_identity import RESUMABLE_CHANGES
 
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig) if hasattr(args, f.name)}
     if not args.resume:
@@ -75,7 +77,7 @@ def resolve_config(args) -> DistillConfig:
     base = DistillConfig().updated(read_config_file(saved), source=str(saved))
     changes = dict(read_config_file(args.config_file)) if args.config_file else {}
     changes.update(flags)
-    changes = canonical(changes)
+    changes = absolute_paths(canonical(changes))  # as the saved config holds them
     fixed = sorted(k for k, v in changes.items() if k not in RESUMABLE_CHANGES and getattr(base, k, v) != v)
     if fixed:
         raise ConfigError(f"--resume cannot change {', '.join(fixed)} of a run (only "
@@ -96,7 +98,7 @@ def run(args) -> int:
     config = resolve_config(args)
     main = launched_world().is_main  # under torchrun, rank 0 speaks for the run
     try:
-        summary = run_distillation(config, resume=args.resume)
+        summary = run_distillation(config, resume=args.resume, overwrite=args.overwrite)
     except checkpoint.CheckpointError as err:
         raise UsageError(f"{err}; delete it to start over, or pass another --output-dir") from None
     except PeerLost as err:

@@ -36,16 +36,22 @@ def run(args) -> int:
     device = resolve_device(args.device)  # before the data is read, and also on a cache hit
     from ..train.teacher import TeacherSettings, fine_tune_teacher, read_teacher_metrics
 
-    data = data_from_args(args)
-    print(data.summary())
     settings = TeacherSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
                                max_length=args.max_length, seed=args.seed)
+    settings.check()  # with the device, before the data is read
+    data = data_from_args(args)
+    print(data.summary())
     folder = fine_tune_teacher(args.base, data, settings=settings, cache_dir=args.cache_dir, device=device,
                                force=args.force, progress=not args.no_progress)
     metrics = read_teacher_metrics(folder)
     if metrics:
         print(f"validation accuracy {metrics['validation_accuracy']:.4f}  test accuracy {metrics['test_accuracy']:.4f}  "
               f"({metrics['train_examples']} examples, {metrics['steps']} steps, {metrics['train_seconds']} s)")
+        from ..train.label_identity import below_chance
+
+        warning = below_chance(metrics.get("validation_accuracy"), data.num_labels, "validation", "the teacher")
+        if warning:
+            print(f"warning: {warning}")
     print(folder)
     return 0

@@ -12,7 +12,9 @@ from __future__ import annotations
 import io
 import os
 import random
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,19 +47,24 @@ def save_atomic(obj, path: str | Path) -> Path:
     return path
 
 
-def remove_stale_temporaries(directory: str | Path, name: str = CHECKPOINT_NAME) -> list[Path]:
-    """Delete the temporaries that ``save_atomic`` left in ``directory`` for ``name`` when its writer
-    was killed mid-write; returns them. One whose writer (named in the file name) still runs on this
-    host is kept: it may be a write in progress. One without a writer in its name was left by an
-    earlier version of this module and is removed too: call this where no such version can be
-    writing (the driver does while it holds the run folder's lock)."""
+def remove_stale_temporaries(directory: str | Path, name: str = CHECKPOINT_NAME, *, older_than: float = 0.0
+                             ) -> list[Path]:
+    """Delete the temporaries that ``save_atomic`` left in ``directory`` for ``name`` (a file name, or
+    a glob of file names) when its writer was killed mid-write; returns them. One whose writer
+    (named in the file name) still runs on this host is kept: it may be a write in progress. One
+    without a writer in its name was left by an earlier version of this module and is removed too:
+    call this where no such version can be writing (the driver does while it holds the run folder's
+    lock). With ``older_than``, only temporaries untouched for that many seconds go: in a cache
+    that processes of other hosts may share, a writer's process id says nothing there."""
     removed = []
     directory = Path(directory)
     if not directory.is_dir():
         return removed
     for tmp in directory.glob(f".{name}.*.tmp"):
-        writer = tmp.name[len(name) + 2:].split(".")[0]
-        if writer.isdigit() and process_alive(int(writer)):
+        # ".<name>.<pid>.<random>.tmp", and mkstemp's random part holds no dot: the writer is the
+        # second part from the end, whatever ``name`` is (a glob such as "teacher-*.pt" too).
+        writer = tmp.name[:-len(".tmp")].split(".")[-2]
+        if (writer.isdigit() and process_alive(int(writer))) or not _untouched_for(tmp, older_than):
             continue
         tmp.unlink(missing_ok=True)
         removed.append(tmp)
@@ -152,3 +159,80 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------ folders
+# A folder written whole (a cached teacher, an export) is made in a staging sibling named
+# ".<name>.<pid>.<random>" and renamed into place when complete; a killed writer's staging folder is
+# found by its process id and removed.
+def staging_prefix(folder: Path) -> str:
+    return f".{Path(folder).name}.{os.getpid()}."
+
+
+def _untouched_for(path: Path, seconds: float) -> bool:
+    if seconds <= 0:
+        return True
+    try:
+        return time.time() - path.stat().st_mtime > seconds
+    except OSError:
+        return False
+
+
+# What a shared cache waits before it takes a writer for dead: another host's live writer has a
+# process id that means nothing here, but it touches its staging folder far more often than this.
+CACHE_STALE_SECONDS = 3600.0
+
+
+def remove_stale_staging(root: str | Path, name: str = "*", *, log=print, what: str = "",
+                         older_than: float = 0.0) -> list[Path]:
+    """Remove the staging folders in ``root`` (of ``name``, or of any name) whose writer is gone
+    (and, with ``older_than``, untouched for that many seconds); one whose writer still runs on this
+    host is kept."""
+    removed = []
+    root = Path(root)
+    if not root.is_dir():
+        return removed
+    for staging in root.glob(f".{name}.*.*"):
+        parts = staging.name.split(".")
+        if not staging.is_dir() or len(parts) < 4 or not parts[-2].isdigit() or process_alive(int(parts[-2])):
+            continue
+        if not _untouched_for(staging, older_than):
+            continue
+        shutil.rmtree(staging, ignore_errors=True)
+        removed.append(staging)
+    if removed:
+        log(f"removed {len(removed)} unfinished {what + ' ' if what else ''}folder(s) that killed processes left "
+            f"in {root}")
+    return removed
+
+
+def publish_folder(staging: Path, folder: Path, *, replace: bool = True, keep=None) -> None:
+    """Move the finished ``staging`` folder to ``folder``. When ``folder`` is there and ``keep(folder)``
+    says it is already what ``staging`` holds (another process made the same thing meanwhile), it is
+    kept unless ``replace``. A folder replaced is first renamed aside, in one step, and only then
+    deleted: a reader finds the old folder or the new one, never a half-written or half-deleted one,
+    files it has open stay readable, and a kill at any moment loses neither."""
+    for _ in range(3):
+        try:
+            os.rename(staging, folder)  # fails while a folder with files is there
+            return
+        except OSError:
+            if not folder.exists():
+                continue  # removed meanwhile: try again
+        if not replace and keep is not None and keep(folder):
+            shutil.rmtree(staging, ignore_errors=True)
+            return
+        aside = Path(tempfile.mkdtemp(dir=folder.parent, prefix=staging_prefix(folder)))
+        try:
+            try:
+                os.rename(folder, aside / "old")
+            except FileNotFoundError:
+                pass
+            try:
+                os.rename(staging, folder)
+                return
+            except OSError:
+                continue  # another writer got in between: look again
+        finally:
+            shutil.rmtree(aside, ignore_errors=True)
+    raise UsageError(f"could not move the finished folder into {folder}: other processes keep writing there")

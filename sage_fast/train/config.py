@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,7 +147,7 @@ class DistillConfig:
                 raise ConfigError(str(err)) from None
 
         def number(name: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
-            value = getattr(self, name)
+            value = _number_from_text(getattr(self, name))
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise bad(name, "a finite number", value)
             ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
@@ -203,10 +204,43 @@ class DistillConfig:
         for name in ("text_column", "label_column"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise bad(name, "a column name", getattr(self, name))
+        self._check_synthesis()
+        self._check_paths()
+        return self
+
+    def _check_paths(self) -> None:
+        """The folders a run writes must be usable; paths are saved absolute (``absolute_paths``)."""
         check_folder("output-dir", self.output_dir or "runs")
+        for name, value in absolute_paths(self.to_dict()).items():
+            setattr(self, name, value)
         if self.cache_dir:
             check_folder("cache-dir", self.cache_dir)
-        return self
+
+    def _check_synthesis(self) -> None:
+        """The synthesizer's own check of its settings, for each mode that makes one, here with the
+        rest: a setting only it refuses (``n_neighbors`` 1) would otherwise stop the run after the
+        data, the teacher and, with a synthesis mode compared, a whole baseline."""
+        names = {item.name for item in dataclasses.fields(self)}
+        for mode in dict.fromkeys([self.mode, *self.compare]):
+            if mode == "kd":
+                continue
+            try:
+                self.synthesis_settings(mode, "cpu")
+            except ValueError as err:  # said with the flags' names
+                raise ConfigError(re.sub(r"\b[a-z]+(?:_[a-z]+)+\b",
+                                         lambda m: m.group(0).replace("_", "-") if m.group(0) in names else m.group(0),
+                                         str(err))) from None
+
+    def synthesis_settings(self, mode: str, device):
+        """The synthesizer's settings (a ``SynthesisConfig``) for ``mode`` (``sage``, ``random`` or
+        ``inverse``), on ``device``."""
+        from ..synthesis import SynthesisConfig
+
+        return SynthesisConfig(
+            mode=mode, synthetic_per_round=self.synthetic_per_round, pool_size=self.pool_size,
+            pool_policy=self.pool_policy, quantile=self.quantile, n_neighbors=self.n_neighbors,
+            lam_low=self.lam_low, lam_high=self.lam_high, noise_std=self.noise_std, seed=self.seed,
+            device=device, profile_decay=self.profile_decay, partners=self.partners)
 
     def _check_combinations(self) -> None:
         """Settings that are fine alone but cannot work together."""
@@ -271,6 +305,16 @@ class DistillConfig:
         (directory / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
 
 
+def _number_from_text(value):
+    """YAML 1.1 reads ``1e-3`` (no dot) as text; a number written as text is still that number."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
 def check_folder(flag: str, path) -> Path:
     """``path`` as a Path, or a ConfigError when it (or a folder it would be made in) is a file."""
     path = Path(path)
@@ -282,6 +326,26 @@ def check_folder(flag: str, path) -> Path:
                                   "one can be made")
             break
     return path
+
+
+# Settings that name files or folders: saved as absolute paths, so that a run is continued, analysed
+# or exported from any directory (a relative path would be read against wherever that happens).
+PATH_SETTINGS = ("train_file", "eval_file", "cache_dir", "teacher", "student")
+
+
+def absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with relative paths made absolute: data files and the cache folder always, a
+    teacher or student only when it names a local folder or file (not a hub id or ``minilm``)."""
+    out = dict(values)
+    for name in PATH_SETTINGS:
+        value = out.get(name)
+        if not isinstance(value, str) or not value or value.startswith("from-teacher"):
+            continue
+        path = Path(value).expanduser()
+        if name in ("teacher", "student") and not path.exists():
+            continue
+        out[name] = str(path.absolute())
+    return out
 
 
 def canonical(values: dict[str, Any]) -> dict[str, Any]:

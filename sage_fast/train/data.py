@@ -9,7 +9,9 @@ Loaders
   labels, so GLUE's validation split is our test split, and our validation split is carved off train
   (a seeded 10%, at most 2,000 examples).
 - CSV or JSONL files (optionally .gz/.bz2 compressed): labels (strings or ints) map to the sorted
-  label set of the train file. With an eval file it becomes the test split and validation is carved
+  label set of the train file; integral numbers are one label however written (1, 1.0, 01), and a
+  header that names two columns alike is refused. When the teacher names its classes, the driver
+  renumbers the labels in the teacher's order (``label_identity``). With an eval file it becomes the test split and validation is carved
   off train as for GLUE; without one, train is split 80/10/10 by a seeded permutation.
 
 ``max_train_examples`` / ``max_eval_examples`` keep a uniformly random subset (fixed seed, original
@@ -23,7 +25,9 @@ import csv
 import gzip
 import hashlib
 import json
+import math
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +87,22 @@ class TaskData:
         for name, split in self.splits().items():
             digest.update(json.dumps([name, split.texts, split.text_pairs, split.labels]).encode())
         return digest.hexdigest()[:16]
+
+    def renumbered(self, order: list[int]) -> "TaskData":
+        """The same rows with label ``i`` numbered ``order[i]`` (a permutation), and the label names
+        in the new order: the data in another model's class order."""
+        if sorted(order) != list(range(self.num_labels)):
+            raise DataError(f"a renumbering of {self.num_labels} labels must be a permutation of "
+                            f"0..{self.num_labels - 1}, got {order}")
+        names = [""] * self.num_labels
+        for old, new in enumerate(order):
+            names[new] = self.label_names[old]
+
+        def moved(split: Split) -> Split:
+            return Split(list(split.texts), [order[label] for label in split.labels],
+                         None if split.text_pairs is None else list(split.text_pairs), list(split.ids))
+
+        return TaskData(self.task, moved(self.train), moved(self.validation), moved(self.test), names)
 
     def summary(self) -> str:
         sizes = ", ".join(f"{name} {len(split)}" for name, split in self.splits().items())
@@ -223,6 +243,9 @@ def _read_records(path: Path | str) -> tuple[list[dict], list[int]]:
         raise DataError(f"{path} does not exist or is not a file")
     kind = _format_of(path)
     records, lines = [], []
+    # Long texts are truncated to max-length tokens anyway: csv's default limit of 128 KiB a cell
+    # would refuse such a file as "not CSV".
+    previous_limit = csv.field_size_limit(2**31 - 1)
     try:
         with _open_text(path) as f:
             if kind == "jsonl":
@@ -241,6 +264,12 @@ def _read_records(path: Path | str) -> tuple[list[dict], list[int]]:
             else:
                 reader = csv.DictReader(f, delimiter="," if kind == "csv" else "\t", strict=True)
                 header = reader.fieldnames or []
+                repeated = sorted({name for name in header if header.count(name) > 1})
+                if repeated:
+                    # csv.DictReader keeps the last of same-named columns and drops the others unseen.
+                    raise DataError(f"{path} has {len(repeated)} column name(s) used more than once in its header "
+                                    f"({', '.join(map(repr, repeated))}): which column is meant is ambiguous; rename "
+                                    "them so that each name is used once")
                 for record in reader:
                     if None in record or any(value is None for value in record.values()):
                         raise DataError(f"{path} line {reader.line_num} has {'more' if None in record else 'fewer'} "
@@ -251,6 +280,8 @@ def _read_records(path: Path | str) -> tuple[list[dict], list[int]]:
         raise
     except (OSError, EOFError, csv.Error, UnicodeDecodeError) as err:
         raise DataError(f"cannot read {path}: {err}. The file may be truncated or not {kind.upper()}") from None
+    finally:
+        csv.field_size_limit(previous_limit)
     if not records:
         raise DataError(f"{path} holds no examples")
     return records, lines
@@ -295,8 +326,22 @@ def _columns(path, text_column, text_pair_column, label_column):
         texts.append(cells[text_column])
         if pairs is not None:
             pairs.append(cells[text_pair_column])
-        labels.append(cells[label_column])
+        labels.append(_label_text(cells[label_column]))
     return texts, pairs, labels
+
+
+_INTEGRAL = re.compile(r"[+-]?\d+(?:\.0*)?|[+-]?\d+(?:\.\d*)?[eE][+-]?\d+")
+
+
+def _label_text(text: str) -> str:
+    """A label as text, integral numbers as integers: "1", "1.0" and "01" are one label (as JSON's 1
+    and 1.0 are), not two classes of one meaning."""
+    stripped = text.strip()
+    if _INTEGRAL.fullmatch(stripped):
+        value = float(stripped)
+        if math.isfinite(value) and value.is_integer():
+            return str(int(value))
+    return text
 
 
 def _label_key(label):
@@ -334,6 +379,12 @@ def load_files(train_file, eval_file=None, *, text_column="text", text_pair_colu
             raise DataError(f"{eval_file} has labels {unknown[:10]} that never occur in {train_file} "
                             f"(its labels are {label_names[:20]}); the model cannot predict them")
         test = Split(e_texts, [index[str(label).strip()] for label in e_raw], e_pairs)
+        if len(set(test.labels)) < 2:
+            # As for a one-label train split: a model that predicts that label everywhere scores 1.0.
+            raise DataError(f"every example in {eval_file} has the label {label_names[test.labels[0]]!r}: accuracy "
+                            "on it says only how often a model predicts that label, so it cannot measure the "
+                            "distillation; give a test file with at least two labels (is --label-column "
+                            f"{label_column!r} the right column?)")
         train, validation = _carve_validation(train, seed)
     return _finish(task, train, validation, test, label_names, max_train_examples, max_eval_examples, seed)
 

@@ -43,8 +43,9 @@ from ..regions import use_compilation_cache, warm_up_in_background
 from ..synthesis import Batch, RoundRecord, SAGESynthesizer, SynthesisSession, mix
 from . import DataError
 from . import checkpoint as ckpt
+from . import run_identity
 from .config import DistillConfig
-from .metrics import MetricsLog, Timer, format_table
+from .metrics import MetricsLog, Timer, format_table, notes, one_class_warning
 from .models import _first_line, save_interface
 from .run_lock import RunLock
 from .schedule import linear_schedule
@@ -160,7 +161,7 @@ class ModeRun:
             **self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_state(), **synthesis,
             "metrics": self.metrics.records, "timer": dict(self.timer.seconds),
-            "total_steps": self.total_steps, "world_size": self.world.size,
+            "total_steps": self.total_steps, "world_size": self.world.size, **run_identity.record(self.setup.data),
         }
 
     def save(self) -> Path:
@@ -178,6 +179,7 @@ class ModeRun:
     def load(self, state: dict) -> None:
         if state["mode"] != self.mode:
             raise ckpt.CheckpointError(f"{self.checkpoint_path} holds a {state['mode']!r} run, not {self.mode!r}")
+        run_identity.check_checkpoint(state, self.config, self.setup.data, self.total_steps, self.checkpoint_path)
         saved_world = state.get("world_size", 1)
         if saved_world != self.world.size:
             raise ckpt.CheckpointError(
@@ -346,7 +348,7 @@ class ModeRun:
         accuracy = self.model.evaluate("validation")
         self.metrics.log(kind="eval", mode=self.mode, split="validation", epoch=self.epoch + 1,
                          step=self.global_step, accuracy=accuracy,
-                         epoch_seconds=time.perf_counter() - started)
+                         epoch_seconds=time.perf_counter() - started, warning=self._one_class("validation"))
         self.epoch += 1
         self.step_in_epoch = 0
         self.done = self.global_step >= self.total_steps
@@ -364,11 +366,20 @@ class ModeRun:
             train_seconds=train_seconds,
             examples_per_second=self.examples_seen["real"] / train_seconds if train_seconds > 0 else None,
             analysis_share=self.timer.share("analysis"), synthesis_share=self.timer.share("synthesis"),
-            labelling_share=self.timer.share("labelling"), analysis_rounds=self.analysis_rounds)
+            labelling_share=self.timer.share("labelling"), analysis_rounds=self.analysis_rounds,
+            warning=self._one_class("test"))
         teacher_dir = Path(self.setup.teacher_name)
         if self.world.is_main:
             save_interface(self.interface, self.trained_dir, tokenizer=self.setup.tokenizer,
                            teacher_path=str(teacher_dir) if teacher_dir.is_dir() else None)
+
+    def _one_class(self, split: str) -> str | None:
+        """The warning, logged, when the student predicted one class for every row of ``split``."""
+        warning = one_class_warning(self.model.predicted_counts.get(split, []), self.setup.data.label_names, split,
+                                    f"the {self.mode} student")
+        if warning:
+            self.log(f"[{self.mode}] warning: {warning}")
+        return warning
 
     @property
     def trained_dir(self) -> Path:
@@ -417,7 +428,7 @@ def default_output_dir() -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
-def run(config: DistillConfig, *, resume: bool = False, log=print,
+def run(config: DistillConfig, *, resume: bool = False, log=print, overwrite: bool = False,
         callbacks: Iterable[Callable[[ModeRun], None]] = ()) -> dict:
     """Train the main mode and every baseline in ``config.compare``; returns the summary that is
     also written to ``<output_dir>/results.json``.
@@ -444,7 +455,7 @@ def run(config: DistillConfig, *, resume: bool = False, log=print,
             refusal = None
             if world.is_main:
                 try:
-                    _prepare_folder(config, out_dir, modes, resume, log)
+                    _prepare_folder(config, out_dir, modes, resume, log, overwrite)
                 except UsageError as error:
                     refusal = error
             # a folder rank 0 refused stops every rank now, with rank 0's message
@@ -462,10 +473,10 @@ def _quiet(message: str) -> None:
     """The log of ranks other than 0: rank 0 says everything once."""
 
 
-def _prepare_folder(config: DistillConfig, out_dir: Path, modes: list[str], resume: bool, log) -> None:
-    if not resume and any((out_dir / m / ckpt.CHECKPOINT_NAME).exists() for m in modes):
-        raise DataError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another "
-                        "--output-dir")
+def _prepare_folder(config: DistillConfig, out_dir: Path, modes: list[str], resume: bool, log,
+                    overwrite: bool = False) -> None:
+    if not resume:
+        run_identity.check_fresh_folder(out_dir, overwrite=overwrite, log=log)
     for mode in modes:
         stale = [*ckpt.remove_stale_temporaries(out_dir / mode),
                  *ckpt.remove_stale_temporaries(out_dir / mode, "metrics.jsonl")]
@@ -491,7 +502,7 @@ def _run_modes(config: DistillConfig, out_dir: Path, modes: list[str], resume: b
     summary = {"output_dir": str(out_dir), "teacher": setup.teacher_name, "task": setup.data.task,
                "teacher_validation_accuracy": setup.teacher_metrics.get("validation_accuracy_vector"),
                "teacher_test_accuracy": setup.teacher_metrics.get("test_accuracy_vector"), "modes": rows,
-               "trained": trained}
+               "trained": trained, "warnings": list(setup.warnings)}
     table = results_table(summary)
     if world.is_main:
         (out_dir / RESULTS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
@@ -509,4 +520,4 @@ def results_table(summary: dict) -> str:
         ("examples_per_second", "real ex/s", "{:.1f}"), ("synthetic_examples", "synthetic seen", "{:d}"),
         ("analysis_share", "analysis", "{:.1%}"), ("synthesis_share", "synthesis", "{:.1%}"),
         ("labelling_share", "labelling", "{:.1%}"),
-    ])
+    ]) + "".join(f"\nwarning: {note}" for note in notes(summary))

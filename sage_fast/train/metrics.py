@@ -105,3 +105,23 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
         if n == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+def one_class_warning(counts, label_names: list[str], split: str, who: str) -> str | None:
+    """A warning when a model predicted one class for every row of ``split`` (``counts``: how many
+    rows it gave each class), else None. Accuracy alone hides it: a student stuck at the majority
+    class scores that class's share, which can look like learning on unbalanced data."""
+    counts = [int(c) for c in counts]
+    used = [i for i, c in enumerate(counts) if c > 0]
+    if len(counts) < 2 or len(used) != 1:
+        return None
+    name = label_names[used[0]] if used[0] < len(label_names) else str(used[0])
+    return (f"{who} predicts one class ({name!r}) for every row of {split} ({counts[used[0]]} rows): it did not "
+            "learn to tell the classes apart")
+
+
+def notes(summary: dict) -> list[str]:
+    """Every warning of a run, for the lines under its results table."""
+    found = list(summary.get("warnings") or [])
+    found += [row["warning"] for row in summary.get("modes", []) if row.get("warning")]
+    return found

@@ -264,6 +264,59 @@ def student_from_config(config_or_name, num_labels: int, **overrides):
     return transformers.AutoModelForSequenceClassification.from_config(config)
 
 
+def _setting(config, *names):
+    for name in names:
+        value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def check_student_config(config, what: str, max_length: int) -> None:
+    """A ModelError when the driver cannot train a student of this config (a dict as in config.json,
+    or a PretrainedConfig): attention heads that do not divide its width, fewer positions than
+    ``max_length`` tokens, or no padding token (batches are padded; a classifier that pools the last
+    token, as GPT-2's does, cannot tell where a padded row ends without one)."""
+    width = _setting(config, "hidden_size", "n_embd", "dim", "d_model")
+    heads = _setting(config, "num_attention_heads", "n_head", "n_heads")
+    if isinstance(width, int) and isinstance(heads, int) and heads > 0 and width % heads:
+        raise ModelError(f"the student {what} has hidden size {width}, which its {heads} attention heads do not "
+                         f"divide: each head takes an equal share of the width. Give it a hidden size that is a "
+                         f"multiple of {heads}, or a head count that divides {width}")
+    positions = _setting(config, "max_position_embeddings", "n_positions")
+    if isinstance(positions, int) and not isinstance(positions, bool):
+        if _setting(config, "model_type") in POSITIONS_FROM_PADDING:
+            positions -= int(_setting(config, "pad_token_id") or 0) + 1
+        if positions < max_length:
+            raise ModelError(f"the student {what} has {positions} position embeddings, fewer than --max-length "
+                             f"{max_length} tokens: use --max-length {positions} or less, or a student with more "
+                             "positions")
+    if _setting(config, "pad_token_id") is None:
+        raise ModelError(f"the student {what} has no padding token (pad_token_id is unset in its config): the "
+                         "driver pads its batches, and a classifier that reads the last token (GPT-2 and other "
+                         "decoders) cannot find where a padded row ends. Set pad_token_id in its config.json (for "
+                         "GPT-2, its eos_token_id), or use an encoder student")
+
+
+def check_student_spec(spec: str, max_length: int) -> None:
+    """The checks of ``check_student_config`` on a student given as a config file or a local folder,
+    from its config alone, before any data or model is loaded; students made from the teacher or
+    named by hub id are checked once built."""
+    if spec.startswith("from-teacher"):
+        return
+    path = Path(spec)
+    if not (path.is_file() or (path.is_dir() and (path / "config.json").is_file())):
+        return
+    values = read_model_config(path)
+    if not values or "model_type" not in values:
+        return  # not a model config: said where the student is built
+    try:  # the model type's defaults fill what the file leaves out (a BERT config without pad_token_id pads with 0)
+        config = require_transformers().AutoConfig.for_model(**values)
+    except (ValueError, TypeError, KeyError):
+        return
+    check_student_config(config, spec, max_length)
+
+
 def student_from_pretrained(name_or_path: str, num_labels: int):
     return load_classifier(name_or_path, num_labels)
 

@@ -14,11 +14,11 @@ from ..distributed import SINGLE, DistributedError, World
 from ..nn import SAGELoss, SAGELossConfig
 from ..synthesis import SessionSettings, SynthesisConfig
 from . import ModelError
-from . import teacher_cache
+from . import label_identity, teacher_cache
 from .config import DistillConfig
 from .data import encode, load_task
-from .models import VectorInterface, load_classifier, load_tokenizer, saved_label_count, student_from_config, \
-    student_from_teacher
+from .models import (VectorInterface, check_student_config, check_student_spec, load_classifier, load_tokenizer,
+                     saved_label_count, student_from_config, student_from_teacher)
 from .teacher import TeacherSettings, fine_tune_teacher, read_teacher_metrics
 
 DEFAULT_TEACHER_BASE = "minilm"
@@ -45,6 +45,7 @@ class Setup:
     layer_map: dict[int, int]
     teacher_metrics: dict = field(default_factory=dict)
     world: World = SINGLE
+    warnings: list = field(default_factory=list)  # said in the log and again under the results table
 
 
 def _check_teacher_labels(teacher, num_labels: int, name: str) -> None:
@@ -57,6 +58,7 @@ def build_setup(config: DistillConfig, log=print, *, world: World = SINGLE, devi
     """Data, teacher, tokenizer and the teacher's cached outputs. Under several processes rank 0
     fine-tunes the teacher and fills the caches first; the others then read them."""
     device = resolve_device(config.device) if device is None else device
+    check_student_spec(config.student, config.max_length)  # before the data and the teacher
     task = config.task if config.train_file is None else Path(config.train_file).name.split(".")[0]
     data = load_task(task, train_file=config.train_file, eval_file=config.eval_file,
                      text_column=config.text_column, text_pair_column=config.text_pair_column,
@@ -82,11 +84,14 @@ def build_setup(config: DistillConfig, log=print, *, world: World = SINGLE, devi
                 "information (fine-tune it first: sage-fast teacher)")
     teacher = load_classifier(teacher_name, data.num_labels).to(device).eval().requires_grad_(False)
     _check_teacher_labels(teacher, data.num_labels, teacher_name)
+    data = label_identity.align_to_teacher(data, teacher.config, teacher_name, log)
     tokenizer = load_tokenizer(teacher_name)
     encoded = {name: encode(split, tokenizer, config.max_length) for name, split in data.splits().items()}
 
     torch.manual_seed(config.seed)
     student = build_student(config.student, teacher, data.num_labels).to(device)
+    label_identity.name_classes(student.config, data.label_names)
+    check_student_config(student.config, config.student, config.max_length)
     layer_map = SAGELossConfig(num_student_layers=student.config.num_hidden_layers,
                                num_teacher_layers=teacher.config.num_hidden_layers).resolved_layer_map()
     teacher_layers = sorted(set(layer_map.values())) if config.beta > 0 else []
@@ -107,14 +112,16 @@ def build_setup(config: DistillConfig, log=print, *, world: World = SINGLE, devi
             key = teacher_cache.cache_key(identity, data.fingerprint(), name, config.max_length, layers)
             outputs[name], hit = teacher_cache.load_or_compute(
                 cache_dir, key, lambda: teacher_cache.compute(forward, encoded[name], layers, config.eval_batch_size,
-                                                              device, config.progress, f"teacher outputs ({name})"))
+                                                              device, config.progress, f"teacher outputs ({name})"),
+                teacher=teacher_name, split=name)
             if hit:
                 log(f"teacher outputs for {name} from the cache ({cache_dir})")
     for name in ("validation", "test"):
         predicted = outputs[name]["logits"].argmax(-1)
         teacher_metrics[f"{name}_accuracy_vector"] = float((predicted == encoded[name]["labels"]).float().mean())
+    warnings = label_identity.teacher_warnings(teacher_metrics, data, teacher_name, log, outputs)
     return Setup(config, device, data, tokenizer, teacher, teacher_name, encoded, outputs, teacher_layers,
-                 student, layer_map, teacher_metrics, world)
+                 student, layer_map, teacher_metrics, world, warnings)
 
 
 def build_student(spec: str, teacher, num_labels: int):
@@ -149,11 +156,7 @@ def build_loss(config: DistillConfig, setup: Setup, student) -> SAGELoss:
 
 def synthesis_config(config: DistillConfig, mode: str, device: torch.device) -> SynthesisConfig:
     """The synthesizer's settings for ``mode`` (``sage`` or ``random``) from the driver's config."""
-    return SynthesisConfig(
-        mode=mode, synthetic_per_round=config.synthetic_per_round, pool_size=config.pool_size,
-        pool_policy=config.pool_policy, quantile=config.quantile, n_neighbors=config.n_neighbors,
-        lam_low=config.lam_low, lam_high=config.lam_high, noise_std=config.noise_std, seed=config.seed,
-        device=device, profile_decay=config.profile_decay, partners=config.partners)
+    return config.synthesis_settings(mode, device)
 
 
 

@@ -40,6 +40,7 @@ class Student:
         # Tokens each training row uses, on the host: a step trims its batch's shared padding from
         # these, never from the device's masks (reading those back would make every step wait).
         self.lengths = used_lengths(setup.encoded["train"]["attention_mask"])
+        self.predicted_counts = {}  # split -> rows predicted as each class at its last evaluation
 
     @property
     def autocast(self):
@@ -139,6 +140,7 @@ class Student:
         device, world = self.device, self.setup.world
         self.interface.eval()
         correct = 0
+        counts = torch.zeros(self.setup.data.num_labels, dtype=torch.long)
         n = enc["input_ids"].shape[0]
         share = world.share(n)
         for start in range(share.start, share.stop, self.config.eval_batch_size):
@@ -149,10 +151,14 @@ class Student:
             with self.autocast:
                 out = self.interface.student_forward(self.interface.embed(enc["input_ids"][sl, :width].to(device)),
                                                      mask[:, :width], token_type_ids=types)
-            correct += int((out.logits.argmax(-1).cpu() == enc["labels"][sl]).sum())
+            predicted = out.logits.argmax(-1).cpu()
+            correct += int((predicted == enc["labels"][sl]).sum())
+            counts += torch.bincount(predicted, minlength=counts.numel())[:counts.numel()]
         self.interface.train()
         if world.distributed:
             correct = int(world.all_reduce_sum(torch.tensor([correct], device=device)).item())
+            counts = world.all_reduce_sum(counts.to(device)).cpu()
+        self.predicted_counts[split] = counts
         return correct / n
 
 

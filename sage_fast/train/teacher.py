@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -27,6 +26,7 @@ import torch
 from .._checks import in_range, integer
 from ..devices import resolve_device
 from . import ModelError
+from .checkpoint import CACHE_STALE_SECONDS, publish_folder, remove_stale_staging, staging_prefix
 from .config import check_folder
 from .data import Split, TaskData, encode
 
@@ -79,8 +79,29 @@ def _key(base: str, identity: str, data: TaskData, settings: TeacherSettings) ->
     return f"{stem}-{data.task}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 
 
+class TeacherDiverged(ModelError):
+    """The teacher's fine-tuning gave a non-finite loss or non-finite weights; nothing was cached."""
+
+
 def _cached(folder: Path) -> bool:
     return (folder / METRICS_FILE).is_file() and (folder / "config.json").is_file()
+
+
+def _weights_finite(folder: Path) -> bool:
+    """Whether every weight saved in ``folder`` is finite (a folder whose weights cannot be read is
+    left to the loader, which says what is wrong with it)."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        return True
+    for path in folder.glob("*.safetensors"):
+        try:
+            tensors = load_file(str(path))
+        except Exception:  # noqa: BLE001 - a damaged file is the loader's to report
+            return True
+        if not all(bool(t.isfinite().all()) for t in tensors.values() if t.is_floating_point()):
+            return False
+    return True
 
 
 def _batches(encoded: dict, batch_size: int, order: torch.Tensor):
@@ -123,10 +144,13 @@ def fine_tune_teacher(base: str, data: TaskData, *, settings: TeacherSettings | 
     settings.check()
     root = check_folder("cache-dir", teachers_root(cache_dir))
     folder = root / teacher_key(base, data, settings)
-    if not force:
-        if _cached(folder):
+    remove_stale_staging(root, log=log, what="teacher", older_than=CACHE_STALE_SECONDS)
+    replace = force or folder.exists()  # a folder there but not used (damaged, diverged) is replaced
+    if not force and _cached(folder):
+        if _weights_finite(folder):
             log(f"teacher cache hit: {folder}")
             return folder
+        log(f"the cached teacher {folder} holds non-finite weights (a fine-tuning that diverged); training it again")
     device = resolve_device(device)
     torch.manual_seed(settings.seed)
     tokenizer = load_tokenizer(base)
@@ -161,10 +185,16 @@ def fine_tune_teacher(base: str, data: TaskData, *, settings: TeacherSettings | 
             optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            value = loss.item()  # read for the progress bar anyway
+            if not math.isfinite(value):
+                bar.close()
+                _diverged(base, data, settings, f"the loss is {value} at step {step} of {total_steps}")
+            bar.set_postfix(loss=f"{value:.3f}")
     bar.close()
     train_seconds = time.perf_counter() - started
     model.eval()
+    if not all(bool(p.detach().isfinite().all()) for p in model.parameters()):
+        _diverged(base, data, settings, "its weights hold non-finite values after training")
     metrics = {
         "base": base, "task": data.task, "settings": asdict(settings), "data_fingerprint": data.fingerprint(),
         "train_examples": len(data.train), "steps": total_steps, "train_seconds": round(train_seconds, 1),
@@ -174,22 +204,32 @@ def fine_tune_teacher(base: str, data: TaskData, *, settings: TeacherSettings | 
     }
     model.config.id2label = dict(enumerate(data.label_names))
     model.config.label2id = {name: i for i, name in enumerate(data.label_names)}
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    try:
-        model.cpu().save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    _publish(model, tokenizer, metrics, folder, replace)
     log(f"teacher saved to {folder}: validation accuracy {metrics['validation_accuracy']:.4f}, "
         f"test accuracy {metrics['test_accuracy']:.4f}, trained in {train_seconds:.0f} s")
     return folder
 
 
-__all__ = ["TeacherSettings", "accuracy", "fine_tune_teacher", "read_teacher_metrics", "teacher_key", "teachers_root"]
+def _publish(model, tokenizer, metrics: dict, folder: Path, replace: bool) -> None:
+    """The teacher written to a staging folder beside ``folder`` and renamed into place
+    (``replace``: over what is there), so a reader never sees a teacher half written."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=staging_prefix(folder)))
+    try:
+        model.cpu().save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
+        publish_folder(staging, folder, replace=replace, keep=_cached)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _diverged(base: str, data: TaskData, settings: TeacherSettings, what: str):
+    raise TeacherDiverged(f"fine-tuning the teacher {base} on {data.task} diverged: {what} (learning rate "
+                          f"{settings.lr:g}); nothing was saved or cached. Train it with a lower learning rate "
+                          "(sage-fast teacher --lr, or distill's --teacher-lr)")
+
+
+__all__ = ["TeacherDiverged", "TeacherSettings", "accuracy", "fine_tune_teacher", "read_teacher_metrics", "teacher_key",
+           "teachers_root"]

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import save_atomic
+from . import ModelError
+from .checkpoint import CACHE_STALE_SECONDS, remove_stale_temporaries, save_atomic
 from .config import check_folder
 
 CACHE_FORMAT = 1
@@ -58,19 +59,40 @@ def compute(forward: Callable, encoded: dict, layers: Sequence[int], batch_size:
     return {"logits": torch.cat(logits), "hidden": {k: torch.cat(v) for k, v in hidden.items()}}
 
 
-def load_or_compute(cache_dir: str | Path | None, key: str, make: Callable[[], dict]) -> tuple[dict, bool]:
+def check_finite(outputs: dict, teacher: str, split: str) -> dict:
+    """``outputs`` when every logit is finite; otherwise a ModelError naming the teacher: a teacher
+    whose fine-tuning diverged (NaN weights) predicts class 0 for every row through argmax, which
+    looks like a plausible accuracy, and its NaN soft labels would make the student's loss NaN."""
+    logits = outputs["logits"]
+    bad = int((~torch.isfinite(logits)).any(-1).sum())
+    if bad:
+        raise ModelError(f"the teacher {teacher} gives non-finite logits (NaN or inf) on {bad} of the "
+                         f"{logits.shape[0]} {split} examples: its weights are broken, as after a fine-tuning that "
+                         "diverged. Fine-tune it again with a lower learning rate (sage-fast teacher --force --lr "
+                         "..., or --teacher-lr for the teacher distill makes), or use another --teacher")
+    return outputs
+
+
+def load_or_compute(cache_dir: str | Path | None, key: str, make: Callable[[], dict], *,
+                    teacher: str = "in use", split: str = "") -> tuple[dict, bool]:
     """The cached outputs under ``key``, or ``make()``'s, written for next time. Returns
-    (outputs, whether they came from the cache). A damaged cache file is recomputed."""
+    (outputs, whether they came from the cache). A damaged cache file is recomputed; outputs that are
+    not finite are a ModelError naming ``teacher``, and never written."""
     if cache_dir is None:
-        return make(), False
-    path = check_folder("cache-dir", cache_dir) / f"teacher-{key}.pt"  # before the pass, not after
+        return check_finite(make(), teacher, split), False
+    folder = check_folder("cache-dir", cache_dir)  # before the pass, not after
+    path = folder / f"teacher-{key}.pt"
+    # a killed writer's copy would stay there for ever
+    remove_stale_temporaries(folder, "teacher-*.pt", older_than=CACHE_STALE_SECONDS)
     if path.is_file():
         try:
             stored = torch.load(path, map_location="cpu", weights_only=True)
             if stored.get("format") == CACHE_FORMAT:
-                return stored["outputs"], True
+                return check_finite(stored["outputs"], teacher, split), True
+        except ModelError:
+            raise
         except Exception:  # noqa: BLE001 - a torn or foreign file is just a cache miss
             pass
-    outputs = make()
+    outputs = check_finite(make(), teacher, split)
     save_atomic({"format": CACHE_FORMAT, "outputs": outputs}, path)
     return outputs, False

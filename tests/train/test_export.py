@@ -76,8 +76,9 @@ def test_export_finds_the_trained_folder_of_a_run_or_mode_folder(tmp_path, token
     save_interface(VectorInterface(teacher, student), run / "kd" / "trained", tokenizer=tokenizer)
     run.joinpath("config.json").write_text(json.dumps({"mode": "kd"}))
     for given in (run, run / "kd"):
-        assert main(["export", str(given), "--out", str(tmp_path / given.name)]) == 0
-        assert (tmp_path / given.name / "config.json").is_file()
+        # into a folder of its own: the run folder itself is refused as --out (the export replaces it)
+        assert main(["export", str(given), "--out", str(tmp_path / f"exported-{given.name}")]) == 0
+        assert (tmp_path / f"exported-{given.name}" / "config.json").is_file()
     capsys.readouterr()
 
 

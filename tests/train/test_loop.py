@@ -201,7 +201,7 @@ def test_a_checkpoint_taken_while_a_round_is_in_flight_resumes_exactly(tiny, tmp
         assert torch.equal(tensor, b["student"][name]), name
     assert torch.equal(a["synthesizer"]["pool"]["vectors"], b["synthesizer"]["pool"]["vectors"])
 
-    with pytest.raises(checkpoint.CheckpointError, match="analysis_lag"):
+    with pytest.raises(checkpoint.CheckpointError, match="analysis-lag 2 there, 0 here"):
         run = loop.ModeRun(build_setup(tiny_config(tiny, tmp_path / "other", analysis_lag=0),
                                             log=lambda *a: None), "sage", tmp_path / "other" / "sage")
         run.load(interrupted)
