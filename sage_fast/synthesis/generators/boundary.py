@@ -70,6 +70,9 @@ class Boundary(Generator):
                 loss = disagreement(inputs.student_logits(point, mask), teacher_logits, inputs.temperature)
                 (gradient,) = torch.autograd.grad(loss.sum(), point)
             gradient = gradient.float() * keep
-            largest = gradient.norm(dim=-1).amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)  # [n]
-            x = x + (reach / largest).view(-1, 1, 1) * gradient
+            largest = gradient.norm(dim=-1).amax(dim=1)                      # [n]
+            # a row without gradient (a saturated student) stays where it is
+            factor = torch.where(largest > 0, reach / largest.clamp_min(torch.finfo(torch.float32).tiny),
+                                 torch.zeros_like(largest))
+            x = x + factor.view(-1, 1, 1) * gradient
         return x.detach()
