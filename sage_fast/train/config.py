@@ -27,6 +27,7 @@ MODES = ("sage", "kd", "random", "inverse")
 POOL_POLICIES = ("fifo", "reservoir")
 PARTNERS = ("neighbours", "boundary", "same-label")
 PROFILE_SIGNALS = ("loss", "disagreement", "trusted")
+GENERATORS = ("interpolate", "substitute", "boundary")
 # Settings known by an older name: still read from config files, saved runs (--resume) and flags.
 RENAMED = {"train_limit": "max_train_examples", "eval_limit": "max_eval_examples", "warmup_fraction": "warmup_ratio"}
 
@@ -114,6 +115,28 @@ class DistillConfig:
                                  "pass (current, at the cost of a forward pass over the data)")
     profile_decay: float | None = _opt(None, "unset: each row's profile is the mean over all its visits; in (0, 1]: "
                                        "old visits fade, each moving it by max(decay, 1/visits)")
+    generator: str = _opt("interpolate", "how a round makes synthetic rows from its anchors, under every mode (so each "
+                          "generator has its random-anchor control): 'interpolate' mixes each anchor with its partner "
+                          "(--lam-low, --lam-high, --noise-std); 'substitute' replaces a share of the anchor's word "
+                          "pieces by their nearest tokens in the teacher's embedding table (real text; a few rows of "
+                          "each round are shown in the log); 'boundary' takes bounded steps from the anchor toward "
+                          "more student-teacher disagreement (one student backward a step)", choices=GENERATORS)
+    substitute_share: float = _opt(0.15, "generator substitute: share of an anchor's word pieces replaced, in [0, 1]")
+    substitute_top_k: int = _opt(8, "generator substitute: a replaced word piece becomes one of its this many nearest "
+                                 "tokens (cosine similarity in the teacher's embedding table)")
+    substitute_span: float = _opt(0.0, "generator substitute: share of the partner's word pieces taken as one span in "
+                                  "place of as many of the anchor's, in [0, 1] (0: none)")
+    boundary_steps: int = _opt(3, "generator boundary: steps from each anchor")
+    boundary_step_size: float = _opt(0.05, "generator boundary: the most a token moves in one step, as a share of "
+                                     "the anchor's mean token-vector norm (above 0)")
+    synthetic_volume: float | None = _opt(None, "synthetic rows made per epoch as a multiple of the training rows "
+                                          "(e.g. 4), spread over the epoch's rounds: sets synthetic-per-round, and "
+                                          "pool-size to at least one round (unset: synthetic-per-round decides)")
+    synthetic_share: float | None = _opt(None, "share of each step's rows that are synthetic once the pool has some, "
+                                         "in [0, 1) (e.g. 0.5: as many synthetic rows as real ones): sets "
+                                         "synthetic-per-batch (unset: synthetic-per-batch decides)")
+    label_batch_size: int | None = _opt(None, "rows per teacher forward when the teacher labels a round's synthetic "
+                                        "rows (unset: eval-batch-size): large rounds label faster in large batches")
     # --- run ---
     device: str = _opt("auto", DEVICE_HELP)
     seed: int = _opt(0, "seed for data order, initialisation, analysis and synthesis")
@@ -155,7 +178,7 @@ class DistillConfig:
 
         self._check_types()
         for name, options in (("mode", MODES), ("task", TASKS), ("pool_policy", POOL_POLICIES),
-                              ("partners", PARTNERS), ("profile_signal", PROFILE_SIGNALS)):
+                              ("partners", PARTNERS), ("profile_signal", PROFILE_SIGNALS), ("generator", GENERATORS)):
             if getattr(self, name) not in options:
                 raise bad(name, f"one of {', '.join(options)}", getattr(self, name))
         try:
@@ -168,8 +191,10 @@ class DistillConfig:
         for name in ("batch_size", "grad_accumulation", "eval_batch_size", "synthetic_per_round", "pool_size",
                      "n_neighbors", "epochs", "log_every"):
             positive_int(name)
-        for name in ("max_steps", "analysis_every"):
+        for name in ("max_steps", "analysis_every", "label_batch_size"):
             positive_int(name, allow_none=True)
+        positive_int("substitute_top_k")
+        positive_int("boundary_steps")
         for name in ("max_train_examples", "max_eval_examples", "analysis_lag"):
             positive_int(name, allow_none=True, allow_zero=True)
         positive_int("synthetic_per_batch", allow_zero=True)
@@ -188,6 +213,19 @@ class DistillConfig:
         number("lam_high", 0.0, 1.0)
         number("noise_std", 0.0, math.inf, hi_open=True)
         number("dist_timeout", 0.0, math.inf, lo_open=True, hi_open=True)
+        number("substitute_share", 0.0, 1.0)
+        number("substitute_span", 0.0, 1.0)
+        number("boundary_step_size", 0.0, math.inf, lo_open=True, hi_open=True)
+        if self.synthetic_volume is not None:
+            number("synthetic_volume", 0.0, math.inf, lo_open=True, hi_open=True)
+        if self.synthetic_share is not None:
+            number("synthetic_share", 0.0, 1.0, hi_open=True)
+            # s synthetic of every (real + synthetic) rows: s / (1 - s) synthetic rows per real one
+            self.synthetic_per_batch = int(math.floor(self.batch_size * self.synthetic_share
+                                                      / (1.0 - self.synthetic_share) + 0.5))
+        if self.generator == "boundary" and self.partners != "neighbours":
+            raise ConfigError(f"partners {self.partners!r} chooses partners, and generator 'boundary' steps from the "
+                              "anchor alone: use --partners neighbours with it")
         if self.batch_size % self.grad_accumulation:
             raise ConfigError(f"batch-size ({self.batch_size}) must be a multiple of grad-accumulation "
                               f"({self.grad_accumulation}): each micro-batch takes an equal share of the step")
@@ -199,7 +237,7 @@ class DistillConfig:
                               "--partners neighbours")
         if self.lam_low > self.lam_high:
             raise ConfigError(f"lam-low ({self.lam_low}) must not exceed lam-high ({self.lam_high})")
-        if self.pool_size < self.synthetic_per_round:
+        if self.pool_size < self.synthetic_per_round and self.synthetic_volume is None:
             raise ConfigError(
                 f"pool-size ({self.pool_size}) must be at least synthetic-per-round ({self.synthetic_per_round}): "
                 "otherwise each round would push out examples it has just made")

@@ -42,11 +42,13 @@ from ..nn import SAGELoss, SAGELossConfig
 from ..regions import pooled_embedding, warm_up_in_background
 from ..synthesis import (BackgroundRounds, RoundRecord, SAGESynthesizer, SynthesisConfig, default_analysis_interval,
                          partner_classes, used_lengths)
+from ..synthesis.volume import rows_per_round
 from . import DataError, ModelError, require_transformers
 from . import checkpoint as ckpt
 from . import teacher_cache
 from .config import DistillConfig
 from .data import encode, load_task
+from .generator_inputs import generator_inputs
 from .metrics import MetricsLog, Timer, format_table
 from .models import (VectorInterface, _first_line, load_classifier, load_tokenizer, save_interface, saved_label_count,
                      student_from_config, student_from_teacher)
@@ -216,13 +218,22 @@ def linear_schedule(optimizer, total_steps: int, warmup_ratio: float, *, done_st
                                                         last_epoch=done_steps)
 
 
-def synthesis_config(config: DistillConfig, mode: str, device: torch.device) -> SynthesisConfig:
-    """The synthesizer's settings for ``mode`` (``sage`` or ``random``) from the driver's config."""
+def synthesis_config(config: DistillConfig, mode: str, device: torch.device, *, num_examples: int | None = None,
+                     steps_per_epoch: int | None = None, interval: int | None = None) -> SynthesisConfig:
+    """The synthesizer's settings for ``mode`` (``sage`` or ``random``) from the driver's config;
+    with ``synthetic_volume``, each round's rows follow from the run's rows and schedule."""
+    per_round, pool_size = config.synthetic_per_round, config.pool_size
+    if config.synthetic_volume is not None:
+        per_round = rows_per_round(config.synthetic_volume, num_examples, steps_per_epoch, interval)
+        pool_size = max(pool_size, per_round)
     return SynthesisConfig(
-        mode=mode, synthetic_per_round=config.synthetic_per_round, pool_size=config.pool_size,
+        mode=mode, synthetic_per_round=per_round, pool_size=pool_size,
         pool_policy=config.pool_policy, quantile=config.quantile, n_neighbors=config.n_neighbors,
         lam_low=config.lam_low, lam_high=config.lam_high, noise_std=config.noise_std, seed=config.seed,
-        device=device, profile_decay=config.profile_decay, partners=config.partners)
+        device=device, profile_decay=config.profile_decay, partners=config.partners, generator=config.generator,
+        substitute_share=config.substitute_share, substitute_top_k=config.substitute_top_k,
+        substitute_span=config.substitute_span, boundary_steps=config.boundary_steps,
+        boundary_step_size=config.boundary_step_size)
 
 
 def analysis_interval(config: DistillConfig, steps_per_epoch: int) -> int:
@@ -406,7 +417,7 @@ class Student:
     def label(self, vectors: torch.Tensor, mask: torch.Tensor):
         """The teacher's logits (float32) and cached hidden layers (float16) on synthetic vectors."""
         logits, hidden = [], {k: [] for k in self.setup.teacher_layers}
-        step = self.config.eval_batch_size
+        step = self.config.label_batch_size or self.config.eval_batch_size
         for start in range(0, vectors.shape[0], step):
             with self.autocast:
                 out = self.interface.teacher_forward(vectors[start:start + step], mask[start:start + step],
@@ -540,10 +551,13 @@ class ModeRun:
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
         self.scheduler = linear_schedule(self.optimizer, self.total_steps, config.warmup_ratio)
-        self.synthesizer = None if mode == "kd" else SAGESynthesizer(
-            synthesis_config(config, mode, device), num_examples=self.n_train, embedding_dim=self.model.embedding_dim,
-            world=world)
         self.analysis_interval = analysis_interval(config, self.steps_per_epoch)
+        self.synthesizer = None if mode == "kd" else SAGESynthesizer(
+            synthesis_config(config, mode, device, num_examples=self.n_train, steps_per_epoch=self.steps_per_epoch,
+                             interval=self.analysis_interval),
+            num_examples=self.n_train, embedding_dim=self.model.embedding_dim, world=world,
+            inputs=generator_inputs(self.interface, setup.tokenizer, setup.encoded["train"], lambda: self.model.autocast,
+                                    batch_size=config.eval_batch_size, temperature=config.temperature))
         self.analysis_lag = resolved_lag(config, self.steps_per_epoch)
         self.background = None if self.synthesizer is None or self.analysis_lag == 0 else BackgroundRounds(
             self.synthesizer, self.model.vectors_of, self.model.label, lag=self.analysis_lag,
@@ -755,11 +769,14 @@ class ModeRun:
     def _log_round(self, record: RoundRecord) -> None:
         if record.plot_error:
             self.log(f"no loss map: {record.plot_error}")
+        for line in record.decoded:  # rows of real tokens, for a person to judge
+            self.log(f"[{self.mode}] round {record.round}: {line}")
         self.metrics.log(kind="analysis", mode=self.mode, round=record.round, step=self.global_step,
                          epoch=self.epoch, examples=record.examples, synthetic=record.synthetic, pool=record.pool_size,
                          threshold=record.threshold, png=record.png, analysis_seconds=record.analysis_seconds,
                          synthesis_seconds=record.synthesis_seconds, labelling_seconds=record.labelling_seconds,
-                         snapshot_step=record.snapshot_step, wait_seconds=record.wait_seconds)
+                         snapshot_step=record.snapshot_step, wait_seconds=record.wait_seconds,
+                         **({"decoded": record.decoded} if record.decoded else {}))
 
     def _load_round_in_flight(self, state) -> None:
         if self.background is not None:
