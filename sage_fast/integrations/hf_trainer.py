@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import logging
 import math
 import os
 import weakref
@@ -91,10 +92,13 @@ from .. import _checks
 from ..distributed import PeerLost, collective_failed, current_world
 from ..nn.sage_loss import SAGELoss, SAGELossConfig
 from ..regions import pooled_embedding
-from ..synthesis import (RoundRecord, SAGESynthesizer, SynthesisConfig, SyntheticRows, default_analysis_interval,
-                         pad_tokens, partner_classes)
+from ..synthesis import (GeneratorInputs, RoundRecord, SAGESynthesizer, SynthesisConfig, SyntheticRows,
+                         default_analysis_interval, pad_tokens, partner_classes)
+from ..synthesis.generators import replaceable_tokens
 
 __all__ = ["STATE_FILE", "SAGEDistillTrainer", "SAGESynthesisCallback"]
+
+logger = logging.getLogger(__name__)
 
 #: What the trainer adds to each checkpoint folder.
 STATE_FILE = "sage_fast_state.pt"
@@ -241,7 +245,8 @@ class SAGEDistillTrainer(Trainer):
         if isinstance(synthesis, SynthesisConfig):
             synthesis = SAGESynthesizer(dataclasses.replace(synthesis, device=device),
                                         num_examples=len(self.train_dataset),
-                                        embedding_dim=self.model.config.hidden_size, world=self.world)
+                                        embedding_dim=self.model.config.hidden_size, world=self.world,
+                                        inputs=self._generator_inputs())
         elif synthesis.world != self.world:
             raise ValueError(f"the synthesizer was built for {synthesis.world} but the trainer runs as {self.world}; "
                              "build it with world=sage_fast.distributed.current_world(), or pass a SynthesisConfig")
@@ -388,6 +393,12 @@ class SAGEDistillTrainer(Trainer):
     def _vectors_of(self, ids: torch.Tensor):
         """Teacher-space vectors and masks of training rows, fetched by position, padded to the
         longest (the synthesizer's ``vectors_of``)."""
+        input_ids, mask = self._tokens_of(ids)
+        with torch.no_grad():
+            return self.teacher.get_input_embeddings()(input_ids), mask
+
+    def _tokens_of(self, ids: torch.Tensor):
+        """Token ids and masks of training rows, fetched by position, padded to the longest."""
         rows = []
         for i in ids.tolist():
             row = self.train_dataset[i]
@@ -405,10 +416,41 @@ class SAGEDistillTrainer(Trainer):
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for j, (t, m) in enumerate(zip(tokens, masks)):
             input_ids[j, : t.shape[0]], mask[j, : m.shape[0]] = t, m
-        device = self.args.device
-        with torch.no_grad():
-            vectors = self.teacher.get_input_embeddings()(input_ids.to(device))
-        return vectors, mask.to(device)
+        return input_ids.to(self.args.device), mask.to(self.args.device)
+
+    def _student_logits(self, vectors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The student's logits on teacher-space vectors, with gradients to them (boundary steps), in
+        eval mode: no dropout, so no random number is drawn from training's streams."""
+        training = self.model.training
+        self.model.eval()
+        try:
+            return self.model(**self._vector_inputs(self.model, vectors, mask)).logits.float()
+        finally:
+            self.model.train(training)
+
+    def _generator_inputs(self) -> GeneratorInputs:
+        """What the synthesis generators read besides vectors: the rows' tokens, the teacher's table,
+        the tokens a substitution may use (the tokenizer's non-special ones), the student."""
+        table = self.teacher.get_input_embeddings().weight.detach()
+        tokenizer = getattr(self, "processing_class", None)
+        if tokenizer is not None and hasattr(tokenizer, "get_vocab"):
+            replaceable = replaceable_tokens(tokenizer, table.shape[0])
+
+            def decode(ids: torch.Tensor) -> str:
+                return tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+        else:  # without a tokenizer: every token but the special ones the teacher's config names
+            replaceable, decode = torch.ones(table.shape[0], dtype=torch.bool), None
+            for name in ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id"):
+                index = getattr(self.teacher.config, name, None)
+                if isinstance(index, int) and 0 <= index < table.shape[0]:
+                    replaceable[index] = False
+        # Through a weak reference, as the callback: the synthesizer holding the trainer would make a cycle.
+        trainer = weakref.ref(self)
+        return GeneratorInputs(tokens_of=lambda ids: trainer()._tokens_of(ids), embedding_table=table,
+                               replaceable=replaceable.to(table.device), decode=decode,
+                               student_logits=lambda vectors, mask: trainer()._student_logits(vectors, mask),
+                               batch_size=self.args.per_device_eval_batch_size,
+                               temperature=self.sage_loss.config.temperature)
 
     @torch.no_grad()
     def _label(self, vectors: torch.Tensor, mask: torch.Tensor):
@@ -434,6 +476,8 @@ class SAGEDistillTrainer(Trainer):
         record = self.synthesizer.round(self._vectors_of, self._label, step=step, plot_path=plot_path)
         if record is not None:
             self.sage_rounds.append(record)
+            for line in record.decoded if self.world.is_main else ():  # rows of real tokens, for a person to judge
+                logger.info("sage round %d: %s", record.round, line)
             self.log({"sage_round": record.round, "sage_synthetic": record.synthetic, "sage_pool": record.pool_size,
                       "sage_threshold": record.threshold, "sage_analysis_seconds": record.analysis_seconds,
                       "sage_synthesis_seconds": record.synthesis_seconds,
