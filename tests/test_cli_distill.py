@@ -135,6 +135,8 @@ def test_each_generator_runs_end_to_end(tiny, tmp_path, capsys, generator, extra
         # rows of real tokens are shown decoded, in the log and the metrics; vectors are not
         assert all(("decoded" in r) == (generator == "substitute") for r in rounds)
         assert (f"[{row['mode']}] round 1: " in printed) == (generator == "substitute")
+    # the loss map of the trained student, whatever made its rows
+    assert main(["analyze", str(out), "--output", str(tmp_path / "map.png")]) == 0 and (tmp_path / "map.png").is_file()
     if "--synthetic-volume" in extra:
         from sage_fast.synthesis.volume import rows_per_round
         from sage_fast.train.data import load_files

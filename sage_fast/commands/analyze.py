@@ -51,6 +51,7 @@ def run(args) -> int:
     from ..synthesis import SAGESynthesizer
     from ..train import checkpoint
     from ..train.config import DistillConfig
+    from ..train.generator_inputs import generator_inputs
     from ..train.loop import Student, build_setup, synthesis_config
 
     path = find_checkpoint(Path(args.path))
@@ -71,7 +72,10 @@ def run(args) -> int:
     student.load_state_dict(state)
     # Mode sage whatever the run's mode: the map shows where a SAGE round would synthesise.
     synthesizer = SAGESynthesizer(synthesis_config(config, "sage", setup.device), num_examples=student.n_train,
-                                  embedding_dim=student.embedding_dim)
+                                  embedding_dim=student.embedding_dim,
+                                  inputs=generator_inputs(student.interface, setup.tokenizer, setup.encoded["train"],
+                                                          lambda: student.autocast, batch_size=config.eval_batch_size,
+                                                          temperature=config.temperature))
     batches = tqdm(student.profile_batches(), total=-(-student.n_train // config.eval_batch_size),
                    desc="error profile", unit="batch", disable=not args.progress)
     synthesizer.refresh(batches)

@@ -224,7 +224,9 @@ def synthesis_config(config: DistillConfig, mode: str, device: torch.device, *, 
     with ``synthetic_volume``, each round's rows follow from the run's rows and schedule."""
     per_round, pool_size = config.synthetic_per_round, config.pool_size
     if config.synthetic_volume is not None:
-        per_round = rows_per_round(config.synthetic_volume, num_examples, steps_per_epoch, interval)
+        # Without the run's rows and schedule (the loss map of a finished run), the flag's round size.
+        if None not in (num_examples, steps_per_epoch, interval):
+            per_round = rows_per_round(config.synthetic_volume, num_examples, steps_per_epoch, interval)
         pool_size = max(pool_size, per_round)
     return SynthesisConfig(
         mode=mode, synthetic_per_round=per_round, pool_size=pool_size,
