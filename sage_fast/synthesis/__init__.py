@@ -13,5 +13,6 @@ from .synthesizer import (MODES, PARTNERS, ProfileSnapshot, RoundRecord, SAGESyn
 from .background import BackgroundRounds, PendingRound
 
 __all__ = ["BackgroundRounds", "GENERATORS", "GeneratorInputs", "MODES", "PARTNERS", "POLICIES", "PendingRound",
-           "ProfileSnapshot", "RoundRecord", "SAGESynthesizer", "SynthesisConfig", "SynthesisPlan", "SynthesizedRound", "SyntheticPool", "SyntheticRows",
-           "default_analysis_interval", "make_analyzer", "pad_tokens", "partner_classes", "plan_round", "used_lengths"]
+           "ProfileSnapshot", "RoundRecord", "SAGESynthesizer", "SynthesisConfig", "SynthesisPlan", "SynthesizedRound",
+           "SyntheticPool", "SyntheticRows", "default_analysis_interval", "make_analyzer", "pad_tokens", "partner_classes",
+           "plan_round", "used_lengths"]

@@ -534,9 +534,7 @@ class SAGESynthesizer:
         # The rows' widths on the host, read here (beside training, when a worker runs this) rather
         # than by the pool on the training thread.
         lengths = used_lengths(out_mask).cpu()
-        # Gold labels of same-label pairs: a boundary row has left its anchor toward the other class.
-        keep_labels = plan.labels is not None and self.generator.name != "boundary"
-        labels = plan.labels.to(out.device) if keep_labels else None
+        labels = None if plan.labels is None else plan.labels.to(out.device)
         return SynthesizedRound(plan=plan, rows=SyntheticRows(out, out_mask, logits, dict(hidden or {}), labels=labels),
                                 lengths=lengths, synthesis_seconds=(generated - started)
                                 + (time.perf_counter() - labelled), labelling_seconds=labelled - generated,

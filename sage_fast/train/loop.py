@@ -558,8 +558,9 @@ class ModeRun:
             synthesis_config(config, mode, device, num_examples=self.n_train, steps_per_epoch=self.steps_per_epoch,
                              interval=self.analysis_interval),
             num_examples=self.n_train, embedding_dim=self.model.embedding_dim, world=world,
-            inputs=generator_inputs(self.interface, setup.tokenizer, setup.encoded["train"], lambda: self.model.autocast,
-                                    batch_size=config.eval_batch_size, temperature=config.temperature))
+            inputs=generator_inputs(self.interface, setup.tokenizer, setup.encoded["train"],
+                                    lambda: self.model.autocast, batch_size=config.eval_batch_size,
+                                    temperature=config.temperature))
         self.analysis_lag = resolved_lag(config, self.steps_per_epoch)
         self.background = None if self.synthesizer is None or self.analysis_lag == 0 else BackgroundRounds(
             self.synthesizer, self.model.vectors_of, self.model.label, lag=self.analysis_lag,

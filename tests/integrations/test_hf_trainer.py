@@ -362,7 +362,8 @@ def test_packaged_minilm_trains_on_synthetic_rows_and_resumes_with_its_pool(tmp_
 @pytest.mark.parametrize("generator", ["substitute", "boundary"])
 def test_every_generator_is_a_trainer_option_under_every_placement(tmp_path, generator, mode):
     settings = {"substitute": dict(substitute_share=0.5, substitute_top_k=3), "boundary": dict(boundary_steps=2)}
-    trainer = sage_trainer(tmp_path, synthesis=synthesis_settings(generator=generator, mode=mode, **settings[generator]))
+    synthesis = synthesis_settings(generator=generator, mode=mode, **settings[generator])
+    trainer = sage_trainer(tmp_path, synthesis=synthesis)
     seen = count_rows_in_the_loss(trainer)
     trainer.train()
     synth = trainer.synthesizer

@@ -248,3 +248,16 @@ def test_a_substitution_round_pools_its_rows_and_shows_a_few_decoded():
     assert record.synthetic == 12 and len(synth.pool) == 12
     assert len(record.decoded) == 3 and all(" -> " in line and "teacher: class" in line for line in record.decoded)
     assert record.decoded[0].startswith("'[CLS]")
+
+
+def test_replaceable_tokens_leave_out_special_and_placeholder_tokens():
+    from sage_fast.synthesis.generators import replaceable_tokens
+
+    class Tokenizer:
+        all_special_ids = [0, 1]
+
+        def get_vocab(self):
+            return {"[PAD]": 0, "[CLS]": 1, "good": 2, "[unused3]": 3, "<mask>": 4, "##s": 5, "[": 6, "<>": 7}
+
+    allowed = replaceable_tokens(Tokenizer(), 9)  # a table with a row the tokenizer does not know
+    assert allowed.tolist() == [False, False, True, False, False, True, True, True, False]

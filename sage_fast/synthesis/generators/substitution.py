@@ -36,7 +36,7 @@ def replaceable_tokens(tokenizer, vocab_size: int) -> torch.Tensor:
     for token, index in tokenizer.get_vocab().items():
         if index >= vocab_size or index in special:
             continue
-        bracketed = len(token) > 2 and ((token[0] == "[" and token[-1] == "]") or (token[0] == "<" and token[-1] == ">"))
+        bracketed = len(token) > 2 and (token[0], token[-1]) in (("[", "]"), ("<", ">"))
         allowed[index] = not bracketed
     return allowed
 
