@@ -6,12 +6,16 @@ pytest-benchmark's stats and JSON (``extra_info``) and in a session table printe
 (``bench/conftest.py``): median time, ratio against the group's baseline, achieved GB/s and its
 share of the measured copy bandwidth, and peak memory against the baseline.
 
-On CUDA, times are CUDA-event medians from ``triton.testing.do_bench`` after warm-up; peak memory
-is ``torch.cuda.max_memory_allocated`` above what was allocated before the call. On CPU, times are
-medians of the process's CPU time (the work of all its threads, which load from other processes
-cannot inflate; ``SAGE_FAST_BENCH_CLOCK=wall`` for wall-clock), with one torch intra-op thread
+One clock times everything, :func:`benchmark_clock`, and ``bench/conftest.py`` hands it to
+pytest-benchmark as its timer, so the session table, pytest-benchmark's own table and its
+``--benchmark-compare-fail`` check all read the same samples (the table takes pytest-benchmark's
+median). On CUDA it reads CUDA events (each read synchronises, after warm-up; ``ROUNDS`` rounds);
+peak memory is ``torch.cuda.max_memory_allocated`` above what was allocated before the call. On CPU
+it is the process's CPU time (the work of all its threads, which load from other processes cannot
+inflate; ``SAGE_FAST_BENCH_CLOCK=wall`` for wall-clock), with one torch intra-op thread
 (``SAGE_FAST_BENCH_THREADS`` overrides); peak memory is the high-water mark of torch's allocator
-during the call, from the profiler's memory events. CPU numbers are only meaningful as ratios within one run.
+during the call, from the profiler's memory events. CPU numbers are only meaningful as ratios within
+one run. The clock's name and ``SCALE`` go into every measurement's ``extra_info`` and the JSON.
 """
 from __future__ import annotations
 
@@ -26,6 +30,32 @@ import torch
 DEVICE = torch.device(os.environ.get("SAGE_FAST_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
 #: Scale every suite's problem sizes down (e.g. 0.05) for a quick smoke run.
 SCALE = float(os.environ.get("SAGE_FAST_BENCH_SCALE", "1"))
+
+
+#: Timed rounds per measurement (each a sample of the one clock).
+ROUNDS = int(os.environ.get("SAGE_FAST_BENCH_REPS", "25" if DEVICE.type == "cuda" else "7"))
+
+
+def _cuda_event_clock() -> float:
+    """Seconds of GPU time since the first read: records an event and waits for it, so a read after
+    a launch is a read after the work (the same synchronisation as timing with two events)."""
+    global _cuda_origin
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    event.synchronize()
+    if _cuda_origin is None:
+        _cuda_origin = event
+    return _cuda_origin.elapsed_time(event) / 1e3
+
+
+_cuda_origin = None
+
+if DEVICE.type == "cuda" and os.environ.get("SAGE_FAST_BENCH_CLOCK") != "wall":
+    benchmark_clock, CLOCK = _cuda_event_clock, "cuda events"
+elif os.environ.get("SAGE_FAST_BENCH_CLOCK") == "wall" or DEVICE.type == "cuda":
+    benchmark_clock, CLOCK = time.perf_counter, "wall"
+else:
+    benchmark_clock, CLOCK = time.process_time, "process cpu time"
 
 
 def scaled(n: int, minimum: int = 1) -> int:
@@ -68,27 +98,19 @@ def copy_bandwidth() -> float:
 
 
 def time_call(fn, *, warmup: int = 3, rep: int | None = None) -> float:
-    """Median seconds of ``fn()`` after warm-up."""
+    """Median seconds of ``fn()`` after warm-up (the copy bandwidth's reference measurement)."""
     if DEVICE.type == "cuda":
         import triton.testing
 
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
     for _ in range(warmup):
         fn()
-    rep = rep or int(os.environ.get("SAGE_FAST_BENCH_REPS", "7"))
-    clock = _cpu_clock()
     times = []
-    for _ in range(rep):
-        start = clock()
+    for _ in range(rep or ROUNDS):
+        start = benchmark_clock()
         fn()
-        times.append(clock() - start)
+        times.append(benchmark_clock() - start)
     return statistics.median(times)
-
-
-def _cpu_clock():
-    """This process's CPU time (all its threads: torch's, numba's), which other processes on a shared
-    machine cannot inflate; with ``SAGE_FAST_BENCH_CLOCK=wall``, wall-clock time."""
-    return time.perf_counter if os.environ.get("SAGE_FAST_BENCH_CLOCK") == "wall" else time.process_time
 
 
 def peak_memory(fn) -> int:
@@ -138,24 +160,25 @@ def measure(benchmark, group: str, name: str, fn, *, bytes_moved: float | None =
         fn()
         sync()
 
-    # On CPU the rounds pytest-benchmark runs are the samples (each also timed on the CPU clock), so
-    # a slow stage such as a UMAP fit runs no more often than the rounds asked for.
-    clock = _cpu_clock()
+    # The rounds pytest-benchmark runs are the samples: each is also timed here on the same clock,
+    # for runs with --benchmark-disable (one call, no statistics), so a slow stage such as a UMAP fit
+    # runs no more often than the rounds asked for.
     samples = []
 
     def timed_call():
-        start = clock()
+        start = benchmark_clock()
         call()
-        samples.append(clock() - start)
+        samples.append(benchmark_clock() - start)
 
     call()  # compile / autotune / first-touch before anything is timed
     benchmark.group = group
-    benchmark.pedantic(timed_call, rounds=int(os.environ.get("SAGE_FAST_BENCH_REPS", "7")), iterations=1)
-    seconds = time_call(fn) if DEVICE.type == "cuda" else statistics.median(samples)
+    benchmark.pedantic(timed_call, rounds=ROUNDS, iterations=1)
+    stats = getattr(benchmark, "stats", None)
+    seconds = stats.stats.median if stats is not None and not benchmark.disabled else statistics.median(samples)
     peak = peak_memory(call) if memory else None
     result = Result(group, name, seconds, bytes_moved, flops, peak, baseline, extra)
     RESULTS.append(result)
-    info = {"median_s": seconds, "device": str(DEVICE), **extra}
+    info = {"median_s": seconds, "device": str(DEVICE), "clock": CLOCK, "scale": SCALE, **extra}
     if result.gbps is not None:
         info["GB/s"] = result.gbps
         if DEVICE.type == "cuda":
@@ -166,10 +189,11 @@ def measure(benchmark, group: str, name: str, fn, *, bytes_moved: float | None =
     return result
 
 
-def compiled(fn):
-    """``torch.compile`` of a peer, or None where compilation is unavailable here."""
+def compiled(fn, fullgraph: bool = False):
+    """``torch.compile`` of a peer, or None where compilation is unavailable here. ``fullgraph=True``
+    for sage_fast's own ops: a graph break is then an error, not a slower column."""
     try:
-        return torch.compile(fn, dynamic=False)
+        return torch.compile(fn, dynamic=False, fullgraph=fullgraph)
     except Exception:  # noqa: BLE001 - a missing compiler backend just drops this peer
         return None
 
@@ -178,8 +202,8 @@ def liger_available() -> bool:
     if DEVICE.type != "cuda":
         return False
     try:
-        import liger_kernel  # noqa: F401
-    except ImportError:
+        import liger_kernel.transformers  # noqa: F401
+    except Exception:  # noqa: BLE001 - missing, or built for another Triton: either way its peer is skipped
         return False
     return True
 

@@ -59,7 +59,7 @@ def diagnose(run_dir: Path) -> dict:
     from sage_fast.regions.knn import knn_graph
     from sage_fast.train import checkpoint
     from sage_fast.train.config import DistillConfig
-    from sage_fast.train.loop import build_setup
+    from sage_fast.train.setup import build_setup
     from sage_fast.train.models import load_interface
 
     config = DistillConfig().updated(json.loads((run_dir / "config.json").read_text()), source=str(run_dir))

@@ -36,7 +36,8 @@ def pytest_runtest_logreport(report):
         for result in harness.RESULTS[_written:]:
             record = {"group": result.group, "impl": result.name, "seconds": result.seconds,
                       "gbps": result.gbps, "peak_bytes": result.peak_bytes, "baseline": result.baseline,
-                      "test": report.nodeid, "extra": {k: v for k, v in result.extra.items()
+                      "test": report.nodeid, "clock": harness.CLOCK, "scale": harness.SCALE,
+                      "extra": {k: v for k, v in result.extra.items()
                                                         if isinstance(v, (int, float, str, bool))}}
             if harness.DEVICE.type == "cuda" and result.gbps is not None:
                 record["copy_share"] = result.gbps * 1e9 / harness.copy_bandwidth()
@@ -53,7 +54,8 @@ def pytest_runtest_logreport(report):
 
 # ----------------------------------------------------------------------------------- the table
 
-_PEERS = {"eager": ("eager",), "compile": ("compile", "torch.compile"), "liger": ("liger",)}
+_PEERS = {"eager": ("eager",), "compile": ("compile", "torch.compile"), "liger": ("liger",),
+          "ours compiled": ("sage_fast_compiled",)}
 
 
 def summarize(lines: list[str]) -> str:
@@ -63,7 +65,7 @@ def summarize(lines: list[str]) -> str:
     for r in results:
         groups.setdefault(r["group"], {})[r["impl"]] = r  # a rerun of the same test replaces it
     head = (f"{'op and shape':<48} {'time':>10} {'GB/s':>7} {'%copy':>6} {'x eager':>8} {'x compile':>9} "
-            f"{'x liger':>8} {'mem/eager':>9}")
+            f"{'x liger':>8} {'x ours compiled':>15} {'mem/eager':>9}")
     out = [head, "-" * len(head)]
     for group, impls in groups.items():
         ours = impls.get("sage_fast")
@@ -84,7 +86,7 @@ def summarize(lines: list[str]) -> str:
         mem = (f"{ours['peak_bytes'] / eager['peak_bytes']:.2f}" if eager and ours.get("peak_bytes") is not None
                and eager.get("peak_bytes") else "-")
         out.append(f"{group[:48]:<48} {_ms(ours['seconds']):>10} {gbps:>7} {share:>6} {ratio('eager'):>8} "
-                   f"{ratio('compile'):>9} {ratio('liger'):>8} {mem:>9}")
+                   f"{ratio('compile'):>9} {ratio('liger'):>8} {ratio('ours compiled'):>15} {mem:>9}")
     skipped = [r for r in records if "skipped" in r]
     failed = [r for r in records if "failed" in r]
     if skipped:

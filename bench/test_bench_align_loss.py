@@ -48,12 +48,25 @@ def compiled_eager(*args):
     return _compiled_eager(*args) if _compiled_eager else None
 
 
-IMPLS = {"eager": eager, "torch.compile": compiled_eager, "sage_fast": fused}
+_compiled_fused = None
+
+
+def compiled_fused(*args):
+    """sage_fast's op inside a compiled step (fullgraph: the op is one custom-op call in the graph)."""
+    global _compiled_fused
+    if _compiled_fused is None:
+        _compiled_fused = compiled(fused, fullgraph=True) or False
+    return _compiled_fused(*args) if _compiled_fused else None
+
+
+IMPLS = {"eager": eager, "torch.compile": compiled_eager, "sage_fast": fused, "sage_fast_compiled": compiled_fused}
 
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_align_loss_forward_backward(benchmark, case, impl):
+    if impl == "sage_fast_compiled" and DEVICE.type != "cuda":
+        pytest.skip("a GPU column: on the CPU the op is its torch path, which the compile column times")
     torch.manual_seed(0)
     student = [torch.randn(N, L, H, device=DEVICE, dtype=DTYPE, requires_grad=True) for _ in range(PAIRS)]
     teacher = [torch.randn(N, L, H, device=DEVICE, dtype=DTYPE) for _ in range(PAIRS)]
@@ -61,8 +74,13 @@ def test_align_loss_forward_backward(benchmark, case, impl):
     mask[:, L - L // 4:] = torch.randint(0, 2, (N, L // 4), device=DEVICE)
     mse_weight, cosine_weight, weight = CASES[case]
     run = IMPLS[impl]
-    if run(student, teacher, mask, mse_weight, cosine_weight) is None:
-        pytest.skip("torch.compile is unavailable here")
+    try:
+        if run(student, teacher, mask, mse_weight, cosine_weight) is None:
+            pytest.skip("torch.compile is unavailable here")
+    except Exception as err:  # noqa: BLE001 - no working compiler backend: drop this peer
+        if "compile" not in impl:
+            raise
+        pytest.skip(f"torch.compile failed here: {type(err).__name__}: {str(err)[:300]}")
 
     def step():
         loss = run(student, teacher, mask, mse_weight, cosine_weight)

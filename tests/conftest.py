@@ -9,6 +9,12 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from sage_fast.assets import cache_root  # noqa: E402
+from sage_fast.regions import use_compilation_cache  # noqa: E402
+
+# umap-learn's and pynndescent's numba compilations, loaded from disk after the first run
+use_compilation_cache(cache_root() / "numba")
+
 SEEDS = (0, 1, 2)
 
 

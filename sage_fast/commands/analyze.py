@@ -48,12 +48,15 @@ def run(args) -> int:
     # imports this module to build its parser, and --help must stay fast.
     from tqdm.auto import tqdm
 
+    from ..assets import cache_root
+    from ..regions import use_compilation_cache
     from ..synthesis import SAGESynthesizer
     from ..train import checkpoint
     from ..train.config import DistillConfig
-    from ..train.generator_inputs import generator_inputs
-    from ..train.loop import Student, build_setup, synthesis_config
+    from ..train.setup import build_setup, synthesis_config
+    from ..train.student import Student
 
+    use_compilation_cache(cache_root() / "numba")
     path = find_checkpoint(Path(args.path))
     try:
         state = checkpoint.load(path)
@@ -72,10 +75,7 @@ def run(args) -> int:
     student.load_state_dict(state)
     # Mode sage whatever the run's mode: the map shows where a SAGE round would synthesise.
     synthesizer = SAGESynthesizer(synthesis_config(config, "sage", setup.device), num_examples=student.n_train,
-                                  embedding_dim=student.embedding_dim,
-                                  inputs=generator_inputs(student.interface, setup.tokenizer, setup.encoded["train"],
-                                                          lambda: student.autocast, batch_size=config.eval_batch_size,
-                                                          temperature=config.temperature))
+                                  embedding_dim=student.embedding_dim, inputs=student.generator_inputs())
     batches = tqdm(student.profile_batches(), total=-(-student.n_train // config.eval_batch_size),
                    desc="error profile", unit="batch", disable=not args.progress)
     synthesizer.refresh(batches)

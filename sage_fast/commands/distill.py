@@ -14,7 +14,7 @@ import dataclasses
 import signal
 import typing
 
-from ..train.config import RENAMED, DistillConfig
+from ..train.config import TRAINING_ARGUMENTS_NAMES, DistillConfig
 
 
 def _flag(name: str) -> str:
@@ -44,9 +44,9 @@ def add_arguments(parser) -> None:
         if "choices" in field.metadata:
             kwargs["choices"] = field.metadata["choices"]
         parser.add_argument(_flag(field.name), **kwargs)
-    for old, new in RENAMED.items():  # older flag names, still read, no longer shown
-        parser.add_argument(_flag(old), dest=new, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
-                            type=int if new.startswith("max_") else float)
+    for name, ours in TRAINING_ARGUMENTS_NAMES.items():  # for users who bring transformers' names
+        parser.add_argument(_flag(name), dest=ours, default=argparse.SUPPRESS, help=f"the same as {_flag(ours)}",
+                            type=type(getattr(defaults, ours)))
     parser.add_argument("--config", dest="config_file", default=None, metavar="FILE",
                         help="YAML or JSON file of settings (keys as above, with - or _); flags given here win")
     parser.add_argument("--resume", action="store_true",
@@ -90,7 +90,8 @@ def run(args) -> int:
     from ..distributed import PeerLost, launched_world
     from ..errors import UsageError
     from ..train import checkpoint
-    from ..train.loop import NonFiniteTraining, TrainingInterrupted, run as run_distillation
+    from ..train.loop import NonFiniteTraining, run as run_distillation
+    from ..train.stopping import TrainingInterrupted
 
     config = resolve_config(args)
     main = launched_world().is_main  # under torchrun, rank 0 speaks for the run

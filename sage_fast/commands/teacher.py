@@ -6,8 +6,6 @@ classification head is added. The result lands in $SAGE_FAST_CACHE/teachers/<key
 With the defaults (2,000 rotten-tomatoes snippets, one epoch) it takes a few minutes on two CPU cores."""
 from __future__ import annotations
 
-import argparse
-
 from ..devices import DEVICE_HELP
 from ..train.data import add_data_arguments
 
@@ -23,8 +21,6 @@ def add_arguments(parser) -> None:
     group.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     group.add_argument("--warmup-ratio", type=float, default=0.1, help="share of the steps spent warming up the "
                                                                         "learning rate")
-    group.add_argument("--warmup-fraction", type=float, dest="warmup_ratio", default=argparse.SUPPRESS,
-                       help=argparse.SUPPRESS)  # older name
     group.add_argument("--max-length", type=int, default=48, help="tokens per example, padding and truncating")
     group.add_argument("--seed", type=int, default=0, help="training seed")
     group.add_argument("--cache-dir", default=None, help="folder for cached teachers (default: <cache>/teachers)")

@@ -9,6 +9,17 @@ CE is skipped where ``y_i == ignore_index`` (synthetic examples have no label). 
 mask-aware MSE and/or cosine term of :func:`sage_fast.ops.align_loss`; ``P_l`` is a learned projection
 when the hidden sizes differ; ``m`` maps student hidden-state indices to teacher ones (index 0 is
 the embedding output, as in Hugging Face ``hidden_states``). The teacher is a constant.
+
+Causal language models (logits ``[B, T, V]``): position ``t`` predicts token ``t + 1``, so the
+logits of positions ``0..T-2`` meet the labels and attention mask of positions ``1..T-1`` (the
+shift Hugging Face's causal-LM loss makes; ``shift_labels=False`` for token classification, where
+position ``t`` has label ``t``). A token counts where that shifted attention mask is 1: it has the
+KL term, and the cross-entropy to its next token unless that label is ``ignore_index``. So padding
+counts in nothing, and a synthetic sequence (no gold tokens: every label ``ignore_index``) keeps the
+teacher's soft labels on all its tokens; to leave prompt tokens out entirely, as TRL's trainers do,
+zero them in the mask given to the loss. A sequence's ``l_i`` (its error-profile entry) is the mean
+over its counted tokens (0 when none counts), the alignment term's mean over tokens as before; the
+batch loss is the mean of the ``l_i``, so every sequence weighs the same whatever its length.
 """
 from __future__ import annotations
 
@@ -48,6 +59,9 @@ class SAGELossConfig:
     student_hidden_size: int | None = None
     teacher_hidden_size: int | None = None
     ignore_index: int = -100
+    #: For ``[B, T, V]`` logits: position t predicts token t + 1 (a causal LM). False: position t
+    #: has label t (token classification).
+    shift_labels: bool = True
 
     def __post_init__(self):
         _checks.in_range("alpha", self.alpha, 0.0, 1.0)
@@ -57,6 +71,8 @@ class SAGELossConfig:
         _checks.in_range("cosine_weight", self.cosine_weight, 0.0, float("inf"), hi_open=True)
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise ValueError(f"ignore_index must be an int, got {self.ignore_index!r}")
+        if not isinstance(self.shift_labels, bool):
+            raise ValueError(f"shift_labels must be True or False, got {self.shift_labels!r}")
         for name in ("num_student_layers", "num_teacher_layers", "student_hidden_size", "teacher_hidden_size"):
             value = getattr(self, name)
             if value is not None and not _is_count(value):
@@ -111,7 +127,8 @@ class SAGELossConfig:
 class SAGELossOutput:
     #: Scalar training loss: mean over the batch of ``per_example`` (differentiable).
     loss: torch.Tensor
-    #: ``[N]`` float32, detached: ``kd_per_example + beta * align_per_example``.
+    #: ``[N]`` float32, detached: ``kd_per_example + beta * align_per_example`` (``[B]``, one per
+    #: sequence, for ``[B, T, V]`` logits).
     per_example: torch.Tensor
     #: ``[N]`` float32, detached: the KL + CE part.
     kd_per_example: torch.Tensor
@@ -156,8 +173,15 @@ class SAGELoss(nn.Module):
         # say) are not turned into infinities for a float16 student
         teacher_logits = _field(teacher_outputs, "logits", "teacher_outputs").detach()
         teacher_logits = teacher_logits.to(device=student_logits.device)
-        kd, kd_per_example = kd_loss(student_logits, teacher_logits, labels, temperature=cfg.temperature,
-                                     alpha=cfg.alpha, ignore_index=cfg.ignore_index, return_per_example=True)
+        if student_logits.dim() == 3:
+            kd, kd_per_example = self._token_level(student_logits, teacher_logits, labels, attention_mask)
+        else:
+            # rows labelled ignore_index here have no gold label (synthetic rows) but keep the teacher's
+            # soft labels and their place in the mean: kd_loss calls such rows soft-label rows, and
+            # leaves none out
+            kd, kd_per_example = kd_loss(student_logits, teacher_logits, labels, temperature=cfg.temperature,
+                                         alpha=cfg.alpha, ignore_index=None, soft_label_index=cfg.ignore_index,
+                                         return_per_example=True)
         if cfg.beta == 0:
             return SAGELossOutput(kd, kd_per_example, kd_per_example, None)
 
@@ -171,6 +195,46 @@ class SAGELoss(nn.Module):
                              f"{kd_per_example.shape[0]}")
         loss = kd + cfg.beta * align.to(kd.dtype)
         return SAGELossOutput(loss, kd_per_example + cfg.beta * align_per_example, kd_per_example, align_per_example)
+
+    def _token_level(self, student_logits, teacher_logits, labels, attention_mask):
+        """``(loss, per-sequence losses)`` of ``[B, T, V]`` logits: kd_loss per token, then each
+        sequence's mean over its counted tokens, and the mean over sequences."""
+        cfg = self.config
+        batch, length = student_logits.shape[:2]
+        if teacher_logits.shape != student_logits.shape:
+            raise ValueError(f"teacher_outputs.logits must have the student's shape {tuple(student_logits.shape)}, "
+                             f"got {tuple(teacher_logits.shape)}")
+        for name, value in (("labels", labels), ("attention_mask", attention_mask)):
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"{name} must be a torch.Tensor or None, got {type(value).__name__}")
+            if value.shape != (batch, length):
+                raise ValueError(f"{name} must have shape ({batch}, {length}), one entry per token of the logits "
+                                 f"{tuple(student_logits.shape)}, got {tuple(value.shape)}")
+        if cfg.shift_labels:
+            if length < 2:
+                raise ValueError(f"causal-LM logits need at least 2 positions to predict a next token, got shape "
+                                 f"{tuple(student_logits.shape)} (set shift_labels=False for per-position labels)")
+            student_logits, teacher_logits = student_logits[:, :-1], teacher_logits[:, :-1]
+            labels = None if labels is None else labels[:, 1:]
+            attention_mask = None if attention_mask is None else attention_mask[:, 1:]
+        counted = (torch.ones(student_logits.shape[:2], dtype=torch.bool, device=student_logits.device)
+                   if attention_mask is None else attention_mask.to(student_logits.device) != 0)
+        # tokens outside the mask get a label of their own, kd_loss's ignore_index: they count in no
+        # term; cfg.ignore_index (no gold token) keeps the KL term
+        masked = min(cfg.ignore_index, 0) - 1
+        if labels is None:
+            labels = torch.full(counted.shape, cfg.ignore_index, dtype=torch.long, device=counted.device)
+        token_labels = torch.where(counted, labels.to(counted.device), masked)
+        token_loss, token_per_example = kd_loss(
+            student_logits, teacher_logits, token_labels, temperature=cfg.temperature, alpha=cfg.alpha,
+            ignore_index=masked, soft_label_index=cfg.ignore_index, reduction="none", return_per_example=True)
+        tokens = counted.sum(dim=1)
+        weight = counted.to(token_loss.dtype) / tokens.clamp_min(1).to(token_loss.dtype)[:, None]
+        loss = (token_loss * weight).sum() / batch
+        per_example = (token_per_example * weight.float()).sum(dim=1)
+        return loss, per_example
 
     def _aligned_states(self, student_outputs, teacher_outputs):
         student_hidden = _field(student_outputs, "hidden_states", "student_outputs")

@@ -16,3 +16,7 @@ __all__ += ["align_loss", "align_loss_reference"]
 from .kd_loss import kd_loss, kd_loss_reference  # noqa: E402
 
 __all__ += ["kd_loss", "kd_loss_reference"]
+
+from .fused_linear_kd_loss import fused_linear_kd_loss, fused_linear_kd_loss_reference  # noqa: E402
+
+__all__ += ["fused_linear_kd_loss", "fused_linear_kd_loss_reference"]

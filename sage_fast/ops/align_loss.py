@@ -37,7 +37,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import _checks
 from .._backend import interpreter_enabled, use_triton
@@ -394,47 +393,78 @@ def _torch_path(settings: _Settings, student, teacher, mask):
     return per_example, grads
 
 
-class _AlignLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, settings, mask, *states):
-        pairs = len(states) // 2
-        student, teacher = states[:pairs], states[pairs:]
-        run = _launch if settings.triton else _torch_path
-        per_example, grads = run(settings, student, teacher, mask)
-        ctx.settings = settings
-        # Held as a plain attribute, not saved: backward scales it in place and hands it over (autograd
-        # can then take it as .grad without a copy). The inputs are saved (references, no copies) for
-        # a further backward through a graph kept with retain_graph=True.
-        ctx.grads = grads
-        if grads is not None:
-            ctx.save_for_backward(*student, *teacher, mask)
-        ctx.mark_non_differentiable(per_example)
-        if settings.reduction == "none":
-            loss = per_example.clone()
-        else:
-            loss = per_example.sum() / (per_example.shape[0] if settings.reduction == "mean" else 1)
-        return loss, per_example
+def _run(student, teacher, mask, mse_coef, cos_coef, use_mse, use_cosine, reduction, compute_grad, triton_path):
+    settings = _Settings(reduction, use_mse, use_cosine, compute_grad, triton_path, tuple(mse_coef), tuple(cos_coef))
+    return (_launch if triton_path else _torch_path)(settings, student, teacher, mask)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss, _grad_per_example):
-        settings = ctx.settings
-        pairs = len(settings.mse_coef)
-        grads, ctx.grads = ctx.grads, None
-        if grads is None:
-            # The first backward took the stored gradient (it is usually the only one); a graph kept
-            # with retain_graph=True recomputes it for each further backward.
-            saved = ctx.saved_tensors
-            run = _launch if settings.triton else _torch_path
-            _, grads = run(settings, saved[:pairs], saved[pairs:2 * pairs], saved[2 * pairs])
-        per_row = settings.reduction == "none"
-        if settings.triton:
-            _scale_in_place(grads, grad_loss, per_row)
-        else:
-            scale = grad_loss[:, None, None] if per_row else grad_loss
-            for g in grads:
-                g.mul_(scale)
-        return (None, None) + tuple(grads) + (None,) * pairs
+
+@torch.library.custom_op("sage_fast::align_loss", mutates_args=())
+def _align_loss_op(student: list[torch.Tensor], teacher: list[torch.Tensor], mask: torch.Tensor | None,
+                   mse_coef: list[float], cos_coef: list[float], use_mse: bool, use_cosine: bool, reduction: str,
+                   compute_grad: bool, triton_path: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """(loss, per-example loss, the gradient of the loss for each student state, unscaled; empty
+    without ``compute_grad``). One opaque op, so that ``torch.compile`` records a call instead of
+    tracing into the kernel launch (or Triton's interpreter): a compiled step keeps the Triton path
+    whole, and its backward is the in-place scale below."""
+    per_example, grads = _run(student, teacher, mask, mse_coef, cos_coef, use_mse, use_cosine, reduction,
+                              compute_grad, triton_path)
+    if reduction == "none":
+        loss = per_example.clone()  # outputs of an op must not alias each other
+    else:
+        loss = per_example.sum() / (per_example.shape[0] if reduction == "mean" else 1)
+    return loss, per_example, list(grads) if grads is not None else []
+
+
+@_align_loss_op.register_fake
+def _(student, teacher, mask, mse_coef, cos_coef, use_mse, use_cosine, reduction, compute_grad, triton_path):
+    first = student[0]
+    per_example = first.new_empty(first.shape[0], dtype=_accumulate_dtype(first.dtype))
+    loss = per_example.new_empty(per_example.shape if reduction == "none" else ())
+    return loss, per_example, [torch.empty_like(s, memory_format=torch.contiguous_format) for s in student] \
+        if compute_grad else []
+
+
+@torch.library.custom_op("sage_fast::align_loss_scale_grads_", mutates_args=("grads",))
+def _scale_grads_(grads: list[torch.Tensor], scale: torch.Tensor, per_row: bool, triton_path: bool) -> None:
+    """``grads *= scale`` in place (per example for reduction "none"); on the Triton path without a
+    pass over the data where the scale is 1."""
+    if triton_path:
+        _scale_in_place(grads, scale, per_row)
+    else:
+        scale = scale[:, None, None] if per_row else scale
+        for g in grads:
+            g.mul_(scale)
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, mask, mse_coef, cos_coef, use_mse, use_cosine, reduction, compute_grad, triton_path = inputs
+    _, per_example, grads = output
+    ctx.args = (len(student), mse_coef, cos_coef, use_mse, use_cosine, reduction, triton_path)
+    # The gradients are held as a plain attribute, not saved: backward scales them in place and hands
+    # them over (autograd can then take them as .grad without a copy). They are marked
+    # non-differentiable, so they hold no reference back to this node. The inputs are saved
+    # (references, no copies) for a further backward through a graph kept with retain_graph=True.
+    ctx.mark_non_differentiable(per_example, *grads)
+    ctx.grads = grads if compute_grad else None
+    if compute_grad:
+        ctx.save_for_backward(*student, *teacher, mask)
+
+
+def _backward(ctx, grad_loss, _grad_per_example, _grad_grads):
+    pairs, mse_coef, cos_coef, use_mse, use_cosine, reduction, triton_path = ctx.args
+    grads, ctx.grads = ctx.grads, None
+    if grads is None:
+        # The first backward took the stored gradient (it is usually the only one); a graph kept with
+        # retain_graph=True recomputes it for each further backward.
+        saved = ctx.saved_tensors
+        _, grads = _run(saved[:pairs], saved[pairs:2 * pairs], saved[2 * pairs], mse_coef, cos_coef, use_mse,
+                        use_cosine, reduction, True, triton_path)
+        grads = list(grads)
+    _scale_grads_(grads, grad_loss, reduction == "none", triton_path)
+    return grads, [None] * pairs, None, None, None, None, None, None, None, None
+
+
+_align_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_layers(name: str, value) -> list[torch.Tensor]:
@@ -525,11 +555,10 @@ def align_loss(student_hidden, teacher_hidden, attention_mask=None, *, mse_weigh
         # copied once here (hidden states of Hugging Face models already have it).
         student = [s if s.stride(2) == 1 or s.shape[2] == 1 else s.contiguous() for s in student]
         teacher = [t if t.stride(2) == 1 or t.shape[2] == 1 else t.contiguous() for t in teacher]
-    settings = _Settings(reduction, mse_weight > 0, cosine_weight > 0, compute_grad, triton_path,
-                         tuple(float(w * mse_weight) for w in layer_weights),
-                         tuple(float(w * cosine_weight) for w in layer_weights))
-    loss, per_example = _AlignLossFunction.apply(settings, attention_mask, *student,
-                                                 *(t.detach() for t in teacher))
+    loss, per_example, _ = _align_loss_op(student, [t.detach() for t in teacher], attention_mask,
+                                          [float(w * mse_weight) for w in layer_weights],
+                                          [float(w * cosine_weight) for w in layer_weights],
+                                          mse_weight > 0, cosine_weight > 0, reduction, compute_grad, triton_path)
     if return_per_example:
         return loss, per_example.detach().to(torch.float32)
     return loss

@@ -24,7 +24,8 @@ the real example nearest in the pooled space to ``inverse_transform(y_a + s z)``
 
 On the CPU, numba compiles umap-learn's and pynndescent's functions on first use in a process
 (about 7 s of a first fit of 1,000 points, against 1.5 s for the fit itself): the compilations are
-kept on disk under ``<cache>/numba`` (``NUMBA_CACHE_DIR``, unless set), so later runs load them.
+kept on disk in the folder ``use_compilation_cache`` names (``NUMBA_CACHE_DIR``, unless set), so
+later runs load them.
 
 Everything stays on the fitting device. cuML has no ``inverse_transform``; there the inverse is
 approximated on the device by the inverse-distance-weighted mean of the pooled embeddings of the
@@ -65,17 +66,23 @@ class NotFittedError(ValueError, AttributeError):
 
 _CACHED_PACKAGES: set[str] = set()
 _IMPORT_LOCK = threading.Lock()
+_COMPILATION_CACHE: list[str | None] = [None]  # see use_compilation_cache
+
+
+def use_compilation_cache(folder: str | os.PathLike) -> None:
+    """Keep numba's compilations of umap-learn and pynndescent in ``folder`` (unless the user chose a
+    place, ``NUMBA_CACHE_DIR``), so a later process loads them instead of compiling. The training
+    driver and the Trainer integration pass ``<cache>/numba``; without a call nothing is cached."""
+    _COMPILATION_CACHE[0] = str(folder)
 
 
 def _numba_cache_dir() -> None:
-    """Point numba's on-disk cache at ``<cache>/numba`` (``sage_fast.assets.cache_root()``) unless the
-    user chose a place (``NUMBA_CACHE_DIR``). Called before umap-learn or pynndescent is imported:
-    their compiled functions are found by the directory numba's config holds when they are defined."""
-    if os.environ.get("NUMBA_CACHE_DIR"):
+    """Point numba's on-disk cache at the folder ``use_compilation_cache`` gave. Called before
+    umap-learn or pynndescent is imported: their compiled functions are found by the directory
+    numba's config holds when they are defined."""
+    directory = _COMPILATION_CACHE[0]
+    if os.environ.get("NUMBA_CACHE_DIR") or directory is None:
         return
-    from ..assets import cache_root  # the package root's module; imported on use, it is only needed here
-
-    directory = str(cache_root() / "numba")
     os.environ["NUMBA_CACHE_DIR"] = directory
     numba = sys.modules.get("numba")
     if numba is not None and not numba.config.CACHE_DIR:  # numba read the environment before we set it

@@ -20,7 +20,7 @@ from the snapshot). The snapshot is taken at step ``s`` and the rows join the po
 ``s + lag``, both fixed by the step count alone; the pool's own generator is only used on the
 training thread, in ``commit``. So a slow worker makes training wait at ``s + lag``, never changes
 what it trains on. ``lag`` steps later than an inline round is the only difference from training
-that waits (with ``lag = 0`` the driver makes rounds inline, as before).
+that waits (with ``lag = 0`` a ``SynthesisSession`` makes its rounds inline).
 
 **Checkpoints with a round in flight** store the snapshot (``state_dict``); on resume the worker
 plans it again, which gives the same rows, since planning is a pure function of the snapshot.
@@ -66,9 +66,9 @@ class _Worker:
     thread ended by the interpreter's finalisation inside a torch call aborts the process. A run
     that stops writes its checkpoint first, so waiting for the round in flight loses nothing."""
 
-    def __init__(self, target: Callable[[], tuple[SynthesizedRound, dict]], device: torch.device,
+    def __init__(self, target: Callable[[], tuple[SynthesizedRound, tuple]], device: torch.device,
                  inputs: list[torch.Tensor]):
-        self.result: tuple[SynthesizedRound, dict] | None = None
+        self.result: tuple[SynthesizedRound, tuple] | None = None
         self.error: BaseException | None = None
         self.stream = self.ready = self.done = None
         if device.type == "cuda":
@@ -95,7 +95,7 @@ class _Worker:
         except BaseException as error:  # handed to the training thread, which raises it in finish()
             self.error = error
 
-    def wait(self) -> tuple[SynthesizedRound, dict]:
+    def wait(self) -> tuple[SynthesizedRound, tuple]:
         self._thread.join()
         if self.error is not None:
             raise self.error
@@ -180,7 +180,7 @@ class BackgroundRounds:
         record.snapshot_step = pending.step
         record.wait_seconds = wait_seconds
         record.commit_seconds = time.perf_counter() - committing
-        record.png, record.plot_error, record.plot_seconds = plot["png"], plot["error"], plot["seconds"]
+        record.png, record.plot_error, record.plot_seconds = plot
         return record
 
     def close(self) -> None:
@@ -206,20 +206,11 @@ class BackgroundRounds:
         # as training goes on, and is read at the step the round joins the pool, a step count alone.
         planned_only = interpreted or synthesizer.generator.reads_student
 
-        def make() -> tuple[SynthesizedRound | SynthesisPlan, dict]:
+        def make() -> tuple[SynthesizedRound | SynthesisPlan, tuple]:
             # Everything here reads the snapshot, the settings and frozen inputs only.
             plan = plan_round(pending.snapshot, synthesizer.config, step=pending.step)
             made = plan if planned_only else synthesizer.synthesize(plan, vectors_of, label)
-            plot = {"png": None, "error": None, "seconds": 0.0}
-            if plot_path is not None:
-                started = time.perf_counter()
-                try:
-                    path = plot_path(plan.round) if callable(plot_path) else plot_path
-                    plot["png"] = str(synthesizer.plot(plan, path))
-                except ImportError as err:  # matplotlib is optional: the run goes on without the picture
-                    plot["error"] = str(err)
-                plot["seconds"] = time.perf_counter() - started
-            return made, plot
+            return made, synthesizer.plot_round(plan, plot_path)
 
         snapshot = pending.snapshot
         inputs = [snapshot.ids, snapshot.embeddings, snapshot.losses,
@@ -258,4 +249,4 @@ def _tensors(rows) -> list[torch.Tensor]:
     return [rows.vectors, rows.mask, rows.logits, *rows.hidden.values()]
 
 
-__all__ = ["BackgroundRounds", "PendingRound"]
+__all__ = ["BackgroundRounds"]

@@ -27,7 +27,7 @@ A round is two halves with a clean seam between them:
   generator's state; :func:`plan_round` turns that snapshot alone into a :class:`SynthesisPlan`
   (kNN, UMAP, region scores, the triples). It touches no model and no state of the synthesizer, so
   it can run in a worker beside training; its result depends only on the snapshot and the settings.
-- ``build(plan, vectors_of, label)``: interpolation, labelling, pool; it adopts the plan's round
+- ``build(plan, vectors_of, label)``: the generator's rows, labelling, pool; it adopts the plan's round
   number and generator state. Plans are built in order, each once (checked), and the next snapshot
   is taken after the previous plan is built: so a worker that takes the snapshot at step ``s`` and
   whose plan is built at a fixed later step ``s + k`` gives the same run for the same seed, however
@@ -65,10 +65,9 @@ import torch
 from .. import _checks
 from ..devices import resolve_device
 from ..distributed import SINGLE, World
-from ..plot import loss_map
 from ..regions import ErrorProfile, LossRegionAnalyzer
 from .generators import GENERATORS, GeneratorInputs, make_generator
-from .generators.base import check_vectors
+from .plot import loss_map
 from .pool import POLICIES, SyntheticPool, used_lengths
 
 MODES = ("sage", "random", "inverse")
@@ -605,7 +604,7 @@ class SAGESynthesizer:
                                "train this mode with one process, or with --device cpu")
 
     def build(self, plan: SynthesisPlan, vectors_of: VectorsOf, label: Label) -> RoundRecord:
-        """The building half: interpolate the plan's pairs, label them, add them to the pool
+        """The building half: make the plan's rows, label them, add them to the pool
         (``synthesize`` then ``commit``)."""
         self._check_next(plan)
         return self.commit(self.synthesize(plan, vectors_of, label))
@@ -621,15 +620,22 @@ class SAGESynthesizer:
         if plan is None:
             return None
         record = self.build(plan, vectors_of, label)
-        if plot_path is not None:
-            started = time.perf_counter()
-            try:
-                path = plot_path(plan.round) if callable(plot_path) else plot_path
-                record.png = str(self.plot(plan, path))
-            except ImportError as err:  # matplotlib is optional: the run goes on without the picture
-                record.plot_error = str(err)
-            record.plot_seconds = time.perf_counter() - started
+        record.png, record.plot_error, record.plot_seconds = self.plot_round(plan, plot_path)
         return record
+
+    def plot_round(self, plan: SynthesisPlan, plot_path: str | Path | Callable[[int], str | Path] | None):
+        """``(png, why there is none, seconds)`` of drawing ``plan``'s loss map at ``plot_path`` (a
+        path, or a callable from the round number to one; None: no picture). Without matplotlib the
+        round goes on and the second item says why there is no picture."""
+        if plot_path is None:
+            return None, None, 0.0
+        started = time.perf_counter()
+        png = error = None
+        try:
+            png = str(self.plot(plan, plot_path(plan.round) if callable(plot_path) else plot_path))
+        except ImportError as err:  # matplotlib is optional: the run goes on without the picture
+            error = str(err)
+        return png, error, time.perf_counter() - started
 
     def plot(self, plan: SynthesisPlan, path: str | Path, title: str | None = None) -> Path:
         """The loss map of ``plan``'s analysis with its anchors and synthetic rows, as a PNG."""
@@ -679,7 +685,7 @@ class SAGESynthesizer:
     def load_state_dict(self, state: Mapping) -> None:
         if not isinstance(state, Mapping):
             raise ValueError(f"state must be a dict from state_dict(), got {type(state).__name__}")
-        missing = sorted({"rounds", "profile", "pool", "pool_generator", "analysis_generator"} - set(state))
+        missing = sorted({"rounds", "profile", "classes", "pool", "pool_generator", "analysis_generator"} - set(state))
         if missing:
             raise ValueError(f"state is missing {missing}: give a dict from SAGESynthesizer.state_dict()")
         if state.get("format", STATE_FORMAT) != STATE_FORMAT:
@@ -691,8 +697,7 @@ class SAGESynthesizer:
         if changed:
             raise ValueError(f"state was saved with {', '.join(changed)}; build the synthesizer with the same settings")
         self.profile.load_state_dict(state["profile"])
-        if "classes" in state:  # states written before classes were kept have none: all unknown
-            self.classes.copy_(_checks.tensor("state['classes']", state["classes"], ndim=1))
+        self.classes.copy_(_checks.tensor("state['classes']", state["classes"], ndim=1))
         self.pool.load_state_dict(state["pool"], device=self.device)
         self.pool_generator.set_state(state["pool_generator"])
         self.analysis_generator.set_state(state["analysis_generator"])

@@ -23,17 +23,22 @@ from ..errors import UsageError
 from .data import TASKS
 
 MODES = ("sage", "kd", "random", "inverse")
-# The synthesizer's own choices, repeated so that reading a config imports no torch (a test keeps them equal).
+# The synthesis session's own choices, repeated so that reading a config imports no torch (a test keeps them equal).
 POOL_POLICIES = ("fifo", "reservoir")
 PARTNERS = ("neighbours", "boundary", "same-label")
 PROFILE_SIGNALS = ("loss", "disagreement", "trusted")
 GENERATORS = ("interpolate", "substitute", "boundary")
-# Settings known by an older name: still read from config files, saved runs (--resume) and flags.
-RENAMED = {"train_limit": "max_train_examples", "eval_limit": "max_eval_examples", "warmup_fraction": "warmup_ratio"}
+# The names transformers.TrainingArguments gives some settings: read as flags and config keys too.
+TRAINING_ARGUMENTS_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs",
+                            "gradient_accumulation_steps": "grad_accumulation", "logging_steps": "log_every"}
 
 
 class ConfigError(UsageError, ValueError):
     """A setting that cannot work; the message names the setting and what was expected."""
+
+
+def _bad(name: str, expected: str, got) -> ConfigError:
+    return ConfigError(f"{name.replace('_', '-')} must be {expected}, got {got!r}")
 
 
 def _opt(default, help: str, **extra):
@@ -77,8 +82,9 @@ class DistillConfig:
     # --- optimisation ---
     epochs: int = _opt(3, "passes over the training data")
     max_steps: int | None = _opt(None, "stop after this many optimiser steps in total (unset: epochs decide)")
-    batch_size: int = _opt(32, "real examples per optimizer step, over all processes and micro-batches (under "
-                                "torchrun each process trains on its share, so the same command gives the same run)")
+    batch_size: int = _opt(32, "the global batch: real examples per optimizer step over all processes and "
+                                "micro-batches (under torchrun each process trains on its share, so the same command "
+                                "gives the same run)")
     grad_accumulation: int = _opt(1, "micro-batches each process splits its share of a step into (gradient "
                                      "accumulation): the same step in less memory")
     eval_batch_size: int = _opt(128, "examples per forward pass in evaluation and teacher labelling")
@@ -150,32 +156,7 @@ class DistillConfig:
 
     # ---------------------------------------------------------------- checks
     def validate(self) -> "DistillConfig":
-        # Imported here, not at the top: _checks imports torch, and the command line builds its
-        # parser from this module, so --help would pay for torch.
-        from .._checks import integer
-
-        def bad(name: str, expected: str, got) -> ConfigError:
-            return ConfigError(f"{name.replace('_', '-')} must be {expected}, got {got!r}")
-
-        def positive_int(name: str, allow_none: bool = False, allow_zero: bool = False, minimum: int = 1):
-            value = getattr(self, name)
-            if value is None and allow_none:
-                return
-            try:
-                integer(name.replace("_", "-"), value, minimum=0 if allow_zero else minimum)
-            except ValueError as err:
-                raise ConfigError(str(err)) from None
-
-        def number(name: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise bad(name, "a finite number", value)
-            ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-            if not ok:
-                interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-                raise bad(name, f"in {interval}", value)
-            setattr(self, name, float(value))
-
+        bad, positive_int, number = _bad, self._positive_int, self._number
         self._check_types()
         for name, options in (("mode", MODES), ("task", TASKS), ("pool_policy", POOL_POLICIES),
                               ("partners", PARTNERS), ("profile_signal", PROFILE_SIGNALS), ("generator", GENERATORS)):
@@ -223,26 +204,9 @@ class DistillConfig:
             # s synthetic of every (real + synthetic) rows: s / (1 - s) synthetic rows per real one
             self.synthetic_per_batch = int(math.floor(self.batch_size * self.synthetic_share
                                                       / (1.0 - self.synthetic_share) + 0.5))
-        if self.generator == "boundary" and self.partners != "neighbours":
-            raise ConfigError(f"partners {self.partners!r} chooses partners, and generator 'boundary' steps from the "
-                              "anchor alone: use --partners neighbours with it")
-        if self.batch_size % self.grad_accumulation:
-            raise ConfigError(f"batch-size ({self.batch_size}) must be a multiple of grad-accumulation "
-                              f"({self.grad_accumulation}): each micro-batch takes an equal share of the step")
         if self.profile_decay is not None:
             number("profile_decay", 0.0, 1.0, lo_open=True)
-        if self.partners != "neighbours" and "inverse" in [self.mode, *self.compare]:
-            raise ConfigError(f"partners {self.partners!r} picks among map neighbours, while mode 'inverse' finds partners "
-                              "through the map's inverse: leave inverse out of --mode/--compare, or use "
-                              "--partners neighbours")
-        if self.lam_low > self.lam_high:
-            raise ConfigError(f"lam-low ({self.lam_low}) must not exceed lam-high ({self.lam_high})")
-        if self.pool_size < self.synthetic_per_round and self.synthetic_volume is None:
-            raise ConfigError(
-                f"pool-size ({self.pool_size}) must be at least synthetic-per-round ({self.synthetic_per_round}): "
-                "otherwise each round would push out examples it has just made")
-        if self.eval_file is not None and self.train_file is None:
-            raise ConfigError("eval-file was given without train-file; give both, or neither to use --task")
+        self._check_combinations()
         if not isinstance(self.student, str) or not self.student:
             raise bad("student", "a model folder, hub id, config file or 'from-teacher:K'", self.student)
         if self.student.startswith("from-teacher"):
@@ -257,6 +221,50 @@ class DistillConfig:
         if self.cache_dir:
             check_folder("cache-dir", self.cache_dir)
         return self
+
+    def _positive_int(self, name: str, allow_none: bool = False, allow_zero: bool = False, minimum: int = 1):
+        # Imported here, not at the top: _checks imports torch, and the command line builds its
+        # parser from this module, so --help would pay for torch.
+        from .._checks import integer
+
+        value = getattr(self, name)
+        if value is None and allow_none:
+            return
+        try:
+            integer(name.replace("_", "-"), value, minimum=0 if allow_zero else minimum)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+    def _number(self, name: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _bad(name, "a finite number", value)
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+        if not ok:
+            interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+            raise _bad(name, f"in {interval}", value)
+        setattr(self, name, float(value))
+
+    def _check_combinations(self) -> None:
+        """Settings that are fine alone but cannot work together."""
+        if self.batch_size % self.grad_accumulation:
+            raise ConfigError(f"batch-size ({self.batch_size}) must be a multiple of grad-accumulation "
+                              f"({self.grad_accumulation}): each micro-batch takes an equal share of the step")
+        if self.partners != "neighbours" and "inverse" in [self.mode, *self.compare]:
+            raise ConfigError(f"partners {self.partners!r} picks among map neighbours, while mode 'inverse' finds partners "
+                              "through the map's inverse: leave inverse out of --mode/--compare, or use "
+                              "--partners neighbours")
+        if self.generator == "boundary" and self.partners != "neighbours":
+            raise ConfigError(f"partners {self.partners!r} chooses partners, and generator 'boundary' steps from the "
+                              "anchor alone: use --partners neighbours with it")
+        if self.lam_low > self.lam_high:
+            raise ConfigError(f"lam-low ({self.lam_low}) must not exceed lam-high ({self.lam_high})")
+        if self.pool_size < self.synthetic_per_round and self.synthetic_volume is None:
+            raise ConfigError(
+                f"pool-size ({self.pool_size}) must be at least synthetic-per-round ({self.synthetic_per_round}): "
+                "otherwise each round would push out examples it has just made")
+        if self.eval_file is not None and self.train_file is None:
+            raise ConfigError("eval-file was given without train-file; give both, or neither to use --task")
 
     def _check_types(self) -> None:
         """Text settings must be text and switches true or false: a config file can hold anything,
@@ -317,11 +325,11 @@ def check_folder(flag: str, path) -> Path:
 
 
 def canonical(values: dict[str, Any]) -> dict[str, Any]:
-    """``values`` with keys as setting names: ``-`` read as ``_``, older names as their new ones."""
+    """``values`` with keys as setting names: ``-`` read as ``_``, TrainingArguments names as ours."""
     out = {}
     for key, value in values.items():
         key = str(key).replace("-", "_")
-        out[RENAMED.get(key, key)] = value
+        out[TRAINING_ARGUMENTS_NAMES.get(key, key)] = value
     return out
 
 

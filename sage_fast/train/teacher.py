@@ -83,17 +83,6 @@ def _cached(folder: Path) -> bool:
     return (folder / METRICS_FILE).is_file() and (folder / "config.json").is_file()
 
 
-def _older_cached_folder(root: Path, base: str, data: TaskData, settings: TeacherSettings) -> Path | None:
-    """Where a packaged model's teacher was cached when the key held the package's install path."""
-    from ..assets import package_release
-    from .models import resolve_model_path
-
-    if package_release(base) is None:
-        return None
-    folder = root / _key(base, resolve_model_path(base), data, settings)
-    return folder if _cached(folder) else None
-
-
 def _batches(encoded: dict, batch_size: int, order: torch.Tensor):
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
@@ -128,16 +117,16 @@ def fine_tune_teacher(base: str, data: TaskData, *, settings: TeacherSettings | 
     from tqdm.auto import tqdm
 
     from .models import load_classifier, load_tokenizer
+    from .schedule import linear_schedule
 
     settings = settings or TeacherSettings()
     settings.check()
     root = check_folder("cache-dir", teachers_root(cache_dir))
     folder = root / teacher_key(base, data, settings)
     if not force:
-        hit = folder if _cached(folder) else _older_cached_folder(root, base, data, settings)
-        if hit is not None:
-            log(f"teacher cache hit: {hit}")
-            return hit
+        if _cached(folder):
+            log(f"teacher cache hit: {folder}")
+            return folder
     device = resolve_device(device)
     torch.manual_seed(settings.seed)
     tokenizer = load_tokenizer(base)
@@ -146,15 +135,12 @@ def fine_tune_teacher(base: str, data: TaskData, *, settings: TeacherSettings | 
 
     steps_per_epoch = math.ceil(len(data.train) / settings.batch_size)
     total_steps = max(1, math.ceil(settings.epochs * steps_per_epoch))
-    warmup = int(settings.warmup_ratio * total_steps)
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         (no_decay if parameter.dim() < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(parameter)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: (step + 1) / (warmup + 1) if step < warmup
-        else max(0.0, (total_steps - step) / max(1, total_steps - warmup)))
+    schedule = linear_schedule(optimizer, total_steps, settings.warmup_ratio)
     generator = torch.Generator().manual_seed(settings.seed)
 
     started = time.perf_counter()

@@ -150,13 +150,15 @@ def synthesis_settings(**overrides):
 
 
 def sage_trainer(tmp_path, *, teacher=None, student=None, loss=None, dataset=None, synthesis=None, loss_maps=False,
-                 analysis_every=2, **args):
+                 analysis_every=2, analysis_lag=0, profile_signal="loss", refresh_profile=False, **args):
     settings = dict(max_steps=6, per_device_train_batch_size=BATCH, save_strategy="no")
     settings.update(args)
     return SAGEDistillTrainer(
         model=student or tiny_bert(16, 1, seed=1), teacher=teacher or tiny_bert(16, 2, seed=0),
         loss=loss or SAGELossConfig(), synthesis=synthesis or synthesis_settings(), synthetic_per_batch=4,
-        analysis_every=analysis_every, loss_maps=loss_maps, args=training_args(tmp_path, **settings),
+        analysis_every=analysis_every, analysis_lag=analysis_lag, profile_signal=profile_signal,
+        refresh_profile=refresh_profile, loss_maps=loss_maps,
+        args=training_args(tmp_path, **settings),
         train_dataset=dataset or varied_dataset(), data_collator=pad_batch)
 
 

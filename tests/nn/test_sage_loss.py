@@ -261,3 +261,118 @@ def test_non_finite_teacher_is_still_named():
     teacher_logits[2, 1] = float("inf")
     with pytest.raises(ValueError, match="teacher_logits has 1 non-finite"):
         SAGELoss(cfg)({"logits": torch.randn(4, 3).half()}, {"logits": teacher_logits})
+
+
+# ----------------------------------------------------------------------------- causal language models
+VOCAB, B, T = 50, 4, 9
+
+
+def tiny_gpt2(layers, seed):
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=layers, n_head=2)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="module")
+def lm_models():
+    return tiny_gpt2(2, seed=0), tiny_gpt2(1, seed=1)
+
+
+def lm_batch():
+    ids = torch.randint(0, VOCAB, (B, T))
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 6:] = 0  # padding at the end
+    mask[2, 3:] = 0
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    labels[0, :4] = -100  # a prompt whose tokens have no gold label
+    labels[3] = -100  # a synthetic sequence: the teacher's soft labels only
+    return ids, mask, labels
+
+
+def run_lm(lm_models, ids, mask):
+    teacher, student = lm_models
+    with torch.no_grad():
+        teacher_out = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    return student(input_ids=ids, attention_mask=mask, output_hidden_states=True), teacher_out
+
+
+def expected_lm_float64(student_logits, teacher_logits, labels, mask, alpha, temperature, shift=True):
+    """Per-sequence losses written out by hand: shift, per-token KL + CE, mean over counted tokens."""
+    s, t, y, counted = student_logits.double(), teacher_logits.double(), labels, mask.bool()
+    if shift:
+        s, t, y, counted = s[:, :-1], t[:, :-1], y[:, 1:], counted[:, 1:]
+    log_ps, log_pt = torch.log_softmax(s / temperature, -1), torch.log_softmax(t / temperature, -1)
+    kd = alpha * temperature**2 * (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+    ce = -torch.log_softmax(s, -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
+    token = kd + (1 - alpha) * torch.where(y != -100, ce, 0.0)
+    return (token * counted).sum(1) / counted.sum(1).clamp(min=1)
+
+
+def test_causal_lm_outputs_match_hand_written_float64(lm_models, seed):
+    ids, mask, labels = lm_batch()
+    student_out, teacher_out = run_lm(lm_models, ids, mask)
+    loss_module = SAGELoss(SAGELossConfig(alpha=0.4, temperature=2.0))
+    out = loss_module(student_out, teacher_out, labels=labels, attention_mask=mask)
+    expected = expected_lm_float64(student_out.logits, teacher_out.logits, labels, mask, 0.4, 2.0)
+    assert out.per_example.shape == (B,) and out.per_example.dtype == torch.float32
+    torch.testing.assert_close(out.per_example.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss.double(), expected.mean(), rtol=1e-5, atol=1e-6)
+    params = [p for p in lm_models[1].parameters() if p.requires_grad][:4] + [lm_models[1].lm_head.weight]
+    grads = torch.autograd.grad(out.loss, params, retain_graph=True)
+    ref_grads = torch.autograd.grad(expected.mean(), params)
+    for grad, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref.to(grad.dtype), rtol=1e-4, atol=1e-6)
+
+
+def test_causal_lm_padding_counts_in_nothing_and_synthetic_sequences_keep_the_kl(lm_models):
+    torch.manual_seed(0)
+    ids, mask, labels = lm_batch()
+    student_out, teacher_out = run_lm(lm_models, ids, mask)
+    loss_module = SAGELoss(SAGELossConfig(alpha=0.4, temperature=2.0))
+    out = loss_module(student_out, teacher_out, labels=labels, attention_mask=mask)
+    # other logits at the padded positions (and at the last position, which predicts nothing)
+    student_logits = student_out.logits.detach().clone()
+    student_logits[1, 5:] += 7.0 * torch.randn(T - 5, VOCAB)
+    student_logits[:, -1] += 3.0
+    moved = loss_module({"logits": student_logits}, teacher_out, labels=labels, attention_mask=mask)
+    torch.testing.assert_close(moved.per_example[[0, 2, 3]], out.per_example[[0, 2, 3]], rtol=0, atol=0)
+    torch.testing.assert_close(moved.per_example[1], out.per_example[1], rtol=0, atol=0)
+    # the synthetic sequence is alpha times its pure-KL loss: no cross-entropy, but every token's KL
+    kl_only = loss_module.__class__(SAGELossConfig(alpha=1.0, temperature=2.0))(student_out, teacher_out,
+                                                                               attention_mask=mask)
+    torch.testing.assert_close(out.per_example[3], 0.4 * kl_only.per_example[3])
+    assert bool(out.per_example[3] > 0)
+
+
+def test_causal_lm_alignment_term_per_sequence(lm_models):
+    torch.manual_seed(0)
+    ids, mask, labels = lm_batch()
+    student_out, teacher_out = run_lm(lm_models, ids, mask)
+    config = SAGELossConfig(alpha=0.5, temperature=2.0, beta=0.3, layer_map={1: 2})
+    out = SAGELoss(config)(student_out, teacher_out, labels=labels, attention_mask=mask)
+    assert out.align_per_example.shape == (B,) and out.kd_per_example.shape == (B,)
+    torch.testing.assert_close(out.loss, (out.kd_per_example + 0.3 * out.align_per_example).mean())
+
+
+def test_token_classification_without_shift(lm_models):
+    torch.manual_seed(0)
+    ids, mask, labels = lm_batch()
+    student_out, teacher_out = run_lm(lm_models, ids, mask)
+    out = SAGELoss(SAGELossConfig(alpha=0.4, temperature=2.0, shift_labels=False))(
+        student_out, teacher_out, labels=labels, attention_mask=mask)
+    expected = expected_lm_float64(student_out.logits, teacher_out.logits, labels, mask, 0.4, 2.0, shift=False)
+    torch.testing.assert_close(out.per_example.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("labels", torch.zeros(B, T - 1, dtype=torch.long), "labels must have shape"),
+    ("attention_mask", torch.ones(B, T + 1, dtype=torch.long), "attention_mask must have shape"),
+])
+def test_causal_lm_bad_shapes_name_the_argument(lm_models, field, value, message):
+    torch.manual_seed(0)
+    ids, mask, labels = lm_batch()
+    student_out, teacher_out = run_lm(lm_models, ids, mask)
+    kw = {"labels": labels, "attention_mask": mask, field: value}
+    with pytest.raises(ValueError, match=message):
+        SAGELoss(SAGELossConfig())(student_out, teacher_out, **kw)

@@ -26,9 +26,21 @@ TOLERANCES = {
 SHAPES = [(1, 1, 1, 1), (4, 7, 33, 5), (3, 3, 300, 2), (3, 5, 16, 9)]
 
 
+#: What a poisoned integer or bool output holds until written: neither 0 nor 1.
+MASK_SENTINEL = 7
+
+
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
-    monkeypatch.setattr(interpolate_module, "_POISON_OUTPUTS", True)
+    """Every tensor torch.empty makes during a test starts as NaN (floats) or MASK_SENTINEL (masks), so
+    an element the kernel fails to write shows up."""
+    empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        out = empty(*args, **kwargs)
+        return out.fill_(float("nan") if out.is_floating_point() else MASK_SENTINEL)
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
 
 
 def make_inputs(N, L, d, M, dtype=torch.float32, mask_dtype=torch.bool, device="cpu"):

@@ -96,8 +96,9 @@ def test_reductions_and_per_example(backend, reduction, seed):
     assert per_example.dtype == torch.float32 and per_example.shape == (11,)
     assert not per_example.requires_grad
     torch.testing.assert_close(per_example, ref_per_example)
-    if reduction == "mean":  # ignored rows count in the denominator
-        torch.testing.assert_close(loss, ref_per_example.double().sum() / 11, rtol=1e-6, atol=0)
+    assert torch.equal(per_example[[2, 5]], torch.zeros(2))  # ignored rows count in no term
+    if reduction == "mean":  # and not in the denominator
+        torch.testing.assert_close(loss, ref_per_example.double().sum() / 9, rtol=1e-6, atol=0)
     weights = torch.randn(11, dtype=torch.float64) if reduction == "none" else None
     (g,) = torch.autograd.grad(loss, s, weights)
     (ref_g,) = torch.autograd.grad(ref_loss, r, weights)
@@ -124,17 +125,30 @@ def test_huge_logits_stay_finite(backend, temperature, seed):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_ignored_rows_and_no_labels(backend, seed):
-    student, teacher, labels = make_inputs(8, 10, dtype=torch.float64)
+@pytest.mark.parametrize("c", [3, 40])  # the label found in the tile, and gathered
+def test_all_ignored_soft_labels_and_no_labels(backend, c, seed):
+    # an all-ignored batch: every term 0, gradient 0, and a mean of 0 rather than 0/0; rows labelled
+    # soft_label_index are what no labels at all give (the divergence alone), and count in the mean
+    student, teacher, labels = make_inputs(8, c, dtype=torch.float64)
     labels[:] = -1
-    kw = dict(temperature=2.0, alpha=0.25, ignore_index=-1)
-    all_ignored, grad_ignored = run(backend, student, teacher, labels, **kw)
+    kw = dict(temperature=2.0, alpha=0.25)
+    all_ignored, grad_ignored = run(backend, student, teacher, labels, ignore_index=-1, **kw)
+    assert torch.equal(all_ignored, torch.zeros(8, dtype=torch.float64))
+    assert torch.equal(grad_ignored, torch.zeros_like(student))
+    s = student.clone().requires_grad_(True)
+    with use_backend(backend):
+        mean = kd_loss(s, teacher, labels, ignore_index=-1, **kw)
+    mean.backward()
+    assert mean.item() == 0.0 and torch.equal(s.grad, torch.zeros_like(student))
+    soft, grad_soft = run(backend, student, teacher, labels, soft_label_index=-1, **kw)
     no_labels, grad_none = run(backend, student, teacher, None, **kw)
     ref_loss, ref_grad = reference(student, teacher, None, **kw)
-    torch.testing.assert_close(all_ignored, ref_loss)
-    torch.testing.assert_close(no_labels, ref_loss)
-    torch.testing.assert_close(grad_ignored, ref_grad)
-    torch.testing.assert_close(grad_none, ref_grad)
+    for loss, grad in [(soft, grad_soft), (no_labels, grad_none)]:
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+    with use_backend(backend):
+        soft_mean = kd_loss(student, teacher, labels, soft_label_index=-1, **kw)
+    torch.testing.assert_close(soft_mean, ref_loss.mean(), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -188,9 +202,23 @@ def test_gradcheck(backend, reduction):
     assert torch.autograd.gradcheck(loss, (student,))
 
 
+def poison_outputs(monkeypatch):
+    """Outputs filled with NaN before the op writes them, so that an element it leaves unwritten shows."""
+    empty_outputs = kd_module._empty_outputs
+
+    def poisoned(*args, **kwargs):
+        per_row, grad = empty_outputs(*args, **kwargs)
+        per_row.fill_(float("nan"))
+        if grad is not None:
+            grad.fill_(float("nan"))
+        return per_row, grad
+
+    monkeypatch.setattr(kd_module, "_empty_outputs", poisoned)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_poisoned_outputs_are_all_written(backend, monkeypatch, seed):
-    monkeypatch.setattr(kd_module, "_POISON_OUTPUTS", True)
+    poison_outputs(monkeypatch)
     for shape in [(1, 3), (33, 2), (5, 4100)]:
         student, teacher, labels = make_inputs(*shape, ignored=(0,))
         assert_finite_and_close(backend, student, teacher, labels, dict(alpha=0.3),
@@ -241,7 +269,7 @@ def bad_calls():
         ("labels", lambda: kd_loss(s, t, torch.tensor([0, 1, -1, 2]))),
         ("teacher_logits", lambda: kd_loss(s, t.clone().index_fill_(1, torch.tensor([2]), float("nan")), y)),
         ("teacher_logits", lambda: kd_loss(s, t.clone().index_fill_(1, torch.tensor([3]), float("inf")), y)),
-        ("reduction", lambda: kd_loss(s, t, y, reduction="batchmean")),
+        ("reduction", lambda: kd_loss(s, t, y, reduction="batch_mean")),
         ("ignore_index", lambda: kd_loss(s, t, y, ignore_index=1.5)),
     ]
     if torch.cuda.is_available():
@@ -454,7 +482,7 @@ def test_second_derivative_is_refused():
     student, teacher, labels = make_inputs(3, 4, dtype=torch.float64)
     s = student.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(kd_loss(s, teacher, labels, alpha=0.5), s, create_graph=True)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="no double backward"):
         g.sum().backward()
 
 
@@ -491,12 +519,13 @@ def test_compiled_kernel_is_vectorised_and_does_not_spill(c, dtype, config):
     k = compile_sm90(
         kd_module._kd_loss_kernel,
         dict(student_ptr=f"*{dtype}", teacher_ptr=f"*{dtype}", labels_ptr="*i64", loss_ptr="*fp32",
-             grad_ptr=f"*{dtype}", n_rows=n_rows, n_classes_v=c // vec, stride_student_v=c // vec,
+             grad_ptr=f"*{dtype}", scale_ptr="*fp32", n_rows=n_rows, n_classes_v=c // vec, stride_student_v=c // vec,
              stride_teacher_v=c // vec, stride_grad_v=c // vec, rows_bucket=kd_module._rows_bucket(n_rows),
-             temperature=2.0, temperature_lo=0.0, alpha=0.5, alpha_lo=0.0, grad_scale=1.0 / n_rows,
-             grad_scale_lo=0.0, ignore_index=-100),
-        dict(USE_KL=True, HAS_LABELS=True, COMPUTE_GRAD=True, TEMP_MODE=2, ACC=tl.float32, VEC=vec, CONTIGUOUS=True,
-             FAST_MATH=True, BLOCK_ROWS=block_rows, BLOCK_C=block_c, SINGLE_TILE=single, EVEN_C=even_c),
+             temperature=2.0, temperature_lo=0.0, div_weight=2.0, div_weight_lo=0.0, ce_weight=0.5, ce_weight_lo=0.0,
+             beta=0.5, beta_lo=0.0, ignore_index=-100, soft_label_index=-100),
+        dict(USE_DIV=True, DIV=0, HAS_LABELS=True, MASK_ROWS=True, COMPUTE_GRAD=True, TEMP_MODE=2, ACC=tl.float32,
+             VEC=vec, CONTIGUOUS=True, FAST_MATH=True, BLOCK_ROWS=block_rows, BLOCK_C=block_c, SINGLE_TILE=single,
+             EVEN_C=even_c),
         num_warps=warps)
     assert k.n_spills == 0, k.summary()
     # 128-bit accesses carry every tile: per thread, a tile of each input is this many 16-byte vectors
@@ -506,8 +535,10 @@ def test_compiled_kernel_is_vectorised_and_does_not_spill(c, dtype, config):
     tiles = 1 if single else (1 if even_c else 2)  # full tiles, then the partial one
     assert k.ld_global.get(128, 0) >= tiles * (2 if single else 4) * vectors, k.summary()
     assert k.st_global.get(128, 0) >= tiles * vectors, k.summary()
-    if c == 2:  # flat runs and the label found in the tile: nothing narrower at all
-        assert set(k.ld_global) == {128} and set(k.st_global) == {128}, k.summary()
+    if c == 2:  # flat runs and the label found in the tile: nothing narrower at all, but for the
+        # reduction's scale, one 32-bit scalar in each of the code's two copies
+        assert set(k.ld_global) <= {128, 32} and k.ld_global.get(32, 0) <= 2, k.summary()
+        assert set(k.st_global) == {128}, k.summary()
     loops = ptx_loop_bodies(k.ptx)
     assert len(loops) == (0 if single else 2), k.summary()
     per_thread = block_c // (32 * warps)
@@ -536,7 +567,39 @@ def test_compiled_backward_scale_is_vectorised(dtype):
 def test_several_programs_and_a_partial_last_one(shape, monkeypatch, seed):
     # full programs run the copy without row masks, the last one the masked copy; outputs poisoned
     monkeypatch.setattr(kd_module, "_TILE_ELEMS_INTERPRETER", 256 if shape[1] > 4 else 16)
-    monkeypatch.setattr(kd_module, "_POISON_OUTPUTS", True)
+    poison_outputs(monkeypatch)
     student, teacher, labels = make_inputs(*shape, ignored=(3,))
     assert_finite_and_close("triton", student, teacher, labels, dict(temperature=2.0, alpha=0.3),
                             loss_tol=(1e-5, 1e-5), grad_tol=(1e-4, 1e-6))
+
+
+@pytest.mark.parametrize("divergence", [1, 2], ids=["reverse_kl", "jsd"])
+def test_compiled_other_divergences_stream_128_bit_without_spills(divergence):
+    # reverse KL streams with one more running sum, the JSD takes one more pass over a streamed row:
+    # a vocabulary-sized bf16 row through the widest streaming tile, every loop on 128-bit accesses
+    tl = pytest.importorskip("triton.language")
+    from sm90 import compile_sm90, parse_global_access_bits
+
+    c, n_rows, (block_rows, block_c, warps) = 32000, 65536, (1, 4096, 8)
+    vec = kd_module._vector_width(c, c, c, c)
+    k = compile_sm90(
+        kd_module._kd_loss_kernel,
+        dict(student_ptr="*bf16", teacher_ptr="*bf16", labels_ptr="*i64", loss_ptr="*fp32", grad_ptr="*bf16",
+             scale_ptr="*fp32", n_rows=n_rows, n_classes_v=c // vec, stride_student_v=c // vec,
+             stride_teacher_v=c // vec, stride_grad_v=c // vec, rows_bucket=kd_module._rows_bucket(n_rows),
+             temperature=2.0, temperature_lo=0.0, div_weight=2.0, div_weight_lo=0.0, ce_weight=0.5, ce_weight_lo=0.0,
+             beta=0.5, beta_lo=0.0, ignore_index=-100, soft_label_index=-100),
+        dict(USE_DIV=True, DIV=divergence, HAS_LABELS=True, MASK_ROWS=True, COMPUTE_GRAD=True, TEMP_MODE=2,
+             ACC=tl.float32, VEC=vec, CONTIGUOUS=True, FAST_MATH=True, BLOCK_ROWS=block_rows, BLOCK_C=block_c,
+             SINGLE_TILE=False, EVEN_C=False),
+        num_warps=warps)
+    assert k.n_spills == 0, k.summary()
+    loops = ptx_loop_bodies(k.ptx)
+    assert len(loops) >= (2 if divergence == 1 else 3), k.summary()  # statistics, (JSD sums), gradient
+    for body in loops:
+        loads, stores = parse_global_access_bits("\n".join(body))
+        assert set(loads) | set(stores) == {128}, (loads, stores)
+    if divergence == 1:  # the same instruction budget as forward KL's loops
+        per_thread = block_c // (32 * warps)
+        for body, limit in zip(loops, (30, 18)):
+            assert len(body) <= limit * per_thread, f"{len(body) / per_thread:.1f} PTX instructions per element"

@@ -8,7 +8,8 @@ import torch
 
 pytest.importorskip("umap")
 
-from sage_fast.synthesis import BackgroundRounds, SyntheticPool, background, used_lengths  # noqa: E402
+from sage_fast.synthesis import BackgroundRounds, SyntheticPool, background  # noqa: E402
+from sage_fast.synthesis.pool import used_lengths  # noqa: E402
 from test_synthesizer import N, label, planted, synthesizer, vectors_of  # noqa: E402
 
 
@@ -186,10 +187,10 @@ def test_sample_knows_the_width_of_what_it_drew():
     assert rows.width == int(used_lengths(rows.mask).max())
 
 
-def test_numba_keeps_the_analysis_compilations_under_the_cache_root(tmp_path):
+def test_numba_keeps_the_analysis_compilations_in_the_folder_it_is_given(tmp_path):
     """A round's first fit in a process loads umap-learn's compiled functions from disk: numba's
-    cache directory is <cache>/numba unless the user chose one, and umap's functions are cached
-    (the serial layout epoch, not its parallel twin, which would share the entry)."""
+    cache directory is the folder use_compilation_cache names unless the user chose one, and umap's
+    functions are cached (the serial layout epoch, not its parallel twin, which would share the entry)."""
     import os
     import subprocess
     import sys
@@ -200,6 +201,7 @@ def test_numba_keeps_the_analysis_compilations_under_the_cache_root(tmp_path):
         "import os, sys\n"
         "from numba.core.caching import NullCache\n"
         "from sage_fast.regions import analyzer\n"
+        "analyzer.use_compilation_cache(sys.argv[1])\n"
         "analyzer._import_umap()\n"
         "import numba\n"
         "layouts = sys.modules['umap.layouts']\n"
@@ -209,7 +211,8 @@ def test_numba_keeps_the_analysis_compilations_under_the_cache_root(tmp_path):
         "      isinstance(sys.modules['umap.umap_'].smooth_knn_dist._cache, NullCache))\n")
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
     env["SAGE_FAST_CACHE"] = str(cache_root())  # where earlier runs left their compilations: quick
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", script, str(cache_root() / "numba")], env=env, capture_output=True,
+                         text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     directories, cached = out.stdout.splitlines()
     assert directories.split() == [str(cache_root() / "numba")] * 2
@@ -217,7 +220,8 @@ def test_numba_keeps_the_analysis_compilations_under_the_cache_root(tmp_path):
 
     chosen = {**env, "NUMBA_CACHE_DIR": str(tmp_path / "mine")}
     out = subprocess.run([sys.executable, "-c", "import os\nfrom sage_fast.regions import analyzer\n"
-                          "analyzer._numba_cache_dir()\nprint(os.environ['NUMBA_CACHE_DIR'])"],
+                          "analyzer.use_compilation_cache('elsewhere')\nanalyzer._numba_cache_dir()\n"
+                          "print(os.environ['NUMBA_CACHE_DIR'])"],
                          env=chosen, capture_output=True, text=True, timeout=300)
     assert out.stdout.strip() == str(tmp_path / "mine"), out.stderr
 

@@ -99,18 +99,22 @@ def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="mapping"):
         read_config_file(listy)
     unknown = tmp_path / "u.yaml"
-    unknown.write_text("learning_rate: 1\n")
-    with pytest.raises(ConfigError, match="learning_rate"):
+    unknown.write_text("learning_rat: 1\n")
+    with pytest.raises(ConfigError, match="learning_rat"):
         resolve({}, unknown)
 
 
-def test_older_setting_names_still_read(tmp_path):
-    """Runs saved (and config files written) before the one vocabulary keep working."""
-    path = tmp_path / "old.json"
-    path.write_text(json.dumps({"train_limit": 50, "eval-limit": 20, "warmup_fraction": 0.2}))
+def test_training_arguments_names_are_read_beside_ours(tmp_path):
+    """Users of transformers.TrainingArguments bring its names; renamed older names are not read."""
+    path = tmp_path / "hf.json"
+    path.write_text(json.dumps({"learning_rate": 3e-4, "num-train-epochs": 2, "gradient_accumulation_steps": 2,
+                                "logging_steps": 5}))
     config = resolve({}, path)
-    assert (config.max_train_examples, config.max_eval_examples, config.warmup_ratio) == (50, 20, 0.2)
-    assert "train_limit" not in config.to_dict()
+    assert (config.lr, config.epochs, config.grad_accumulation, config.log_every) == (3e-4, 2, 2, 5)
+    assert "learning_rate" not in config.to_dict()
+    for older in ("train_limit", "eval_limit", "warmup_fraction"):
+        with pytest.raises(ConfigError, match=older):
+            resolve({older: 1})
 
 
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:1"])
@@ -136,6 +140,7 @@ def test_the_config_offers_the_synthesizer_s_own_choices():
     assert config_module.PARTNERS == synthesis.PARTNERS
     assert config_module.GENERATORS == synthesis.GENERATORS
     assert config_module.POOL_POLICIES == synthesis.POLICIES
+    assert config_module.PROFILE_SIGNALS == synthesis.PROFILE_SIGNALS
     assert set(config_module.MODES) == set(synthesis.MODES) | {"kd"}
 
 
@@ -161,3 +166,18 @@ def test_rows_per_round_spreads_the_volume_over_an_epoch_s_rounds():
     assert rows_per_round(2, 10, 3, 10) == 20               # a round interval past the epoch: one round
     with pytest.raises(ValueError, match="volume"):
         rows_per_round(0, 1000, 30, 10)
+
+
+def test_training_arguments_flags_set_our_settings_and_help_says_the_batch_is_global(capsys):
+    from sage_fast.cli import build_parser
+    from sage_fast.commands.distill import resolve_config
+
+    args = build_parser().parse_args(["distill", "--learning-rate", "3e-4", "--num-train-epochs", "2",
+                                      "--gradient-accumulation-steps", "4", "--logging-steps", "5"])
+    config = resolve_config(args)
+    assert (config.lr, config.epochs, config.grad_accumulation, config.log_every) == (3e-4, 2, 4, 5)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["distill", "--help"])
+    assert "the global batch" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["distill", "--warmup-fraction", "0.1"])

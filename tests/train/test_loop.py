@@ -2,7 +2,6 @@
 import csv
 import os
 import random
-import shutil
 import signal
 
 import pytest
@@ -12,6 +11,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("umap")
 
 from sage_fast.train import checkpoint, loop  # noqa: E402
+from sage_fast.train.setup import build_setup  # noqa: E402
+from sage_fast.train.stopping import StopRequest, Stopped, TrainingInterrupted  # noqa: E402
 from sage_fast.train.config import resolve  # noqa: E402
 
 
@@ -62,17 +63,6 @@ def final_state(out):
     return state, [r for r in state["metrics"] if r["kind"] in ("eval", "final", "analysis")]
 
 
-def in_the_layout_before_the_synthesizer(state):
-    """A checkpoint in the driver's first layout: the synthesizer's parts at the top level, and the
-    LambdaLR schedule that counted its steps from 0."""
-    state = dict(state)
-    synth = state.pop("synthesizer")
-    state.update(analysis_round=synth["rounds"], profile=synth["profile"], pool=synth["pool"],
-                 pool_generator=synth["pool_generator"], analysis_generator=synth["analysis_generator"])
-    state["scheduler"] = {**state["scheduler"], "last_epoch": state["scheduler"]["last_epoch"] - 1}
-    return state
-
-
 def warm_up(tiny, out):
     """The first training run in a process differs from later ones in the last bits of the weights
     (about 1e-7 after a few steps; it is not the Triton interpreter, MKL's code path or oneDNN, and
@@ -82,7 +72,7 @@ def warm_up(tiny, out):
     loop.run(tiny_config(tiny, out, max_steps=2), log=lambda *a: None)
 
 
-def test_resume_after_ctrl_c_matches_an_uninterrupted_run(tiny, tmp_path, monkeypatch):
+def test_resume_after_ctrl_c_matches_an_uninterrupted_run(tiny, tmp_path):
     warm_up(tiny, tmp_path / "warm-up")
     straight = loop.run(tiny_config(tiny, tmp_path / "straight"), log=lambda *a: None)
     assert straight["modes"][0]["analysis_rounds"] == 2  # after steps 6 and 12 of 16
@@ -91,18 +81,11 @@ def test_resume_after_ctrl_c_matches_an_uninterrupted_run(tiny, tmp_path, monkey
         if run.global_step == 7:
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(loop, "after_step", ctrl_c_at_step_7)
-    with pytest.raises(loop.TrainingInterrupted, match="--resume"):
-        loop.run(tiny_config(tiny, tmp_path / "resumed"), log=lambda *a: None)
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        loop.run(tiny_config(tiny, tmp_path / "resumed"), log=lambda *a: None, callbacks=[ctrl_c_at_step_7])
     interrupted = checkpoint.load(tmp_path / "resumed" / "sage")
     assert interrupted["global_step"] == 7 and interrupted["epoch"] == 0 and not interrupted["done"]
-    monkeypatch.undo()
-    # The same checkpoint as the driver wrote it before the synthesizer was its own component.
-    shutil.copytree(tmp_path / "resumed", tmp_path / "legacy")
-    checkpoint.save_atomic(in_the_layout_before_the_synthesizer(interrupted),
-                           tmp_path / "legacy" / "sage" / "checkpoint.pt")
     resumed = loop.run(tiny_config(tiny, tmp_path / "resumed"), resume=True, log=lambda *a: None)
-    legacy = loop.run(tiny_config(tiny, tmp_path / "legacy"), resume=True, log=lambda *a: None)
 
     a, a_records = final_state(tmp_path / "straight")
     b, b_records = final_state(tmp_path / "resumed")
@@ -114,10 +97,6 @@ def test_resume_after_ctrl_c_matches_an_uninterrupted_run(tiny, tmp_path, monkey
                 and k != "examples_per_second"}
     for name, tensor in a["student"].items():
         assert torch.equal(tensor, b["student"][name]), name
-    assert legacy["modes"][0]["accuracy"] == straight["modes"][0]["accuracy"]
-    c, _ = final_state(tmp_path / "legacy")
-    for name, tensor in a["student"].items():
-        assert torch.equal(tensor, c["student"][name]), name
     a_synth, b_synth = a["synthesizer"], b["synthesizer"]
     assert a_synth["rounds"] == b_synth["rounds"] == 2
     assert torch.equal(a_synth["pool"]["vectors"], b_synth["pool"]["vectors"])
@@ -199,7 +178,7 @@ def test_rounds_beside_training_give_the_same_student_however_slow_the_worker(ti
     assert a["round_in_flight"] is None and c["round_in_flight"] is None
 
 
-def test_a_checkpoint_taken_while_a_round_is_in_flight_resumes_exactly(tiny, tmp_path, monkeypatch):
+def test_a_checkpoint_taken_while_a_round_is_in_flight_resumes_exactly(tiny, tmp_path):
     warm_up(tiny, tmp_path / "warm-up")
     straight = loop.run(tiny_config(tiny, tmp_path / "straight", analysis_lag=2), log=lambda *a: None)
 
@@ -207,10 +186,9 @@ def test_a_checkpoint_taken_while_a_round_is_in_flight_resumes_exactly(tiny, tmp
         if run.global_step == 7:
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(loop, "after_step", ctrl_c_at_step_7)
-    with pytest.raises(loop.TrainingInterrupted):
-        loop.run(tiny_config(tiny, tmp_path / "resumed", analysis_lag=2), log=lambda *a: None)
-    monkeypatch.undo()
+    with pytest.raises(TrainingInterrupted):
+        loop.run(tiny_config(tiny, tmp_path / "resumed", analysis_lag=2), log=lambda *a: None,
+                 callbacks=[ctrl_c_at_step_7])
     interrupted = checkpoint.load(tmp_path / "resumed" / "sage")
     in_flight = interrupted["round_in_flight"]
     assert in_flight["step"] == 6 and in_flight["due_step"] == 8 and in_flight["snapshot"]["round"] == 1
@@ -223,8 +201,8 @@ def test_a_checkpoint_taken_while_a_round_is_in_flight_resumes_exactly(tiny, tmp
         assert torch.equal(tensor, b["student"][name]), name
     assert torch.equal(a["synthesizer"]["pool"]["vectors"], b["synthesizer"]["pool"]["vectors"])
 
-    with pytest.raises(checkpoint.CheckpointError, match="analysis-lag"):
-        run = loop.ModeRun(loop.build_setup(tiny_config(tiny, tmp_path / "other", analysis_lag=0),
+    with pytest.raises(checkpoint.CheckpointError, match="analysis_lag"):
+        run = loop.ModeRun(build_setup(tiny_config(tiny, tmp_path / "other", analysis_lag=0),
                                             log=lambda *a: None), "sage", tmp_path / "other" / "sage")
         run.load(interrupted)
 
@@ -232,36 +210,29 @@ def test_a_checkpoint_taken_while_a_round_is_in_flight_resumes_exactly(tiny, tmp
 def test_a_second_sigterm_still_lets_the_step_checkpoint_a_second_ctrl_c_does_not():
     # Under a scheduler that signals every process of a job, a torchrun worker gets SIGTERM twice
     # (the scheduler's and torchrun's); it must still finish its step and checkpoint.
-    with loop._StopRequest() as stop:
+    with StopRequest() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested and stop.signum == signal.SIGTERM
-        with pytest.raises(loop.Stopped):
+        with pytest.raises(Stopped):
             os.kill(os.getpid(), signal.SIGINT)
-    with pytest.raises(loop.Stopped):
-        with loop._StopRequest() as stop:
+    with pytest.raises(Stopped):
+        with StopRequest() as stop:
             os.kill(os.getpid(), signal.SIGINT)
             assert stop.requested
             os.kill(os.getpid(), signal.SIGINT)
 
 
-def test_rounds_come_three_an_epoch_by_default_and_an_older_run_keeps_its_schedule(tiny, tmp_path):
+def test_rounds_come_three_an_epoch_by_default_each_joining_one_step_before_the_next(tiny, tmp_path):
     config = tiny_config(tiny, tmp_path / "run", analysis_every=None, analysis_lag=None)
-    run = loop.ModeRun(loop.build_setup(config, log=lambda *a: None), "sage", tmp_path / "run" / "sage")
-    assert run.steps_per_epoch == 8 and run.analysis_interval == 2 and run.analysis_lag == 1  # 120 rows of 16
-    longer = loop.ModeRun(loop.build_setup(tiny_config(tiny, tmp_path / "run", analysis_every=5, analysis_lag=None),
-                                           log=lambda *a: None), "sage", tmp_path / "run" / "sage")
-    assert longer.analysis_lag == 4  # the worker has every step between rounds but the last
-    run.global_step = 2
-    assert run._analysis_due(end_of_epoch=False) and not run._analysis_due(end_of_epoch=True)
-    state = run.state_dict()
-    assert state["analysis_interval"] == 2
-    # a checkpoint of a run begun when the default was one round at each epoch's end (it kept no interval)
-    del state["analysis_interval"]
-    older = loop.ModeRun(loop.build_setup(config, log=lambda *a: None), "sage", tmp_path / "run" / "sage")
-    older.load(state)
-    assert older.analysis_interval is None and older.analysis_lag == 8 // 3
-    assert older._analysis_due(end_of_epoch=True) and not older._analysis_due(end_of_epoch=False)
+    run = loop.ModeRun(build_setup(config, log=lambda *a: None), "sage", tmp_path / "run" / "sage")
+    schedule = run.session.schedule
+    assert run.steps_per_epoch == 8 and schedule.interval == 2 and schedule.lag == 1  # 120 rows of 16
+    assert schedule.planned() == [(2, 3), (4, 5), (6, 7), (8, 9), (10, 11), (12, 13), (14, 15)]
+    longer = loop.ModeRun(build_setup(tiny_config(tiny, tmp_path / "run", analysis_every=5, analysis_lag=None),
+                                      log=lambda *a: None), "sage", tmp_path / "run" / "sage")
+    assert longer.session.schedule.lag == 4  # the worker has every step between rounds but the last
+    assert longer.session.schedule.planned() == [(5, 9), (10, 14), (15, 15)]  # the last: inline, no step left
 
 
 def test_same_label_partners_give_synthetic_rows_their_gold_label_in_the_loss(tiny, tmp_path, monkeypatch):
@@ -288,7 +259,7 @@ def test_same_label_partners_give_synthetic_rows_their_gold_label_in_the_loss(ti
 
 
 @pytest.mark.parametrize("generator", ["substitute", "boundary"])
-def test_every_generator_resumes_exactly_with_its_round_in_flight(tiny, tmp_path, monkeypatch, generator):
+def test_every_generator_resumes_exactly_with_its_round_in_flight(tiny, tmp_path, generator):
     """Substitution draws from the round's seed, boundary steps read the student where the round
     joins the pool: either way a resumed run with a round in flight ends on the same student."""
     settings = dict(analysis_lag=2, max_steps=10, generator=generator, substitute_span=0.3, boundary_steps=2)
@@ -299,10 +270,9 @@ def test_every_generator_resumes_exactly_with_its_round_in_flight(tiny, tmp_path
         if run.global_step == 7:
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(loop, "after_step", ctrl_c_at_step_7)
-    with pytest.raises(loop.TrainingInterrupted):
-        loop.run(tiny_config(tiny, tmp_path / "resumed", **settings), log=lambda *a: None)
-    monkeypatch.undo()
+    with pytest.raises(TrainingInterrupted):
+        loop.run(tiny_config(tiny, tmp_path / "resumed", **settings), log=lambda *a: None,
+                 callbacks=[ctrl_c_at_step_7])
     assert checkpoint.load(tmp_path / "resumed" / "sage")["round_in_flight"]["due_step"] == 8
     resumed = loop.run(tiny_config(tiny, tmp_path / "resumed", **settings), resume=True, log=lambda *a: None)
     assert resumed["modes"][0]["accuracy"] == straight["modes"][0]["accuracy"]

@@ -25,7 +25,7 @@ HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, tor
               torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.numpy, torch.equal}
 # Reads of tensors that live on the host on CUDA too (file, function): AdamW's step counts
 # (capturable=False), the training rows' and the pool rows' used widths.
-HOST_SIDE = {("optimizer.py", "_get_value"), ("loop.py", "real_batch"), ("pool.py", "width_of")}
+HOST_SIDE = {("optimizer.py", "_get_value"), ("student.py", "real_batch"), ("pool.py", "width_of")}
 
 
 class HostReads(TorchFunctionMode):
@@ -58,7 +58,8 @@ def run_with_a_pool(tiny, out, device, **settings):
     for step in range(6):
         run.train_step(order[step * 16:(step + 1) * 16])
         run.global_step += 1
-    assert run.analysis_round_now() is not None and run.pool_size > 0
+        run.session.end_step(run.global_step)  # a round after step 6, inline
+    assert run.analysis_rounds == 1 and run.pool_size > 0
     return run, order[96:112]
 
 
@@ -69,6 +70,7 @@ def test_a_sage_step_reads_nothing_back_from_the_device(tiny, tmp_path, monkeypa
     monkeypatch.setattr(models, "_full_mask", models.full_attention_mask)  # the mask CUDA gets
     with HostReads() as mode:
         loss = run.train_step(rows)
+        run.session.end_step(7)  # the step's rows join the profile; no round is due
     assert mode.reads == []
     assert isinstance(loss, torch.Tensor) and loss.dim() == 0 and not loss.requires_grad
 
@@ -114,6 +116,7 @@ def test_a_sage_step_on_cuda_never_synchronises(tiny, tmp_path, beta):
     try:
         torch.cuda.set_sync_debug_mode("error")
         loss = run.train_step(rows)
+        run.session.end_step(7)
         torch.cuda.set_sync_debug_mode("default")
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -206,7 +206,8 @@ WAIT_AT_STEP_3 = """
             while not go.exists() and time.monotonic() < deadline:
                 time.sleep(0.02)
 
-    loop.after_step = wait_at_step_3
+    run = loop.run
+    loop.run = lambda *args, **kwargs: run(*args, callbacks=[wait_at_step_3], **kwargs)
     from sage_fast.cli import main
     raise SystemExit(main(sys.argv[2:]))
 """
@@ -274,19 +275,22 @@ def test_sigterm_before_training_says_so_and_exits_143(tiny, tmp_path, monkeypat
 
 # ------------------------------------------------------------------------------------------ non-finite
 def poison_after(step):
-    """One element of every trained tensor set to NaN after optimiser step ``step``: the next loss is NaN."""
-    def after_step(run):
+    """A callback that sets one element of every trained tensor to NaN after optimiser step ``step``:
+    the next loss is NaN."""
+    def poison(run):
         if run.global_step == step:
             with torch.no_grad():
                 for parameter in run.model.parameters():
                     parameter.view(-1)[0] = float("nan")
-    return after_step
+    return poison
 
 
 def test_a_nan_loss_stops_at_the_next_logging_point_and_keeps_the_checkpoint(tiny, tmp_path, monkeypatch,
                                                                                capsys):
     out = tmp_path / "run"
-    monkeypatch.setattr(loop, "after_step", poison_after(STEPS_PER_EPOCH + 2))
+    run = loop.run  # the command's run, with the callback
+    monkeypatch.setattr(loop, "run", lambda *args, **kwargs: run(*args, callbacks=[poison_after(STEPS_PER_EPOCH + 2)],
+                                                                 **kwargs))
     assert main(kd_args(tiny, out, "--epochs", "2", "--log-every", "2")) == 1
     err = capsys.readouterr().err
     ckpt = out / "kd" / checkpoint.CHECKPOINT_NAME
@@ -304,16 +308,15 @@ def test_a_nan_loss_stops_at_the_next_logging_point_and_keeps_the_checkpoint(tin
 @pytest.mark.parametrize("poisoned, checkpoint_step",
                          [(STEPS_PER_EPOCH, None), (2 * STEPS_PER_EPOCH, STEPS_PER_EPOCH)],
                          ids=["before the first checkpoint", "before the final test"])
-def test_non_finite_weights_between_logging_points_are_never_checkpointed(tiny, tmp_path, monkeypatch,
-                                                                          poisoned, checkpoint_step):
+def test_non_finite_weights_between_logging_points_are_never_checkpointed(tiny, tmp_path, poisoned,
+                                                                          checkpoint_step):
     out = tmp_path / "run"
-    monkeypatch.setattr(loop, "after_step", poison_after(poisoned))
     config = resolve({"teacher": str(tiny / "teacher"), "student": "from-teacher:2", "mode": "kd",
                            "train_file": str(tiny / "data.csv"), "epochs": 2, "batch_size": 16, "max_length": 12,
                            "compare": "none", "progress": False, "device": "cpu", "log_every": 1000,
                            "output_dir": str(out), "cache_dir": str(tiny / "cache")})
     with pytest.raises(loop.NonFiniteTraining, match=f"non-finite values after step {poisoned}") as stop:
-        loop.run(config, log=lambda *a: None)
+        loop.run(config, log=lambda *a: None, callbacks=[poison_after(poisoned)])
     if checkpoint_step is None:
         assert "no checkpoint was written before it" in str(stop.value)
         assert not (out / "kd" / checkpoint.CHECKPOINT_NAME).exists()

@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -77,30 +78,20 @@ def test_a_packaged_base_is_keyed_by_its_package_not_by_where_it_is_installed(tm
     assert teacher_key("minilm", tiny_data, TeacherSettings(epochs=2)) not in keys  # settings still count
 
 
-def test_a_teacher_cached_under_the_install_path_key_is_still_a_hit(tmp_path, monkeypatch, tiny_base, tiny_data):
-    """Teachers of the packaged model cached before the key named its package stay hits (and are
-    read, not moved or rewritten); a model given by path keeps its path in the key."""
-    import hashlib
-    from dataclasses import asdict
-
+def test_a_packaged_teacher_is_keyed_by_its_release_not_its_install_path(tmp_path, monkeypatch, tiny_base,
+                                                                         tiny_data):
+    """Wherever the packaged model is installed, its teacher has one key; a model given by path keeps
+    its path in the key."""
     from sage_fast import assets
 
-    monkeypatch.setattr(assets, "minilm_path", lambda: Path(tiny_base))
     settings = TeacherSettings(epochs=1, max_length=16)
-    values = asdict(settings)
-    values["warmup_fraction"] = values.pop("warmup_ratio")
-    payload = json.dumps({"base": str(tiny_base), "data": tiny_data.fingerprint(), "settings": values}, sort_keys=True)
-    older = tmp_path / "cache" / f"minilm-toy-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
-    assert older.name != teacher_key("minilm", tiny_data, settings)
-    older.mkdir(parents=True)
-    (older / "config.json").write_text("{}")
-    (older / METRICS_FILE).write_text('{"validation_accuracy": 0.5}')
-    messages = []
-    assert fine_tune_teacher("minilm", tiny_data, settings=settings, cache_dir=tmp_path / "cache",
-                             log=messages.append) == older
-    assert messages == [f"teacher cache hit: {older}"]
-    assert sorted(p.name for p in older.iterdir()) == sorted(["config.json", METRICS_FILE])
-    assert teacher_key(str(tiny_base), tiny_data, settings) == older.name.replace("minilm", Path(tiny_base).name, 1)
+    monkeypatch.setattr(assets, "minilm_path", lambda: Path(tiny_base))
+    key = teacher_key("minilm", tiny_data, settings)
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_base, moved)
+    monkeypatch.setattr(assets, "minilm_path", lambda: moved)
+    assert teacher_key("minilm", tiny_data, settings) == key
+    assert teacher_key(str(moved), tiny_data, settings) != key
 
 
 def test_bad_settings_are_usage_errors(tmp_path, tiny_base, tiny_data):

@@ -53,7 +53,7 @@ def loss_map(analyzer, path, synthetic=None, *, anchors=None, title: str | None 
     ``anchors``: indices of points to mark (for example the anchors drawn). A line with N, k and the
     quantile always ends the title; ``title``, if given, goes above it.
     """
-    from .regions.analyzer import NotFittedError
+    from ..regions.analyzer import NotFittedError
 
     if not hasattr(analyzer, "region_score_"):
         raise NotFittedError("loss_map needs a fitted LossRegionAnalyzer: call fit(embeddings, losses) first")

@@ -4,7 +4,7 @@ import torch
 
 pytest.importorskip("matplotlib")
 
-from sage_fast.plot import loss_map, synthetic_positions  # noqa: E402
+from sage_fast.synthesis.plot import loss_map, synthetic_positions  # noqa: E402
 from sage_fast.regions.analyzer import LossRegionAnalyzer, NotFittedError  # noqa: E402
 
 
