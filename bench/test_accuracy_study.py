@@ -158,3 +158,32 @@ def test_the_held_out_read_is_taken_once_and_kept(plan, monkeypatch, tmp_path):
     study.read_held_out(plan, out, ledger, messages.append)
     assert messages == ["no results for 2 run(s), which must run again to be read: base kd seed 1; "
                         "knob random seed 0"]
+
+
+def test_the_generators_plan_screens_both_scales_with_controls_and_confirms_only_screened_settings(tmp_path):
+    """Every generator setting is screened at 2,000 rows (3 seeds) and on all rows, SAGE beside its
+    own random-anchor control; each possible confirmation (any screened setting, on all rows, 3
+    seeds, test read) is a valid driver config; the claim is re-run with 5 seeds."""
+    teacher = str(tmp_path)
+    names = {e.name: e for e in study.PLAN}
+    generators = set()
+    for setting, values in study.GENERATOR_SETTINGS.items():
+        generators.add(values["generator"])
+        small, full = names[f"n2k-{setting}"], names[f"all-{setting}"]
+        assert small.overrides["max_train_examples"] == 2000 and small.seeds == study.SEEDS
+        assert "max_train_examples" not in full.overrides and full.stage == "explore"
+        for exp in (small, full):
+            assert exp.modes == ("random", "sage") and exp.kd_from in names
+            for mode in exp.modes:
+                assert study.run_config(exp, mode, 0, teacher, tmp_path).generator == values["generator"]
+        confirm = study.confirmation(values["generator"], setting)
+        assert confirm.stage == "final" and confirm.seeds == study.SEEDS and confirm.kd_from == "all-final"
+        for mode in confirm.modes:
+            config = study.run_config(confirm, mode, 2, teacher, tmp_path)
+            assert config.epochs == 3 and config.max_train_examples == 0 and config.generator == values["generator"]
+    assert generators == {"interpolate", "substitute", "boundary"} == set(study.CONFIRM)
+    for generator, setting in study.CONFIRM.items():
+        assert setting is None or study.GENERATOR_SETTINGS[setting]["generator"] == generator
+    claim, again = names["n2k-1epoch"], names["n2k-1epoch-5seeds"]
+    assert again.overrides == claim.overrides and again.modes == claim.modes and len(again.seeds) == 5
+    assert any(cell[3] == "n2k-1epoch-5seeds" for cell in study.TEST_CELLS)

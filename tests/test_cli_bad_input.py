@@ -239,6 +239,14 @@ def _(root, tmp):
     return distill_args(root, tmp / "out") + ["--pool-size", "8"], "pool-size"
 
 
+for _flags, _needle in [(["--generator", "substitute", "--substitute-share", "1.5"], "substitute-share must be in [0.0, 1.0]"),
+                        (["--generator", "boundary", "--boundary-step-size", "0"], "boundary-step-size must be in (0.0"),
+                        (["--generator", "boundary", "--partners", "boundary"], "steps from the anchor alone"),
+                        (["--synthetic-share", "1"], "synthetic-share must be in [0.0, 1.0)")]:
+    CASES[f"distill: {' '.join(_flags)}"] = (
+        lambda root, tmp, flags=_flags, needle=_needle: (distill_args(root, tmp / "out") + flags, needle))
+
+
 @case("distill: quantile outside (0, 1)")
 def _(root, tmp):
     return distill_args(root, tmp / "out") + ["--quantile", "1.5"], "quantile"

@@ -75,7 +75,7 @@ def run(args) -> int:
     student.load_state_dict(state)
     # Mode sage whatever the run's mode: the map shows where a SAGE round would synthesise.
     synthesizer = SAGESynthesizer(synthesis_config(config, "sage", setup.device), num_examples=student.n_train,
-                                  embedding_dim=student.embedding_dim)
+                                  embedding_dim=student.embedding_dim, inputs=student.generator_inputs())
     batches = tqdm(student.profile_batches(), total=-(-student.n_train // config.eval_batch_size),
                    desc="error profile", unit="batch", disable=not args.progress)
     synthesizer.refresh(batches)

@@ -26,6 +26,7 @@ docs/other-distillers.md has the details.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import weakref
@@ -46,12 +47,14 @@ from ..assets import cache_root
 from ..distributed import PeerLost, collective_failed, current_world
 from ..nn.sage_loss import SAGELoss, SAGELossConfig
 from ..regions import use_compilation_cache
-from ..synthesis import (Batch, RoundRecord, SAGESynthesizer, SessionSettings, SynthesisConfig, SynthesisSession,
-                         label_in_chunks, mix)
-
+from ..synthesis import (Batch, GeneratorInputs, RoundRecord, SAGESynthesizer, SessionSettings, SynthesisConfig,
+                         SynthesisSession, label_in_chunks, mix)
+from .generator_inputs import dataset_tokens, eval_logits, trainer_generator_inputs
 from .processes import average_gradients, peer_lost, share_from_rank_zero, vector_inputs, wait_at_most
 
 __all__ = ["STATE_FILE", "SAGEDistillTrainer", "SAGESynthesisCallback"]
+
+logger = logging.getLogger(__name__)
 
 #: What the trainer adds to each checkpoint folder.
 STATE_FILE = "sage_fast_state.pt"
@@ -135,11 +138,9 @@ class SAGEDistillTrainer(Trainer):
         loss_maps: write each round's loss map to ``<output_dir>/loss_maps/round<NNN>.png``.
         *args, **kwargs: passed to ``transformers.Trainer`` (``model`` is the student).
 
-    After training, ``trainer.session`` holds the session and ``trainer.synthesizer`` its
-    synthesizer, ``trainer.sage_rounds`` each
-    round's :class:`RoundRecord`, and ``trainer.sage_examples_seen`` the real and synthetic rows the
-    loss saw (on every process together). ``trainer.world`` is this process's place in the run.
-    """
+    After training, ``trainer.session`` holds the session, ``trainer.synthesizer`` its synthesizer,
+    ``trainer.sage_rounds`` each round's :class:`RoundRecord`, ``trainer.sage_examples_seen`` the real
+    and synthetic rows the loss saw (every process together), ``trainer.world`` this process's place."""
 
     def __init__(self, *args, teacher: torch.nn.Module, loss: SAGELoss | SAGELossConfig | None = None,
                  on_per_example: Callable[[torch.Tensor | None, torch.Tensor], None] | None = None,
@@ -203,7 +204,8 @@ class SAGEDistillTrainer(Trainer):
         if isinstance(synthesis, SynthesisConfig):
             synthesis = SAGESynthesizer(dataclasses.replace(synthesis, device=device),
                                         num_examples=len(self.train_dataset),
-                                        embedding_dim=self.model.config.hidden_size, world=self.world)
+                                        embedding_dim=self.model.config.hidden_size, world=self.world,
+                                        inputs=self._generator_inputs())
         elif synthesis.world != self.world:
             raise ValueError(f"the synthesizer was built for {synthesis.world} but the trainer runs as {self.world}; "
                              "build it with world=sage_fast.distributed.current_world(), or pass a SynthesisConfig")
@@ -307,29 +309,26 @@ class SAGEDistillTrainer(Trainer):
 
     # ------------------------------------------------------------------ synthesis
     def _vectors_of(self, ids: torch.Tensor):
-        """Teacher-space vectors and masks of training rows, fetched by position, padded to the
-        longest (the synthesizer's ``vectors_of``)."""
-        rows = []
-        for i in ids.tolist():
-            row = self.train_dataset[i]
-            if self.example_id_column in row and int(row[self.example_id_column]) != i:
-                raise ValueError(f"train_dataset[{i}] has {self.example_id_column} {int(row[self.example_id_column])}: "
-                                 f"with synthesis, {self.example_id_column} must be each row's position in "
-                                 "train_dataset")
-            rows.append(row)
-        tokens = [torch.as_tensor(row["input_ids"], dtype=torch.long) for row in rows]
-        masks = [torch.as_tensor(row["attention_mask"], dtype=torch.long) if "attention_mask" in row
-                 else torch.ones_like(t) for t in tokens]
-        width = max(t.shape[0] for t in tokens)
-        pad = self.teacher.config.pad_token_id or 0
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, (t, m) in enumerate(zip(tokens, masks)):
-            input_ids[j, : t.shape[0]], mask[j, : m.shape[0]] = t, m
-        device = self.args.device
+        """Teacher-space vectors and masks of training rows (the synthesizer's ``vectors_of``)."""
+        input_ids, mask = self._tokens_of(ids)
         with torch.no_grad():
-            vectors = self.teacher.get_input_embeddings()(input_ids.to(device))
-        return vectors, mask.to(device)
+            return self.teacher.get_input_embeddings()(input_ids), mask
+
+    def _tokens_of(self, ids: torch.Tensor):
+        """Token ids and masks of training rows, fetched by position, padded to the longest."""
+        return dataset_tokens(self.train_dataset, ids, self.example_id_column, self.teacher.config.pad_token_id or 0,
+                              self.args.device)
+
+    def _student_logits(self, vectors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The student's logits on teacher-space vectors (the generators' ``student_logits``)."""
+        return eval_logits(self.model, vector_inputs(self.model, vectors, mask))
+
+    def _generator_inputs(self) -> GeneratorInputs:
+        """What the synthesis generators read besides vectors, held weakly as the session's callables."""
+        return trainer_generator_inputs(self.teacher, getattr(self, "processing_class", None),
+                                        tokens_of=_weak(self._tokens_of), student_logits=_weak(self._student_logits),
+                                        batch_size=self.args.per_device_eval_batch_size,
+                                        temperature=self.sage_loss.config.temperature)
 
     @torch.no_grad()
     def _label(self, vectors: torch.Tensor, mask: torch.Tensor):
@@ -343,6 +342,8 @@ class SAGEDistillTrainer(Trainer):
                                self.args.per_device_eval_batch_size)
 
     def _log_round(self, record: RoundRecord) -> None:
+        for line in record.decoded if self.world.is_main else ():  # rows of real tokens, for a person to judge
+            logger.info("sage round %d: %s", record.round, line)
         self.log({"sage_round": record.round, "sage_synthetic": record.synthetic, "sage_pool": record.pool_size,
                   "sage_threshold": record.threshold, "sage_analysis_seconds": record.analysis_seconds,
                   "sage_synthesis_seconds": record.synthesis_seconds,

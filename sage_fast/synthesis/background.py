@@ -165,7 +165,7 @@ class BackgroundRounds:
         worker = self._worker
         self.pending, self._worker = None, None
         committing = time.perf_counter()
-        if isinstance(made, SynthesisPlan):  # planned only (Triton's interpreter): synthesised here
+        if isinstance(made, SynthesisPlan):  # planned only (see _launch): synthesised here
             made = self.synthesizer.synthesize(made, self.vectors_of, self.label)
         if worker.done is not None:
             # The training stream waits for the worker's last kernel, the host does not; the rows'
@@ -202,11 +202,14 @@ class BackgroundRounds:
         # interpreted on two threads at once break each other: there the worker only plans, and the
         # interpolation runs on the training thread in finish(). Same rows either way.
         interpreted = synthesizer.device.type == "cpu" and decide(synthesizer.device).backend == "triton"
+        # A generator that reads the student (boundary steps) runs there too: the student changes
+        # as training goes on, and is read at the step the round joins the pool, a step count alone.
+        planned_only = interpreted or synthesizer.generator.reads_student
 
         def make() -> tuple[SynthesizedRound | SynthesisPlan, tuple]:
             # Everything here reads the snapshot, the settings and frozen inputs only.
             plan = plan_round(pending.snapshot, synthesizer.config, step=pending.step)
-            made = plan if interpreted else synthesizer.synthesize(plan, vectors_of, label)
+            made = plan if planned_only else synthesizer.synthesize(plan, vectors_of, label)
             return made, synthesizer.plot_round(plan, plot_path)
 
         snapshot = pending.snapshot

@@ -31,6 +31,7 @@ import torch
 from .. import _checks
 from ..regions import pooled_embedding
 from .background import BackgroundRounds
+from .generators.boundary import disagreement
 from .pool import pad_tokens
 from .synthesizer import (Label, RoundRecord, SAGESynthesizer, SyntheticRows, VectorsOf, default_analysis_interval,
                           partner_classes)
@@ -122,10 +123,7 @@ def profile_signal(kind: str, per_example: torch.Tensor, student_logits: torch.T
         if labels is None:
             raise ValueError("profile_signal 'trusted' needs the gold labels of the training rows")
         return torch.where(teacher_logits.argmax(-1) == labels, per_example, torch.zeros_like(per_example))
-    t = temperature
-    log_p_t = torch.log_softmax(teacher_logits.float() / t, dim=-1)
-    log_p_s = torch.log_softmax(student_logits.float() / t, dim=-1)
-    return (t * t) * (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    return disagreement(student_logits, teacher_logits, temperature)
 
 
 @torch.no_grad()

@@ -8,14 +8,18 @@ bounded synthetic pool. A training loop
 2. calls ``round(vectors_of, label)`` on its schedule (every R steps, or at the end of an epoch):
    the analyzer is fitted on the rows seen so far, anchor / partner / lam triples are drawn (mode
    ``sage``: from the high-loss regions; ``random``: anchors uniform, the baseline that shows what
-   loss-awareness adds; ``inverse``: partners through the map's approximate inverse), the pairs are
-   interpolated with the fused :func:`sage_fast.ops.interpolate`, labelled by the caller's
-   ``label`` callable (the teacher through the vector interface), and offered to the pool;
+   loss-awareness adds; ``inverse``: partners through the map's approximate inverse), the
+   configured generator makes rows from them (``generators``: interpolation with the fused
+   :func:`sage_fast.ops.interpolate`, nearest-neighbour word-piece substitution, or bounded steps
+   toward the student's disagreement with the teacher), the caller's ``label`` callable (the
+   teacher through the vector interface) labels them, and they are offered to the pool;
 3. mixes ``sample(n)`` into its next batches.
 
 The component never sees a model. ``vectors_of(ids) -> (vectors [n, L, d_t], mask [n, L])`` gives
 the teacher-space input vectors of real training rows (by example id); ``label(vectors, mask) ->
 (logits [M, C], hidden {teacher layer: [M, L, d_t]})`` gives the teacher's outputs on vectors.
+Generators that need more (the rows' token ids, the teacher's embedding table, the student's
+logits on vectors) get it once, at construction: ``inputs``, a :class:`GeneratorInputs`.
 
 A round is two halves with a clean seam between them:
 
@@ -23,7 +27,7 @@ A round is two halves with a clean seam between them:
   generator's state; :func:`plan_round` turns that snapshot alone into a :class:`SynthesisPlan`
   (kNN, UMAP, region scores, the triples). It touches no model and no state of the synthesizer, so
   it can run in a worker beside training; its result depends only on the snapshot and the settings.
-- ``build(plan, vectors_of, label)``: interpolation, labelling, pool; it adopts the plan's round
+- ``build(plan, vectors_of, label)``: the generator's rows, labelling, pool; it adopts the plan's round
   number and generator state. Plans are built in order, each once (checked), and the next snapshot
   is taken after the previous plan is built: so a worker that takes the snapshot at step ``s`` and
   whose plan is built at a fixed later step ``s + k`` gives the same run for the same seed, however
@@ -61,15 +65,16 @@ import torch
 from .. import _checks
 from ..devices import resolve_device
 from ..distributed import SINGLE, World
-from ..ops import interpolate
-from .plot import loss_map
 from ..regions import ErrorProfile, LossRegionAnalyzer
+from .generators import GENERATORS, GeneratorInputs, make_generator
+from .plot import loss_map
 from .pool import POLICIES, SyntheticPool, used_lengths
 
 MODES = ("sage", "random", "inverse")
 ROUNDS_PER_EPOCH = 3  # the default schedule of every training loop here (the accuracy study's choice)
 PARTNERS = ("neighbours", "boundary", "same-label")
 STATE_FORMAT = 1
+EXAMPLES_PER_ROUND = 3  # decoded rows a round of real-token rows shows, so a person can judge them
 
 VectorsOf = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 Label = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, Mapping[int, torch.Tensor]]"]
@@ -94,6 +99,15 @@ class SynthesisConfig:
     loss can hold it to the gold label as it does real rows, where the teacher's label on it may be
     wrong. Both modes (sage, random) use the same rule, so the random baseline differs from SAGE in
     the anchors alone.
+
+    ``generator``: how a round's plan becomes rows (``sage_fast.synthesis.generators``), with every
+    mode: ``interpolate`` (``lam_low``, ``lam_high``, ``noise_std``); ``substitute``, a variant of
+    each anchor with ``round(substitute_share * n)`` of its ``n`` word pieces replaced by one of
+    their ``substitute_top_k`` nearest tokens in the teacher's embedding table, after a span of
+    ``substitute_span`` of its partner's pieces (0: none) took the place of as many of its own;
+    ``boundary``, ``boundary_steps`` steps from each anchor toward more student-teacher
+    disagreement, each moving no token further than ``boundary_step_size`` times the anchor's mean
+    token-vector norm (it ignores partners, so it takes ``partners='neighbours'``).
     """
     mode: str = "sage"
     synthetic_per_round: int = 256
@@ -109,6 +123,12 @@ class SynthesisConfig:
     min_examples: int = 8
     profile_decay: float | None = None
     partners: str = "neighbours"
+    generator: str = "interpolate"
+    substitute_share: float = 0.15
+    substitute_top_k: int = 8
+    substitute_span: float = 0.0
+    boundary_steps: int = 3
+    boundary_step_size: float = 0.05
 
     def __post_init__(self):
         _checks.choice("mode", self.mode, MODES)
@@ -133,6 +153,16 @@ class SynthesisConfig:
         if self.partners != "neighbours" and self.mode == "inverse":
             raise ValueError(f"partners={self.partners!r} picks among map neighbours; mode 'inverse' picks partners "
                              "through the map's inverse instead: use one or the other")
+        _checks.choice("generator", self.generator, GENERATORS)
+        self.substitute_share = _checks.in_range("substitute_share", self.substitute_share, 0.0, 1.0)
+        _checks.integer("substitute_top_k", self.substitute_top_k, minimum=1)
+        self.substitute_span = _checks.in_range("substitute_span", self.substitute_span, 0.0, 1.0)
+        _checks.integer("boundary_steps", self.boundary_steps, minimum=1)
+        self.boundary_step_size = _checks.in_range("boundary_step_size", self.boundary_step_size, 0.0, float("inf"),
+                                                   lo_open=True, hi_open=True)
+        if self.generator == "boundary" and self.partners != "neighbours":
+            raise ValueError(f"partners={self.partners!r} chooses partners, and generator 'boundary' steps from the "
+                             "anchor alone: use partners='neighbours' with it")
         self.device = resolve_device(str(self.device) if isinstance(self.device, torch.device) else self.device)
 
     def to_dict(self) -> dict:
@@ -219,6 +249,8 @@ class RoundRecord:
     snapshot_step: int | None = None
     wait_seconds: float = 0.0
     commit_seconds: float = 0.0
+    # A few rows of a generator that makes real tokens, decoded: "anchor -> variant (teacher ...)".
+    decoded: list[str] = field(default_factory=list)
 
     def metrics(self) -> dict:
         return dataclasses.asdict(self)
@@ -277,6 +309,7 @@ class SynthesizedRound:
     # the rows this rank labelled (every row under one process): ``rows.logits`` and ``rows.hidden``
     # hold only those until ``commit`` gathers the other ranks' shares
     labelled: slice = field(default_factory=lambda: slice(None))
+    decoded: list[str] = field(default_factory=list)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -366,9 +399,14 @@ class SAGESynthesizer:
     """
 
     def __init__(self, config: SynthesisConfig, *, num_examples: int, embedding_dim: int,
-                 world: World = SINGLE):
+                 world: World = SINGLE, inputs: GeneratorInputs | None = None):
         if not isinstance(config, SynthesisConfig):
             raise ValueError(f"config must be a SynthesisConfig, got {type(config).__name__}")
+        inputs = GeneratorInputs() if inputs is None else inputs
+        if not isinstance(inputs, GeneratorInputs):
+            raise ValueError(f"inputs must be a GeneratorInputs, got {type(inputs).__name__}")
+        generator = make_generator(config)
+        generator.check(inputs)  # a generator that lacks what it reads stops here, before any work
         _checks.integer("num_examples", num_examples, minimum=1)
         _checks.integer("embedding_dim", embedding_dim, minimum=1)
         if not isinstance(world, World):
@@ -376,6 +414,7 @@ class SAGESynthesizer:
         self.config = config
         self.world = world
         self.device = config.device
+        self.inputs, self.generator = inputs, generator
         self.profile = ErrorProfile(num_examples, embedding_dim, self.device, decay=config.profile_decay)
         self.classes = torch.full((num_examples,), -1, dtype=torch.int64, device=self.device)
         self.pool = SyntheticPool(config.pool_size, config.pool_policy)
@@ -476,22 +515,17 @@ class SAGESynthesizer:
 
     @torch.no_grad()
     def synthesize(self, plan: SynthesisPlan, vectors_of: VectorsOf, label: Label) -> "SynthesizedRound":
-        """Interpolate the plan's pairs and label them, without touching the pool or any other state
-        (so a worker may run it beside training): ``commit`` adds the result."""
+        """Make the plan's rows with the configured generator and label them, without touching the
+        pool or any other state (so a worker may run it beside training, unless the generator reads
+        the student: ``generator.reads_student``): ``commit`` adds the result."""
         if not isinstance(plan, SynthesisPlan):
             raise ValueError(f"plan must be a SynthesisPlan, got {type(plan).__name__}")
         started = time.perf_counter()
         m = plan.count
-        anchor_ids, partner_ids = plan.anchor_ids, plan.partner_ids
-        # Each real row is gathered and embedded once, however many pairs it is in.
-        rows, position = torch.unique(torch.cat([anchor_ids, partner_ids]), return_inverse=True)
-        vectors, mask = vectors_of(rows)
-        _check_vectors(vectors, mask, rows.shape[0])
-        position = position.to(vectors.device)
-        out, out_mask = interpolate(vectors, mask, position[:m], position[m:], plan.lam.to(vectors.device).float(),
-                                    noise_std=self.config.noise_std, seed=plan.noise_seed)
+        made = self.generator.generate(plan, vectors_of, label, self.inputs)
+        out, out_mask = made.vectors, made.mask
         _synchronize(self.device)
-        interpolated = time.perf_counter()
+        generated = time.perf_counter()
         share = self.world.share(m)  # every row under one process
         logits, hidden = label(out[share], out_mask[share])
         _synchronize(self.device)
@@ -501,9 +535,25 @@ class SAGESynthesizer:
         lengths = used_lengths(out_mask).cpu()
         labels = None if plan.labels is None else plan.labels.to(out.device)
         return SynthesizedRound(plan=plan, rows=SyntheticRows(out, out_mask, logits, dict(hidden or {}), labels=labels),
-                                lengths=lengths, synthesis_seconds=(interpolated - started)
-                                + (time.perf_counter() - labelled), labelling_seconds=labelled - interpolated,
-                                labelled=share)
+                                lengths=lengths, synthesis_seconds=(generated - started)
+                                + (time.perf_counter() - labelled), labelling_seconds=labelled - generated,
+                                labelled=share, decoded=self._decoded(made, logits, share))
+
+    def _decoded(self, made, logits: torch.Tensor, share: slice) -> list[str]:
+        """A few of this rank's rows decoded, ``anchor -> variant (teacher: class c, p)``, when they are
+        real tokens and the inputs can decode them; once per round, beside training when it can be."""
+        decode = self.inputs.decode
+        if made.tokens is None or decode is None or logits.shape[0] == 0:
+            return []
+        start = share.start or 0
+        probabilities = torch.softmax(logits[:EXAMPLES_PER_ROUND].float(), dim=-1).cpu()
+        lines = []
+        for j in range(probabilities.shape[0]):
+            row, keep = start + j, made.mask[start + j].cpu() != 0
+            p, c = probabilities[j].max(dim=0)
+            lines.append(f"{decode(made.source_tokens[row].cpu()[keep])!r} -> {decode(made.tokens[row].cpu()[keep])!r} "
+                         f"(teacher: class {int(c)}, p {float(p):.2f})")
+        return lines
 
     @torch.no_grad()
     def commit(self, made: "SynthesizedRound") -> RoundRecord:
@@ -523,7 +573,7 @@ class SAGESynthesizer:
             round=plan.round, step=plan.step, examples=int(plan.ids.shape[0]), synthetic=plan.count,
             pool_size=len(self.pool), threshold=plan.threshold, analysis_seconds=plan.analysis_seconds,
             synthesis_seconds=made.synthesis_seconds + (time.perf_counter() - started),
-            labelling_seconds=made.labelling_seconds)
+            labelling_seconds=made.labelling_seconds, decoded=list(made.decoded))
 
     def _gather_labels(self, made: "SynthesizedRound") -> SyntheticRows:
         """The round's rows with every rank's labels (this rank labelled ``made.labelled``). Runs
@@ -554,7 +604,7 @@ class SAGESynthesizer:
                                "train this mode with one process, or with --device cpu")
 
     def build(self, plan: SynthesisPlan, vectors_of: VectorsOf, label: Label) -> RoundRecord:
-        """The building half: interpolate the plan's pairs, label them, add them to the pool
+        """The building half: make the plan's rows, label them, add them to the pool
         (``synthesize`` then ``commit``)."""
         self._check_next(plan)
         return self.commit(self.synthesize(plan, vectors_of, label))
@@ -595,7 +645,9 @@ class SAGESynthesizer:
                      f"{plan.count} synthetic")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return loss_map(plan.analyzer, path, synthetic=(plan.anchors, plan.partners, plan.lam), anchors=plan.anchors,
+        # Only interpolated rows lie between anchor and partner; the others are variants of the anchor.
+        lam = plan.lam if self.generator.name == "interpolate" else torch.ones_like(plan.lam)
+        return loss_map(plan.analyzer, path, synthetic=(plan.anchors, plan.partners, lam), anchors=plan.anchors,
                         title=title)
 
     # ------------------------------------------------------------------ the pool
@@ -650,15 +702,6 @@ class SAGESynthesizer:
         self.pool_generator.set_state(state["pool_generator"])
         self.analysis_generator.set_state(state["analysis_generator"])
         self.rounds = _checks.integer("rounds", state["rounds"], minimum=0)
-
-
-def _check_vectors(vectors, mask, rows: int) -> None:
-    if not isinstance(vectors, torch.Tensor) or vectors.dim() != 3 or vectors.shape[0] != rows:
-        raise ValueError(f"vectors_of must return vectors [n, L, d] with n = {rows} (one per id asked for), got "
-                         f"{tuple(getattr(vectors, 'shape', ())) or type(vectors).__name__}")
-    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(vectors.shape[:2]):
-        raise ValueError(f"vectors_of must return a mask [n, L] = {list(vectors.shape[:2])}, got "
-                         f"{tuple(getattr(mask, 'shape', ())) or type(mask).__name__}")
 
 
 __all__ = ["MODES", "PARTNERS", "ProfileSnapshot", "RoundRecord", "SAGESynthesizer", "SynthesisConfig", "SynthesisPlan",

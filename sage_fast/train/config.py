@@ -28,6 +28,7 @@ MODES = ("sage", "kd", "random", "inverse")
 POOL_POLICIES = ("fifo", "reservoir")
 PARTNERS = ("neighbours", "boundary", "same-label")
 PROFILE_SIGNALS = ("loss", "disagreement", "trusted")
+GENERATORS = ("interpolate", "substitute", "boundary")
 # The names transformers.TrainingArguments gives some settings: read as flags and config keys too.
 TRAINING_ARGUMENTS_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs",
                             "gradient_accumulation_steps": "grad_accumulation", "logging_steps": "log_every"}
@@ -35,6 +36,10 @@ TRAINING_ARGUMENTS_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs",
 
 class ConfigError(UsageError, ValueError):
     """A setting that cannot work; the message names the setting and what was expected."""
+
+
+def _bad(name: str, expected: str, got) -> ConfigError:
+    return ConfigError(f"{name.replace('_', '-')} must be {expected}, got {got!r}")
 
 
 def _opt(default, help: str, **extra):
@@ -117,6 +122,28 @@ class DistillConfig:
                                  "pass (current, at the cost of a forward pass over the data)")
     profile_decay: float | None = _opt(None, "unset: each row's profile is the mean over all its visits; in (0, 1]: "
                                        "old visits fade, each moving it by max(decay, 1/visits)")
+    generator: str = _opt("interpolate", "how a round makes synthetic rows from its anchors, under every mode (so each "
+                          "generator has its random-anchor control): 'interpolate' mixes each anchor with its partner "
+                          "(--lam-low, --lam-high, --noise-std); 'substitute' replaces a share of the anchor's word "
+                          "pieces by their nearest tokens in the teacher's embedding table (real text; a few rows of "
+                          "each round are shown in the log); 'boundary' takes bounded steps from the anchor toward "
+                          "more student-teacher disagreement (one student backward a step)", choices=GENERATORS)
+    substitute_share: float = _opt(0.15, "generator substitute: share of an anchor's word pieces replaced, in [0, 1]")
+    substitute_top_k: int = _opt(8, "generator substitute: a replaced word piece becomes one of its this many nearest "
+                                 "tokens (cosine similarity in the teacher's embedding table)")
+    substitute_span: float = _opt(0.0, "generator substitute: share of the partner's word pieces taken as one span in "
+                                  "place of as many of the anchor's, in [0, 1] (0: none)")
+    boundary_steps: int = _opt(3, "generator boundary: steps from each anchor")
+    boundary_step_size: float = _opt(0.05, "generator boundary: the most a token moves in one step, as a share of "
+                                     "the anchor's mean token-vector norm (above 0)")
+    synthetic_volume: float | None = _opt(None, "synthetic rows made per epoch as a multiple of the training rows "
+                                          "(e.g. 4), spread over the epoch's rounds: sets synthetic-per-round, and "
+                                          "pool-size to at least one round (unset: synthetic-per-round decides)")
+    synthetic_share: float | None = _opt(None, "share of each step's rows that are synthetic once the pool has some, "
+                                         "in [0, 1) (e.g. 0.5: as many synthetic rows as real ones): sets "
+                                         "synthetic-per-batch (unset: synthetic-per-batch decides)")
+    label_batch_size: int | None = _opt(None, "rows per teacher forward when the teacher labels a round's synthetic "
+                                        "rows (unset: eval-batch-size): large rounds label faster in large batches")
     # --- run ---
     device: str = _opt("auto", DEVICE_HELP)
     seed: int = _opt(0, "seed for data order, initialisation, analysis and synthesis")
@@ -130,35 +157,10 @@ class DistillConfig:
 
     # ---------------------------------------------------------------- checks
     def validate(self) -> "DistillConfig":
-        # Imported here, not at the top: _checks imports torch, and the command line builds its
-        # parser from this module, so --help would pay for torch.
-        from .._checks import integer
-
-        def bad(name: str, expected: str, got) -> ConfigError:
-            return ConfigError(f"{name.replace('_', '-')} must be {expected}, got {got!r}")
-
-        def positive_int(name: str, allow_none: bool = False, allow_zero: bool = False, minimum: int = 1):
-            value = getattr(self, name)
-            if value is None and allow_none:
-                return
-            try:
-                integer(name.replace("_", "-"), value, minimum=0 if allow_zero else minimum)
-            except ValueError as err:
-                raise ConfigError(str(err)) from None
-
-        def number(name: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
-            value = _number_from_text(getattr(self, name))
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise bad(name, "a finite number", value)
-            ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-            if not ok:
-                interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-                raise bad(name, f"in {interval}", value)
-            setattr(self, name, float(value))
-
+        bad, positive_int, number = _bad, self._positive_int, self._number
         self._check_types()
         for name, options in (("mode", MODES), ("task", TASKS), ("pool_policy", POOL_POLICIES),
-                              ("partners", PARTNERS), ("profile_signal", PROFILE_SIGNALS)):
+                              ("partners", PARTNERS), ("profile_signal", PROFILE_SIGNALS), ("generator", GENERATORS)):
             if getattr(self, name) not in options:
                 raise bad(name, f"one of {', '.join(options)}", getattr(self, name))
         try:
@@ -171,8 +173,10 @@ class DistillConfig:
         for name in ("batch_size", "grad_accumulation", "eval_batch_size", "synthetic_per_round", "pool_size",
                      "n_neighbors", "epochs", "log_every"):
             positive_int(name)
-        for name in ("max_steps", "analysis_every"):
+        for name in ("max_steps", "analysis_every", "label_batch_size"):
             positive_int(name, allow_none=True)
+        positive_int("substitute_top_k")
+        positive_int("boundary_steps")
         for name in ("max_train_examples", "max_eval_examples", "analysis_lag"):
             positive_int(name, allow_none=True, allow_zero=True)
         positive_int("synthetic_per_batch", allow_zero=True)
@@ -191,6 +195,16 @@ class DistillConfig:
         number("lam_high", 0.0, 1.0)
         number("noise_std", 0.0, math.inf, hi_open=True)
         number("dist_timeout", 0.0, math.inf, lo_open=True, hi_open=True)
+        number("substitute_share", 0.0, 1.0)
+        number("substitute_span", 0.0, 1.0)
+        number("boundary_step_size", 0.0, math.inf, lo_open=True, hi_open=True)
+        if self.synthetic_volume is not None:
+            number("synthetic_volume", 0.0, math.inf, lo_open=True, hi_open=True)
+        if self.synthetic_share is not None:
+            number("synthetic_share", 0.0, 1.0, hi_open=True)
+            # s synthetic of every (real + synthetic) rows: s / (1 - s) synthetic rows per real one
+            self.synthetic_per_batch = int(math.floor(self.batch_size * self.synthetic_share
+                                                      / (1.0 - self.synthetic_share) + 0.5))
         if self.profile_decay is not None:
             number("profile_decay", 0.0, 1.0, lo_open=True)
         self._check_combinations()
@@ -231,16 +245,50 @@ class DistillConfig:
                                          lambda m: m.group(0).replace("_", "-") if m.group(0) in names else m.group(0),
                                          str(err))) from None
 
-    def synthesis_settings(self, mode: str, device):
+    def synthesis_settings(self, mode: str, device, *, num_examples: int | None = None,
+                           steps_per_epoch: int | None = None, interval: int | None = None):
         """The synthesizer's settings (a ``SynthesisConfig``) for ``mode`` (``sage``, ``random`` or
-        ``inverse``), on ``device``."""
+        ``inverse``), on ``device``; with ``synthetic_volume``, each round's rows follow from the run's
+        rows and schedule (without them, as for the loss map of a finished run, the flag's round size)."""
         from ..synthesis import SynthesisConfig
+        from ..synthesis.volume import rows_per_round
 
+        per_round, pool_size = self.synthetic_per_round, self.pool_size
+        if self.synthetic_volume is not None:
+            if None not in (num_examples, steps_per_epoch, interval):
+                per_round = rows_per_round(self.synthetic_volume, num_examples, steps_per_epoch, interval)
+            pool_size = max(pool_size, per_round)
         return SynthesisConfig(
-            mode=mode, synthetic_per_round=self.synthetic_per_round, pool_size=self.pool_size,
+            mode=mode, synthetic_per_round=per_round, pool_size=pool_size,
             pool_policy=self.pool_policy, quantile=self.quantile, n_neighbors=self.n_neighbors,
             lam_low=self.lam_low, lam_high=self.lam_high, noise_std=self.noise_std, seed=self.seed,
-            device=device, profile_decay=self.profile_decay, partners=self.partners)
+            device=device, profile_decay=self.profile_decay, partners=self.partners, generator=self.generator,
+            substitute_share=self.substitute_share, substitute_top_k=self.substitute_top_k,
+            substitute_span=self.substitute_span, boundary_steps=self.boundary_steps,
+            boundary_step_size=self.boundary_step_size)
+
+    def _positive_int(self, name: str, allow_none: bool = False, allow_zero: bool = False, minimum: int = 1):
+        # Imported here, not at the top: _checks imports torch, and the command line builds its
+        # parser from this module, so --help would pay for torch.
+        from .._checks import integer
+
+        value = getattr(self, name)
+        if value is None and allow_none:
+            return
+        try:
+            integer(name.replace("_", "-"), value, minimum=0 if allow_zero else minimum)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+    def _number(self, name: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
+        value = _number_from_text(getattr(self, name))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _bad(name, "a finite number", value)
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+        if not ok:
+            interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+            raise _bad(name, f"in {interval}", value)
+        setattr(self, name, float(value))
 
     def _check_combinations(self) -> None:
         """Settings that are fine alone but cannot work together."""
@@ -251,9 +299,12 @@ class DistillConfig:
             raise ConfigError(f"partners {self.partners!r} picks among map neighbours, while mode 'inverse' finds partners "
                               "through the map's inverse: leave inverse out of --mode/--compare, or use "
                               "--partners neighbours")
+        if self.generator == "boundary" and self.partners != "neighbours":
+            raise ConfigError(f"partners {self.partners!r} chooses partners, and generator 'boundary' steps from the "
+                              "anchor alone: use --partners neighbours with it")
         if self.lam_low > self.lam_high:
             raise ConfigError(f"lam-low ({self.lam_low}) must not exceed lam-high ({self.lam_high})")
-        if self.pool_size < self.synthetic_per_round:
+        if self.pool_size < self.synthetic_per_round and self.synthetic_volume is None:
             raise ConfigError(
                 f"pool-size ({self.pool_size}) must be at least synthetic-per-round ({self.synthetic_per_round}): "
                 "otherwise each round would push out examples it has just made")

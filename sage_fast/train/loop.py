@@ -5,10 +5,11 @@ Per step: a batch of real examples, whose teacher outputs come from the on-disk 
 synthetic rows from the synthesis session's pool; ``SAGELoss`` on both; the real rows' profile
 signal and pooled student embeddings go to the session (``SynthesisSession``), which runs the
 rounds on its schedule (by default three an epoch, each beside training): the analysis on the rows
-seen so far, pairs from high-loss regions (mode ``sage``) or uniform ones (mode ``random``),
-interpolation, labels from the teacher through the vector interface, the pool. Mode ``kd`` has no
-session. What a run shares is built in ``setup``, the student in ``student``, stopping on a signal
-in ``stopping``.
+seen so far, anchors in high-loss regions (mode ``sage``) or uniform ones (mode ``random``), rows
+made from them by the configured generator (``--generator``: interpolation, word-piece
+substitution or boundary steps), labels from the teacher through the vector interface, the pool.
+Mode ``kd`` has no session. What a run shares is built in ``setup``, the student in ``student``,
+stopping on a signal in ``stopping``.
 
 Evaluation is on real text only: validation accuracy each epoch, test accuracy at the end. Each
 epoch ends with an atomic checkpoint; Ctrl-C or SIGTERM stops at the end of the current step,
@@ -40,7 +41,7 @@ from ..distributed import (SINGLE, DistributedError, PeerLost, World, close_worl
 from ..distributed import split_sizes as part_sizes  # how a step's rows[j::parts] are dealt out
 from ..errors import UsageError
 from ..regions import use_compilation_cache, warm_up_in_background
-from ..synthesis import Batch, RoundRecord, SAGESynthesizer, SynthesisSession, mix
+from ..synthesis import Batch, RoundRecord, RoundSchedule, SAGESynthesizer, SynthesisSession, mix
 from . import DataError
 from . import checkpoint as ckpt
 from . import run_identity
@@ -126,11 +127,15 @@ class ModeRun:
             self.total_steps = min(self.total_steps, config.max_steps)
 
     def _session(self) -> SynthesisSession:
-        synthesizer = SAGESynthesizer(synthesis_config(self.config, self.mode, self.setup.device),
-                                      num_examples=self.n_train, embedding_dim=self.model.embedding_dim,
-                                      world=self.world)
-        session = SynthesisSession(synthesizer, self.model.vectors_of, self.model.label,
-                                   session_settings(self.config),
+        config, settings = self.config, session_settings(self.config)
+        # A volume per epoch sets each round's rows from the run's rows and round schedule.
+        interval = RoundSchedule.resolve(settings, self.steps_per_epoch, self.total_steps).interval
+        synthesizer = SAGESynthesizer(
+            synthesis_config(config, self.mode, self.setup.device, num_examples=self.n_train,
+                             steps_per_epoch=self.steps_per_epoch, interval=interval),
+            num_examples=self.n_train, embedding_dim=self.model.embedding_dim, world=self.world,
+            inputs=self.model.generator_inputs())
+        session = SynthesisSession(synthesizer, self.model.vectors_of, self.model.label, settings,
                                    plot_path=self._loss_map_path if self.world.is_main else None,
                                    profile_batches=self.model.profile_batches, on_round=self._log_round,
                                    seconds=self.timer.seconds)
@@ -272,11 +277,14 @@ class ModeRun:
     def _log_round(self, record: RoundRecord) -> None:
         if record.plot_error:
             self.log(f"no loss map: {record.plot_error}")
+        for line in record.decoded:  # rows of real tokens, for a person to judge
+            self.log(f"[{self.mode}] round {record.round}: {line}")
         self.metrics.log(kind="analysis", mode=self.mode, round=record.round, step=self.global_step,
                          epoch=self.epoch, examples=record.examples, synthetic=record.synthetic, pool=record.pool_size,
                          threshold=record.threshold, png=record.png, analysis_seconds=record.analysis_seconds,
                          synthesis_seconds=record.synthesis_seconds, labelling_seconds=record.labelling_seconds,
-                         snapshot_step=record.snapshot_step, wait_seconds=record.wait_seconds)
+                         snapshot_step=record.snapshot_step, wait_seconds=record.wait_seconds,
+                         **({"decoded": record.decoded} if record.decoded else {}))
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:

@@ -154,9 +154,11 @@ def build_loss(config: DistillConfig, setup: Setup, student) -> SAGELoss:
     ))
 
 
-def synthesis_config(config: DistillConfig, mode: str, device: torch.device) -> SynthesisConfig:
+def synthesis_config(config: DistillConfig, mode: str, device: torch.device, *, num_examples: int | None = None,
+                     steps_per_epoch: int | None = None, interval: int | None = None) -> SynthesisConfig:
     """The synthesizer's settings for ``mode`` (``sage`` or ``random``) from the driver's config."""
-    return config.synthesis_settings(mode, device)
+    return config.synthesis_settings(mode, device, num_examples=num_examples, steps_per_epoch=steps_per_epoch,
+                                     interval=interval)
 
 
 

@@ -11,8 +11,9 @@ import torch
 
 from ..nn import SAGELoss
 from ..regions import pooled_embedding
-from ..synthesis import label_in_chunks, profile_signal
+from ..synthesis import GeneratorInputs, label_in_chunks, profile_signal
 from ..synthesis.pool import used_lengths
+from .generator_inputs import generator_inputs
 from .models import VectorInterface
 from .setup import Setup, build_loss
 
@@ -105,7 +106,15 @@ class Student:
             with self.autocast:
                 return self.interface.teacher_forward(vectors, mask, output_hidden_states=output_hidden_states)
 
-        return label_in_chunks(forward, vectors, mask, self.setup.teacher_layers, self.config.eval_batch_size)
+        chunk = self.config.label_batch_size or self.config.eval_batch_size  # large rounds: large batches
+        return label_in_chunks(forward, vectors, mask, self.setup.teacher_layers, chunk)
+
+    def generator_inputs(self) -> GeneratorInputs:
+        """What the synthesis generators read besides vectors: the training rows' tokens, the
+        teacher's table, this student on vectors (boundary steps), the tokenizer's text."""
+        return generator_inputs(self.interface, self.setup.tokenizer, self.setup.encoded["train"],
+                                lambda: self.autocast, batch_size=self.config.eval_batch_size,
+                                temperature=self.config.temperature)
 
     @torch.no_grad()
     def profile_batches(self):

@@ -358,3 +358,27 @@ def test_packaged_minilm_trains_on_synthetic_rows_and_resumes_with_its_pool(tmp_
     assert torch.equal(resumed.synthesizer.pool.vectors, straight.synthesizer.pool.vectors)
     for (name, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("mode", ["sage", "random"])
+@pytest.mark.parametrize("generator", ["substitute", "boundary"])
+def test_every_generator_is_a_trainer_option_under_every_placement(tmp_path, generator, mode):
+    settings = {"substitute": dict(substitute_share=0.5, substitute_top_k=3), "boundary": dict(boundary_steps=2)}
+    synthesis = synthesis_settings(generator=generator, mode=mode, **settings[generator])
+    trainer = sage_trainer(tmp_path, synthesis=synthesis)
+    seen = count_rows_in_the_loss(trainer)
+    trainer.train()
+    synth = trainer.synthesizer
+    assert seen == [(8, 0), (8, 0)] + [(12, 4)] * 4 and synth.rounds == 2 and len(synth.pool) == 16
+    vectors, masks = synth.pool.vectors[:16], synth.pool.masks[:16]
+    with torch.no_grad():
+        logits = trainer.teacher(inputs_embeds=vectors, attention_mask=masks).logits
+    torch.testing.assert_close(logits, synth.pool.logits[:16])  # labelled by the teacher where they ended
+    table = trainer.teacher.get_input_embeddings().weight
+    on_table = (vectors[masks.bool()].unsqueeze(1) == table.unsqueeze(0)).all(dim=-1).any(dim=1)
+    if generator == "substitute":  # every token of every row is a row of the teacher's table: real tokens
+        assert bool(on_table.all())
+    else:  # stepped off the table, and the student's table is untouched
+        assert not bool(on_table.any())
+        assert torch.equal(trainer.model.get_input_embeddings().weight, table)
+

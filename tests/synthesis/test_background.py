@@ -265,3 +265,32 @@ def test_a_program_that_ends_with_a_round_in_flight_waits_for_it_and_exits_clean
         + "background.plan_round = busy\n"
           "assert BackgroundRounds(synthesizer(), vectors_of, label, lag=3).start(4)\n")
     assert_waited_and_exited_cleanly(out, done)
+
+
+def test_a_generator_that_reads_the_student_generates_on_the_training_thread():
+    """Boundary steps read the student, which training changes: the worker only plans, and the rows
+    are made where the round joins the pool, on the training thread (even where the worker could
+    interpolate: the plain-torch path)."""
+    import sage_fast
+    from sage_fast.synthesis import GeneratorInputs, SAGESynthesizer, SynthesisConfig
+    from test_synthesizer import D_T, DIM
+
+    threads = []
+    head = torch.nn.Linear(D_T, 3)
+
+    def student_logits(vectors, mask):
+        threads.append(threading.current_thread().name)
+        return head(vectors.mean(dim=1))
+
+    config = SynthesisConfig(synthetic_per_round=16, pool_size=40, n_neighbors=5, seed=3, generator="boundary",
+                             boundary_steps=2)
+    synth = SAGESynthesizer(config, num_examples=N, embedding_dim=DIM,
+                            inputs=GeneratorInputs(student_logits=student_logits))
+    embeddings, losses = planted()
+    synth.observe(torch.arange(N), losses, embeddings)
+    with sage_fast.use_backend("torch"):
+        rounds = BackgroundRounds(synth, vectors_of, label, lag=2)
+        assert rounds.start(4)
+        record = rounds.finish()
+    assert len(threads) == 2 and set(threads) == {threading.current_thread().name}
+    assert record.synthetic == 16 and len(synth.pool) == 16

@@ -68,6 +68,19 @@ def test_compare_drops_the_main_mode_and_none():
     ({"progress": "yes"}, "progress must be true or false"),
     ({"batch_size": True}, "batch-size must be an integer"),
     ({"max_train_examples": "10"}, "max-train-examples must be an integer"),
+    ({"generator": "mixup"}, "generator"),
+    ({"substitute_share": 1.5}, "substitute-share"),
+    ({"substitute_share": -0.1}, "substitute-share"),
+    ({"substitute_span": 1.01}, "substitute-span"),
+    ({"substitute_top_k": 0}, "substitute-top-k"),
+    ({"boundary_steps": 0}, "boundary-steps"),
+    ({"boundary_step_size": 0}, "boundary-step-size"),
+    ({"boundary_step_size": -1.0}, "boundary-step-size"),
+    ({"generator": "boundary", "partners": "same-label"}, "anchor alone"),
+    ({"synthetic_share": 1.0}, "synthetic-share"),
+    ({"synthetic_share": -0.5}, "synthetic-share"),
+    ({"synthetic_volume": 0}, "synthetic-volume"),
+    ({"label_batch_size": 0}, "label-batch-size"),
 ])
 def test_impossible_settings_name_the_setting(flags, word):
     with pytest.raises(ConfigError, match=word):
@@ -125,9 +138,34 @@ def test_the_config_offers_the_synthesizer_s_own_choices():
     from sage_fast.train import config as config_module
 
     assert config_module.PARTNERS == synthesis.PARTNERS
+    assert config_module.GENERATORS == synthesis.GENERATORS
     assert config_module.POOL_POLICIES == synthesis.POLICIES
     assert config_module.PROFILE_SIGNALS == synthesis.PROFILE_SIGNALS
     assert set(config_module.MODES) == set(synthesis.MODES) | {"kd"}
+
+
+@pytest.mark.parametrize("share, batch, per_batch", [(0.0, 32, 0), (0.5, 32, 32), (0.2, 32, 8), (0.8, 16, 64),
+                                                     (0.25, 7, 2)])
+def test_synthetic_share_sets_the_synthetic_rows_of_a_step(share, batch, per_batch):
+    config = resolve({"synthetic_share": share, "batch_size": batch, "synthetic_per_batch": 5})
+    assert config.synthetic_per_batch == per_batch
+
+
+def test_synthetic_volume_leaves_the_round_size_to_the_run():
+    """The rows a round makes follow from the run's rows and schedule, so a pool smaller than the
+    flag's round is no contradiction there (the driver raises the pool to one round)."""
+    config = resolve({"synthetic_volume": 4, "synthetic_per_round": 512, "pool_size": 64})
+    assert config.synthetic_volume == 4.0
+
+
+def test_rows_per_round_spreads_the_volume_over_an_epoch_s_rounds():
+    from sage_fast.synthesis.volume import rows_per_round
+
+    assert rows_per_round(4, 1000, 30, 10) == 1334          # 4,000 rows over three rounds
+    assert rows_per_round(0.5, 1000, 30, 30) == 500         # one round an epoch
+    assert rows_per_round(2, 10, 3, 10) == 20               # a round interval past the epoch: one round
+    with pytest.raises(ValueError, match="volume"):
+        rows_per_round(0, 1000, 30, 10)
 
 
 def test_training_arguments_flags_set_our_settings_and_help_says_the_batch_is_global(capsys):

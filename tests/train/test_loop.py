@@ -256,3 +256,29 @@ def test_same_label_partners_give_synthetic_rows_their_gold_label_in_the_loss(ti
     assert given, "the step never asked the synthetic rows for their labels"
     assert any(bool((labels >= 0).any()) for labels, _ in given)
     assert all(set(labels.tolist()) <= {0, 1, ignore} for labels, ignore in given)
+
+
+@pytest.mark.parametrize("generator", ["substitute", "boundary"])
+def test_every_generator_resumes_exactly_with_its_round_in_flight(tiny, tmp_path, generator):
+    """Substitution draws from the round's seed, boundary steps read the student where the round
+    joins the pool: either way a resumed run with a round in flight ends on the same student."""
+    settings = dict(analysis_lag=2, max_steps=10, generator=generator, substitute_span=0.3, boundary_steps=2)
+    warm_up(tiny, tmp_path / "warm-up")
+    straight = loop.run(tiny_config(tiny, tmp_path / "straight", **settings), log=lambda *a: None)
+
+    def ctrl_c_at_step_7(run):  # the round planned after step 6 joins after step 8
+        if run.global_step == 7:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        loop.run(tiny_config(tiny, tmp_path / "resumed", **settings), log=lambda *a: None,
+                 callbacks=[ctrl_c_at_step_7])
+    assert checkpoint.load(tmp_path / "resumed" / "sage")["round_in_flight"]["due_step"] == 8
+    resumed = loop.run(tiny_config(tiny, tmp_path / "resumed", **settings), resume=True, log=lambda *a: None)
+    assert resumed["modes"][0]["accuracy"] == straight["modes"][0]["accuracy"]
+    a, _ = final_state(tmp_path / "straight")
+    b, _ = final_state(tmp_path / "resumed")
+    assert a["synthesizer"]["rounds"] == 1 and a["synthesizer"]["pool"]["size"] == 16
+    for name, tensor in a["student"].items():
+        assert torch.equal(tensor, b["student"][name]), name
+    assert torch.equal(a["synthesizer"]["pool"]["vectors"], b["synthesizer"]["pool"]["vectors"])

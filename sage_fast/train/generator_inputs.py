@@ -1,0 +1,43 @@
+"""What the driver hands the synthesis generators (``sage_fast.synthesis.GeneratorInputs``): the
+training rows' tokens, the teacher's embedding table and which of its tokens a substitution may
+use, the student's logits on vectors for boundary steps, and the tokenizer's text for the rows a
+round shows."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..synthesis import GeneratorInputs
+from ..synthesis.generators import replaceable_tokens
+from .models import VectorInterface
+
+
+def generator_inputs(interface: VectorInterface, tokenizer, train: dict, autocast: Callable[[], object], *,
+                     batch_size: int, temperature: float) -> GeneratorInputs:
+    """``train``: the encoded training split (``input_ids``, ``attention_mask``, indexed by example
+    id); ``autocast()``: a new autocast context for a student pass (the driver's, on CUDA)."""
+    table = interface.teacher_embeddings.weight.detach()
+    device = table.device
+
+    def tokens_of(ids: torch.Tensor):
+        rows = ids.cpu()  # example ids are positions in the encoded training split
+        return train["input_ids"][rows].to(device), train["attention_mask"][rows].to(device)
+
+    def student_logits(vectors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # Eval mode: no dropout, so a boundary round draws nothing from training's random streams.
+        training = interface.training
+        interface.eval()
+        try:
+            with autocast():
+                return interface.student_forward(vectors, mask).logits.float()
+        finally:
+            interface.train(training)
+
+    def decode(ids: torch.Tensor) -> str:
+        return tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+
+    return GeneratorInputs(tokens_of=tokens_of, embedding_table=table,
+                           replaceable=replaceable_tokens(tokenizer, table.shape[0]).to(device),
+                           student_logits=student_logits, decode=decode, batch_size=batch_size,
+                           temperature=temperature)
