@@ -101,12 +101,7 @@ class _FusedLinearKDLossFunction(torch.autograd.Function):
             del s, t
             losses.append(loss.detach())
             per_row.append(rows)
-            if grad_h is not None:
-                torch.mm(g, student_weight, out=grad_h[start:stop])
-            if grad_w is not None:
-                grad_w.addmm_(g.t(), h)
-            if grad_b is not None:
-                grad_b.add_(g.sum(dim=0))
+            _accumulate(g, h, student_weight, slice(start, stop), grad_h, grad_w, grad_b)
             del g
         per_row = torch.cat(per_row)
         ctx.mark_non_differentiable(per_row)
@@ -137,6 +132,17 @@ class _FusedLinearKDLossFunction(torch.autograd.Function):
         else:
             grads = tuple(_scaled(g, grad_loss) for g in ctx.saved_tensors)
         return (*grads, None, None, None, None, None, None, None, None)
+
+
+def _accumulate(g, h, weight, rows, grad_h, grad_w, grad_b):
+    """One chunk's share of the gradients, from ``g``, the loss's gradient for its logits: its rows of
+    ``grad_h`` (g W), and its sums into ``grad_w`` (g^T h) and ``grad_b``; a ``None`` is not wanted."""
+    if grad_h is not None:
+        torch.mm(g, weight, out=grad_h[rows])
+    if grad_w is not None:
+        grad_w.addmm_(g.t(), h)
+    if grad_b is not None:
+        grad_b.add_(g.sum(dim=0))
 
 
 def _scaled(grad, factor):
@@ -172,12 +178,7 @@ def _recompute_none(ctx, grad_rows):
         with torch.enable_grad():
             rows, _ = _chunk_loss(s, t, y, ctx.kd_kwargs, "none")
             (g,) = torch.autograd.grad(rows, s, grad_outputs=grad_rows[start:stop].to(rows.dtype))
-        if grad_h is not None:
-            torch.mm(g, student_weight, out=grad_h[start:stop])
-        if grad_w is not None:
-            grad_w.addmm_(g.t(), h)
-        if grad_b is not None:
-            grad_b.add_(g.sum(dim=0))
+        _accumulate(g, h, student_weight, slice(start, stop), grad_h, grad_w, grad_b)
     return grad_h, grad_w, grad_b
 
 

@@ -7,6 +7,8 @@ import torch
 from sage_fast import use_backend
 from sage_fast.ops.kd_loss import kd_loss, kd_loss_reference
 
+from kd_loss_support import poison_outputs, reference, run  # noqa: E402
+
 # the module, not the function that sage_fast.ops re-exports under the same name
 kd_module = importlib.import_module("sage_fast.ops.kd_loss")
 _next_pow2 = kd_module._next_pow2
@@ -25,22 +27,6 @@ def make_inputs(n, c, *, dtype=torch.float32, scale=3.0, ignored=(), labels=True
         for row in ignored:
             y[row] = -100
     return student, teacher, y
-
-
-def run(backend, student, teacher, labels, **kw):
-    """(per-row losses, d(sum of losses)/d student) from kd_loss on ``backend``."""
-    s = student.detach().clone().requires_grad_(True)
-    with use_backend(backend):
-        loss = kd_loss(s, teacher, labels, reduction="none", **kw)
-    (grad,) = torch.autograd.grad(loss.sum(), s)
-    return loss.detach(), grad
-
-
-def reference(student, teacher, labels, **kw):
-    s = student.detach().double().requires_grad_(True)
-    loss = kd_loss_reference(s, teacher.double(), labels, reduction="none", **kw)
-    (grad,) = torch.autograd.grad(loss.sum(), s)
-    return loss.detach(), grad
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -200,20 +186,6 @@ def test_gradcheck(backend, reduction):
             return kd_loss(s, teacher, labels, temperature=1.7, alpha=0.4, reduction=reduction)
 
     assert torch.autograd.gradcheck(loss, (student,))
-
-
-def poison_outputs(monkeypatch):
-    """Outputs filled with NaN before the op writes them, so that an element it leaves unwritten shows."""
-    empty_outputs = kd_module._empty_outputs
-
-    def poisoned(*args, **kwargs):
-        per_row, grad = empty_outputs(*args, **kwargs)
-        per_row.fill_(float("nan"))
-        if grad is not None:
-            grad.fill_(float("nan"))
-        return per_row, grad
-
-    monkeypatch.setattr(kd_module, "_empty_outputs", poisoned)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -11,6 +11,8 @@ import torch
 from sage_fast import use_backend
 from sage_fast.ops.kd_loss import kd_loss, kd_loss_reference
 
+from kd_loss_support import poison_outputs, reference, run  # noqa: E402
+
 kd_module = importlib.import_module("sage_fast.ops.kd_loss")
 
 BACKENDS = ("triton", "torch")
@@ -32,22 +34,6 @@ def make_inputs(shape, *, dtype=torch.float64, scale=3.0, ignored=(), soft=(), l
     flat[list(ignored)] = -100
     flat[list(soft)] = -1
     return student, teacher, y
-
-
-def run(backend, student, teacher, labels, **kw):
-    """(per-row losses, d(sum of losses)/d student) from kd_loss on ``backend``."""
-    s = student.detach().clone().requires_grad_(True)
-    with use_backend(backend):
-        loss = kd_loss(s, teacher, labels, reduction="none", **kw)
-    (grad,) = torch.autograd.grad(loss.sum(), s)
-    return loss.detach(), grad
-
-
-def reference(student, teacher, labels, **kw):
-    s = student.detach().double().requires_grad_(True)
-    loss = kd_loss_reference(s, teacher.double(), labels, reduction="none", **kw)
-    (grad,) = torch.autograd.grad(loss.sum(), s)
-    return loss.detach(), grad
 
 
 def assert_matches_reference(backend, student, teacher, labels, kw, *, loss_tol=(1e-10, 1e-12),
@@ -236,16 +222,7 @@ def test_scale_by_t2(backend, seed):
 @pytest.mark.parametrize("divergence, beta", DIVERGENCES, ids=DIVERGENCE_IDS)
 def test_poisoned_outputs_are_all_written(backend, divergence, beta, monkeypatch):
     # outputs filled with NaN before the op writes them; several programs, the last one partial
-    empty_outputs = kd_module._empty_outputs
-
-    def poisoned(*args, **kwargs):
-        per_row, grad = empty_outputs(*args, **kwargs)
-        per_row.fill_(float("nan"))
-        if grad is not None:
-            grad.fill_(float("nan"))
-        return per_row, grad
-
-    monkeypatch.setattr(kd_module, "_empty_outputs", poisoned)
+    poison_outputs(monkeypatch)
     monkeypatch.setattr(kd_module, "_TILE_ELEMS_INTERPRETER", 64)
     torch.manual_seed(0)
     for shape in [(11, 3), (5, 40)]:
