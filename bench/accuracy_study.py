@@ -43,6 +43,8 @@ REPORT = REPO / "docs" / "results.md"
 TABLE_START, TABLE_END = "<!-- study table: written by bench/accuracy_study.py -->", "<!-- end of study table -->"
 MODES = ("kd", "random", "sage")
 SEEDS = (0, 1, 2)
+# the teachers' fine-tuning rate, fixed when the study began (their cache keys hold it)
+STUDY_TEACHER_LR = 1e-4
 SEEDS5 = (0, 1, 2, 3, 4)
 
 
@@ -307,7 +309,8 @@ def teacher_folder(pair: Pair, log) -> str:
     data = load_task(s["task"], max_train_examples=s["max_train_examples"] or None,
                      max_eval_examples=s["max_eval_examples"] or None, seed=0)
     folder = fine_tune_teacher(pair.teacher_base, data, log=log, progress=False,
-                               settings=TeacherSettings(epochs=pair.teacher_epochs, max_length=s["max_length"]))
+                               settings=TeacherSettings(epochs=pair.teacher_epochs, lr=STUDY_TEACHER_LR,
+                                                        max_length=s["max_length"]))
     return str(folder)
 
 

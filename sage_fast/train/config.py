@@ -48,6 +48,11 @@ def _opt(default, help: str, **extra):
     return field(default=default, metadata={"help": help, **extra})
 
 
+# One set of defaults for fine-tuning a teacher, whether `sage-fast teacher` makes it or `distill` does.
+TEACHER_EPOCHS = 2.0
+TEACHER_LR = 2e-4
+
+
 @dataclass
 class DistillConfig:
     # --- models ---
@@ -55,8 +60,8 @@ class DistillConfig:
                                "MiniLM-L6 fine-tuned on the task (cached after the first run)")
     student: str = _opt("from-teacher:3", "student: a hub id, a local folder, a config.json, or 'from-teacher:K' "
                         "(every K-th teacher layer, weights copied from the teacher)")
-    teacher_epochs: float = _opt(2.0, "epochs of fine-tuning when the teacher is made here (--teacher unset)")
-    teacher_lr: float = _opt(2e-4, "learning rate of that fine-tuning")
+    teacher_epochs: float = _opt(TEACHER_EPOCHS, "epochs of fine-tuning when the teacher is made here (--teacher unset)")
+    teacher_lr: float = _opt(TEACHER_LR, "learning rate of that fine-tuning")
     # --- data ---
     task: str = _opt("rotten_tomatoes", "built-in task; ignored when --train-file is given", choices=TASKS)
     train_file: str | None = _opt(None, "training rows: a .csv, .tsv or .jsonl file, optionally .gz/.bz2 "

@@ -27,7 +27,7 @@ from .._checks import in_range, integer
 from ..devices import resolve_device
 from . import ModelError
 from .checkpoint import CACHE_STALE_SECONDS, publish_folder, remove_stale_staging, staging_prefix
-from .config import check_folder
+from .config import TEACHER_EPOCHS, TEACHER_LR, check_folder
 from .data import Split, TaskData, encode
 
 METRICS_FILE = "sage_fast_teacher.json"
@@ -35,9 +35,9 @@ METRICS_FILE = "sage_fast_teacher.json"
 
 @dataclass(frozen=True)
 class TeacherSettings:
-    epochs: float = 1.0
+    epochs: float = TEACHER_EPOCHS
     batch_size: int = 32
-    lr: float = 1e-4
+    lr: float = TEACHER_LR
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_length: int = 48

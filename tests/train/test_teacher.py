@@ -142,3 +142,19 @@ def test_real_minilm_teacher_end_to_end(tmp_path):
         by_ids = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         by_vectors = interface.teacher_forward(interface.embed(batch["input_ids"]), batch["attention_mask"]).logits
     torch.testing.assert_close(by_vectors, by_ids, atol=1e-5, rtol=0)
+
+
+def test_the_teacher_command_and_distill_share_one_set_of_defaults():
+    import argparse
+
+    from sage_fast.commands import teacher as teacher_command
+    from sage_fast.train.config import DistillConfig
+
+    parser = argparse.ArgumentParser()
+    teacher_command.add_arguments(parser)
+    command = parser.parse_args([])
+    settings, config = TeacherSettings(), DistillConfig()
+    assert command.epochs == settings.epochs == config.teacher_epochs
+    assert command.lr == settings.lr == config.teacher_lr
+    assert (command.batch_size, command.weight_decay, command.warmup_ratio) == \
+        (settings.batch_size, settings.weight_decay, settings.warmup_ratio)
