@@ -10,6 +10,7 @@ import datetime
 import torch
 
 from ..distributed import PeerLost, World
+from ..nn.positions import padding_offset, position_ids
 
 
 def wait_at_most(world: World, seconds: float) -> None:
@@ -67,10 +68,9 @@ def vector_inputs(model, vectors, mask, token_type_ids=None) -> dict:
     """Keyword arguments that feed ``model`` vectors instead of token ids. Models that number
     positions from the padding (RoBERTa, MPNet) get the position ids ``input_ids`` would give."""
     inputs = {"inputs_embeds": vectors, "attention_mask": mask}
-    embeddings = getattr(getattr(model, "base_model", model), "embeddings", None)
-    if embeddings is not None and hasattr(embeddings, "create_position_ids_from_inputs_embeds"):
-        valid = mask.long()
-        inputs["position_ids"] = torch.cumsum(valid, dim=1) * valid + embeddings.padding_idx
+    offset = padding_offset(model)
+    if offset is not None:
+        inputs["position_ids"] = position_ids(mask, offset)
     if token_type_ids is not None:
         inputs["token_type_ids"] = token_type_ids
     return inputs

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..nn.positions import padding_offset, position_ids
 from . import ModelError, require_transformers
 
 try:
@@ -321,14 +322,6 @@ def student_from_pretrained(name_or_path: str, num_labels: int):
     return load_classifier(name_or_path, num_labels)
 
 
-def _position_offset(model) -> int | None:
-    """``padding_idx`` for models that number positions from the padding (RoBERTa style), else None."""
-    embeddings = getattr(model.base_model, "embeddings", None)
-    if embeddings is not None and hasattr(embeddings, "create_position_ids_from_inputs_embeds"):
-        return int(embeddings.padding_idx)
-    return None
-
-
 def _takes_token_types(model) -> bool:
     accepts = "token_type_ids" in inspect.signature(model.forward).parameters
     return accepts and getattr(model.config, "type_vocab_size", 0) > 1
@@ -388,8 +381,8 @@ class VectorInterface(nn.Module):
                 self._fit_adapter(teacher_table.weight, student_table.weight)
             elif adapter_init != "random":
                 raise ModelError(f"adapter_init must be 'random' or 'lstsq', got {adapter_init!r}")
-        self._teacher_offset = _position_offset(teacher)
-        self._student_offset = _position_offset(student)
+        self._teacher_offset = padding_offset(teacher)
+        self._student_offset = padding_offset(student)
         self._teacher_token_types = _takes_token_types(teacher)
         self._student_token_types = _takes_token_types(student)
 
@@ -439,8 +432,7 @@ class VectorInterface(nn.Module):
                  output_hidden_states):
         kwargs = {}
         if offset is not None:
-            mask = attention_mask.long()
-            kwargs["position_ids"] = torch.cumsum(mask, dim=1) * mask + offset
+            kwargs["position_ids"] = position_ids(attention_mask, offset)
         if token_type_ids is not None and takes_token_types:
             kwargs["token_type_ids"] = token_type_ids
         return model(inputs_embeds=inputs_embeds, attention_mask=_full_mask(model, inputs_embeds, attention_mask),

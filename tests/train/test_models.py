@@ -286,3 +286,18 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
     # A head of another size is made afresh, as it should be.
     tiny("bert", hidden=32).save_pretrained(tmp_path)
     assert load_classifier(str(tmp_path), 5).config.num_labels == 5
+
+
+@pytest.mark.parametrize("kind", ["bert", "distilbert", "roberta", "mpnet"])
+def test_the_trainers_vector_inputs_give_what_token_ids_give(kind):
+    # the Trainer integration feeds its models through vector_inputs, with the same position ids
+    from sage_fast.integrations.processes import vector_inputs
+
+    model = tiny(kind)
+    ids, mask = padded_batch(model.config.pad_token_id or 0)
+    with torch.no_grad():
+        by_ids = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[0]
+        inputs = vector_inputs(model, model.get_input_embeddings()(ids), mask)
+        by_vectors = model(**inputs, output_hidden_states=True).hidden_states[0]
+    # every position, pads included: a RoBERTa-style model numbers pads apart from the tokens
+    torch.testing.assert_close(by_vectors, by_ids, atol=1e-6, rtol=0)
