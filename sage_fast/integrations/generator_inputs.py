@@ -10,6 +10,7 @@ import torch
 
 from ..synthesis import GeneratorInputs
 from ..synthesis.generators import replaceable_tokens
+from ..synthesis.generators.base import eval_mode, token_decoder
 
 # The teacher's config names for the special tokens a substitution leaves alone without a tokenizer.
 _SPECIAL_TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id")
@@ -39,12 +40,8 @@ def dataset_tokens(dataset, ids: torch.Tensor, id_column: str, pad_token_id: int
 def eval_logits(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
     """``model``'s float32 logits on ``inputs``, with gradients to them (boundary steps), in eval
     mode: no dropout, so no random number is drawn from training's streams."""
-    training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return model(**inputs).logits.float()
-    finally:
-        model.train(training)
 
 
 def trainer_generator_inputs(teacher: torch.nn.Module, tokenizer, *, tokens_of: Callable,
@@ -54,10 +51,7 @@ def trainer_generator_inputs(teacher: torch.nn.Module, tokenizer, *, tokens_of: 
     the teacher's config names, and nothing is decoded."""
     table = teacher.get_input_embeddings().weight.detach()
     if tokenizer is not None and hasattr(tokenizer, "get_vocab"):
-        replaceable = replaceable_tokens(tokenizer, table.shape[0])
-
-        def decode(ids: torch.Tensor) -> str:
-            return tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+        replaceable, decode = replaceable_tokens(tokenizer, table.shape[0]), token_decoder(tokenizer)
     else:
         replaceable, decode = torch.ones(table.shape[0], dtype=torch.bool), None
         for name in _SPECIAL_TOKEN_IDS:

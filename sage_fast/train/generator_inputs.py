@@ -10,6 +10,7 @@ import torch
 
 from ..synthesis import GeneratorInputs
 from ..synthesis.generators import replaceable_tokens
+from ..synthesis.generators.base import eval_mode, token_decoder
 from .models import VectorInterface
 
 
@@ -25,19 +26,10 @@ def generator_inputs(interface: VectorInterface, tokenizer, train: dict, autocas
         return train["input_ids"][rows].to(device), train["attention_mask"][rows].to(device)
 
     def student_logits(vectors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        # Eval mode: no dropout, so a boundary round draws nothing from training's random streams.
-        training = interface.training
-        interface.eval()
-        try:
-            with autocast():
-                return interface.student_forward(vectors, mask).logits.float()
-        finally:
-            interface.train(training)
-
-    def decode(ids: torch.Tensor) -> str:
-        return tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+        with eval_mode(interface), autocast():
+            return interface.student_forward(vectors, mask).logits.float()
 
     return GeneratorInputs(tokens_of=tokens_of, embedding_table=table,
                            replaceable=replaceable_tokens(tokenizer, table.shape[0]).to(device),
-                           student_logits=student_logits, decode=decode, batch_size=batch_size,
+                           student_logits=student_logits, decode=token_decoder(tokenizer), batch_size=batch_size,
                            temperature=temperature)

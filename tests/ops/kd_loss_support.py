@@ -2,6 +2,7 @@
 poisoned before the op writes them."""
 import importlib
 
+import pytest
 import torch
 
 from sage_fast import use_backend
@@ -38,3 +39,26 @@ def poison_outputs(monkeypatch):
         return per_row, grad
 
     monkeypatch.setattr(kd_module, "_empty_outputs", poisoned)
+
+
+def assert_refused_before_launch(monkeypatch, name, call):
+    """``call`` raises a ValueError naming ``name`` before either path of the op runs."""
+    def no_launch(*args, **kwargs):
+        raise AssertionError("launched before validating")
+
+    monkeypatch.setattr(kd_module, "_forward_triton", no_launch)
+    monkeypatch.setattr(kd_module, "_forward_torch", no_launch)
+    with pytest.raises(ValueError, match=name):
+        call()
+
+
+def assert_no_host_sync(step):
+    """``step`` a second time makes the host wait for the device nowhere (the first call for a key
+    tunes the kernel, which synchronises)."""
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

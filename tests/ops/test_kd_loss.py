@@ -7,7 +7,8 @@ import torch
 from sage_fast import use_backend
 from sage_fast.ops.kd_loss import kd_loss, kd_loss_reference
 
-from kd_loss_support import poison_outputs, reference, run  # noqa: E402
+from kd_loss_support import (assert_no_host_sync, assert_refused_before_launch, poison_outputs,  # noqa: E402
+                             reference, run)
 
 # the module, not the function that sage_fast.ops re-exports under the same name
 kd_module = importlib.import_module("sage_fast.ops.kd_loss")
@@ -252,15 +253,7 @@ def bad_calls():
 
 @pytest.mark.parametrize("index", range(len(bad_calls())))
 def test_bad_input_raises_naming_the_argument(index, monkeypatch):
-    name, call = bad_calls()[index]
-
-    def no_launch(*args, **kwargs):
-        raise AssertionError("launched before validating")
-
-    monkeypatch.setattr(kd_module, "_forward_triton", no_launch)
-    monkeypatch.setattr(kd_module, "_forward_torch", no_launch)
-    with pytest.raises(ValueError, match=name):
-        call()
+    assert_refused_before_launch(monkeypatch, *bad_calls()[index])
 
 
 @pytest.mark.parametrize("n_classes", [3, 40], ids=["transposed", "rows"])
@@ -402,13 +395,7 @@ def test_no_host_synchronisation_on_cuda(c, reduction, monkeypatch):
         (loss if reduction == "mean" else loss.sum()).backward()
         (3.0 * kd_loss(student, teacher, labels, temperature=2.0, alpha=0.5)).backward()  # incoming gradient 3
 
-    step()  # the first call for a key tunes the kernel, which synchronises
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    assert_no_host_sync(step)
 
 
 # ------------------------------------------------------------------ backward

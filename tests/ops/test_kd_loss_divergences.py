@@ -11,7 +11,8 @@ import torch
 from sage_fast import use_backend
 from sage_fast.ops.kd_loss import kd_loss, kd_loss_reference
 
-from kd_loss_support import poison_outputs, reference, run  # noqa: E402
+from kd_loss_support import (assert_no_host_sync, assert_refused_before_launch, poison_outputs,  # noqa: E402
+                             reference, run)
 
 kd_module = importlib.import_module("sage_fast.ops.kd_loss")
 
@@ -294,15 +295,7 @@ def bad_calls():
 
 @pytest.mark.parametrize("index", range(len(bad_calls())))
 def test_bad_input_raises_naming_the_argument(index, monkeypatch):
-    name, call = bad_calls()[index]
-
-    def no_launch(*args, **kwargs):
-        raise AssertionError("launched before validating")
-
-    monkeypatch.setattr(kd_module, "_forward_triton", no_launch)
-    monkeypatch.setattr(kd_module, "_forward_torch", no_launch)
-    with pytest.raises(ValueError, match=name):
-        call()
+    assert_refused_before_launch(monkeypatch, *bad_calls()[index])
 
 
 # ------------------------------------------------------------------ no host waits
@@ -322,10 +315,4 @@ def test_no_host_synchronisation_on_cuda(divergence, vocab, monkeypatch):
         kd_loss(student, teacher, labels, num_items_in_batch=labels.ne(-100).sum(), **kw).backward()
         kd_loss(student, teacher, labels, num_items_in_batch=torch.tensor(100, device="cpu"), **kw).backward()
 
-    step()  # the first call for a key tunes the kernel, which synchronises
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    assert_no_host_sync(step)

@@ -10,6 +10,7 @@ any thread and after a resume.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -104,3 +105,24 @@ def unique_rows(anchor_ids: torch.Tensor, partner_ids: torch.Tensor | None = Non
     ids = anchor_ids if partner_ids is None else torch.cat([anchor_ids, partner_ids])
     rows, position = torch.unique(ids, return_inverse=True)
     return rows, position[:m], (None if partner_ids is None else position[m:])
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module):
+    """``module`` in eval mode for the block, then back as it was: a generator's pass through the
+    student (boundary steps) uses no dropout, so it draws nothing from training's random streams."""
+    training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(training)
+
+
+def token_decoder(tokenizer) -> Callable[[torch.Tensor], str]:
+    """A row's token ids as the tokenizer's text, special tokens left out (the rows a round shows)."""
+
+    def decode(ids: torch.Tensor) -> str:
+        return tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+
+    return decode
