@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import weakref
 from collections.abc import Callable
@@ -51,6 +50,7 @@ from ..synthesis import (Batch, GeneratorInputs, RoundRecord, SAGESynthesizer, S
                          SynthesisSession, label_in_chunks, mix)
 from .generator_inputs import dataset_tokens, eval_logits, trainer_generator_inputs
 from .processes import average_gradients, peer_lost, share_from_rank_zero, vector_inputs, wait_at_most
+from .scale import check_scale, schedule_epoch, scaled
 
 __all__ = ["STATE_FILE", "SAGEDistillTrainer", "SAGESynthesisCallback"]
 
@@ -96,8 +96,8 @@ class SAGESynthesisCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         session = self.trainer.session
-        if session is not None:  # a run shorter than an epoch: its steps make the epoch
-            session.start(max(1, state.max_steps // max(1, math.ceil(state.num_train_epochs))), state.max_steps)
+        if session is not None:
+            session.start(schedule_epoch(state.max_steps, state.num_train_epochs), state.max_steps)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.trainer.session is not None:
@@ -131,6 +131,10 @@ class SAGEDistillTrainer(Trainer):
             replaced by the trainer's), or a built :class:`SAGESynthesizer` on the trainer's device.
         synthetic_per_batch: synthetic rows added to each optimizer step once the pool has some, over
             every process and accumulation micro-batch (each takes its part).
+        synthetic_share, synthetic_volume, label_batch_size: synthesis at scale, as the driver's flags
+            (:mod:`sage_fast.integrations.scale`): the synthetic share of each step's rows (sets
+            ``synthetic_per_batch``), rows made per epoch as a multiple of the training rows (sets the
+            ``SynthesisConfig``'s round and pool sizes), rows per teacher forward when labelling.
         analysis_every, analysis_lag, profile_signal, refresh_profile: the round schedule and the
             profile, as :class:`sage_fast.synthesis.SessionSettings` (and ``sage-fast distill``): by
             default three rounds an epoch, each made beside training and joining the pool one step
@@ -145,7 +149,9 @@ class SAGEDistillTrainer(Trainer):
     def __init__(self, *args, teacher: torch.nn.Module, loss: SAGELoss | SAGELossConfig | None = None,
                  on_per_example: Callable[[torch.Tensor | None, torch.Tensor], None] | None = None,
                  example_id_column: str = "example_id", synthesis: SynthesisConfig | SAGESynthesizer | None = None,
-                 synthetic_per_batch: int = 16, analysis_every: int | None = None, analysis_lag: int | None = None,
+                 synthetic_per_batch: int = 16, synthetic_share: float | None = None,
+                 synthetic_volume: float | None = None, label_batch_size: int | None = None,
+                 analysis_every: int | None = None, analysis_lag: int | None = None,
                  profile_signal: str = "loss", refresh_profile: bool = False, loss_maps: bool = False, **kwargs):
         if not isinstance(teacher, torch.nn.Module):
             raise ValueError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
@@ -164,6 +170,7 @@ class SAGEDistillTrainer(Trainer):
                              f"{type(synthesis).__name__}")
         settings = SessionSettings(synthetic_per_batch, analysis_every, analysis_lag, profile_signal, refresh_profile,
                                    temperature=loss.config.temperature)
+        scale = check_scale(synthesis, synthetic_share, synthetic_volume, label_batch_size)
         super().__init__(*args, **kwargs)
         # The Trainer's arguments have joined torchrun's process group by now (if there is one).
         self.world = current_world()
@@ -176,6 +183,9 @@ class SAGEDistillTrainer(Trainer):
         self.sage_examples_seen = {"real": 0, "synthetic": 0}
         # The checkpoint folder a resumed run would start from (this run's last, or the one it resumed).
         self._last_checkpoint: Path | None = None
+        self.label_batch_size = scale.label_batch_size or self.args.per_device_eval_batch_size
+        if synthesis is not None:
+            settings, synthesis = scaled(scale, settings, synthesis, self.args, self.train_dataset, self.world.size)
         self.session = None if synthesis is None else self._make_session(self._make_synthesizer(synthesis), settings)
         # The loss is a per-batch mean: have the Trainer scale it for gradient accumulation and not
         # pass num_items_in_batch to the models (the attribute names differ across versions).
@@ -188,9 +198,6 @@ class SAGEDistillTrainer(Trainer):
         device = torch.device(self.args.device)
         if device.type == "cpu":  # the Trainer says cpu:0 under torchrun; there is one CPU device
             device = torch.device("cpu")
-        if self.train_dataset is None or not hasattr(self.train_dataset, "__len__"):
-            raise ValueError("synthesis needs a train_dataset with a length whose rows are found by position "
-                             "(train_dataset[example_id])")
         student_table, teacher_table = self.model.get_input_embeddings(), self.teacher.get_input_embeddings()
         if student_table.weight.shape != teacher_table.weight.shape:
             raise ValueError(
@@ -338,16 +345,14 @@ class SAGEDistillTrainer(Trainer):
             return self.teacher(**vector_inputs(self.teacher, vectors, mask),
                                 output_hidden_states=output_hidden_states, return_dict=True)
 
-        return label_in_chunks(forward, vectors, mask, self.sage_loss.teacher_layers_needed,
-                               self.args.per_device_eval_batch_size)
+        return label_in_chunks(forward, vectors, mask, self.sage_loss.teacher_layers_needed, self.label_batch_size)
 
     def _log_round(self, record: RoundRecord) -> None:
         for line in record.decoded if self.world.is_main else ():  # rows of real tokens, for a person to judge
             logger.info("sage round %d: %s", record.round, line)
-        self.log({"sage_round": record.round, "sage_synthetic": record.synthetic, "sage_pool": record.pool_size,
-                  "sage_threshold": record.threshold, "sage_analysis_seconds": record.analysis_seconds,
-                  "sage_synthesis_seconds": record.synthesis_seconds,
-                  "sage_labelling_seconds": record.labelling_seconds, "sage_wait_seconds": record.wait_seconds})
+        self.log({"sage_pool": record.pool_size, **{f"sage_{name}": getattr(record, name) for name in (
+            "round", "synthetic", "threshold", "analysis_seconds", "synthesis_seconds", "labelling_seconds",
+            "wait_seconds")}})
 
     @torch.no_grad()
     def _profile_batches(self):

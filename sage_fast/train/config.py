@@ -207,9 +207,9 @@ class DistillConfig:
             number("synthetic_volume", 0.0, math.inf, lo_open=True, hi_open=True)
         if self.synthetic_share is not None:
             number("synthetic_share", 0.0, 1.0, hi_open=True)
-            # s synthetic of every (real + synthetic) rows: s / (1 - s) synthetic rows per real one
-            self.synthetic_per_batch = int(math.floor(self.batch_size * self.synthetic_share
-                                                      / (1.0 - self.synthetic_share) + 0.5))
+            from ..synthesis.volume import synthetic_rows_per_step
+
+            self.synthetic_per_batch = synthetic_rows_per_step(self.batch_size, self.synthetic_share)
         if self.profile_decay is not None:
             number("profile_decay", 0.0, 1.0, lo_open=True)
         self._check_combinations()
