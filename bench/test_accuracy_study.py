@@ -174,10 +174,15 @@ def test_the_generators_plan_screens_both_scales_with_controls_and_confirms_only
         assert "max_train_examples" not in full.overrides and full.stage == "explore"
         for exp in (small, full):
             assert exp.modes == ("random", "sage") and exp.kd_from in names
+            kd = names[exp.kd_from]  # KD of the same data and steps, run beside them
+            assert kd.modes == ("kd",) and kd.seeds == study.SEEDS
+            assert {k: v for k, v in exp.overrides.items() if k in ("max_train_examples", "epochs")} == \
+                {k: v for k, v in kd.overrides.items() if k in ("max_train_examples", "epochs")}
             for mode in exp.modes:
                 assert study.run_config(exp, mode, 0, teacher, tmp_path).generator == values["generator"]
         confirm = study.confirmation(values["generator"], setting)
-        assert confirm.stage == "final" and confirm.seeds == study.SEEDS and confirm.kd_from == "all-final"
+        assert confirm.stage == "final" and confirm.seeds == study.SEEDS and confirm.kd_from == "all-kd"
+        assert names["all-kd"].stage == "final"
         for mode in confirm.modes:
             config = study.run_config(confirm, mode, 2, teacher, tmp_path)
             assert config.epochs == 3 and config.max_train_examples == 0 and config.generator == values["generator"]
