@@ -6,10 +6,12 @@ student's device, on the same inputs (same tokenizer). With ``synthesis=Synthesi
 real SAGE: a :class:`sage_fast.synthesis.SynthesisSession`, the one ``sage-fast distill`` drives,
 observes each step's real rows, runs the rounds on the same schedule with the same options
 (``analysis_every``, ``analysis_lag``, ``profile_signal``, ``refresh_profile``) and deals
-``synthetic_per_batch`` pool rows a step to the micro-batches of every process. Synthetic rows exist
-only as vectors in the teacher's word-embedding space, so the student reads the teacher's table: it
-is copied into the student's input embeddings at construction and frozen (the student needs the
-teacher's tokenizer and embedding width; the saved student stays a standard model).
+``synthetic_per_batch`` pool rows a step to the micro-batches of every process. Synthetic rows are
+vectors in the teacher's word-embedding space, so the student reads the teacher's table: it is
+copied into the student's input embeddings at construction and frozen (the student needs the
+teacher's tokenizer and embedding width; the saved student stays a standard model). Rows of the
+``substitute`` generator are real token ids: the student reads them as such and keeps its own
+table, at any width (``sage_fast.integrations.batches``).
 
 Batches need an ``example_id`` column: each row's position in ``train_dataset``, kept even with
 ``remove_unused_columns=True`` and never passed to the models. ``on_per_example(ids, losses)`` is
@@ -46,9 +48,10 @@ from ..assets import cache_root
 from ..distributed import PeerLost, collective_failed, current_world
 from ..nn.sage_loss import SAGELoss, SAGELossConfig
 from ..regions import use_compilation_cache
-from ..synthesis import (Batch, GeneratorInputs, RoundRecord, SAGESynthesizer, SessionSettings, SynthesisConfig,
-                         SynthesisSession, label_in_chunks, mix)
+from ..synthesis import (GeneratorInputs, RoundRecord, SAGESynthesizer, SessionSettings, SynthesisConfig,
+                         SynthesisSession, label_in_chunks)
 from .generator_inputs import dataset_tokens, eval_logits, trainer_generator_inputs
+from .batches import mixed_batch, reads_tokens, student_inputs
 from .processes import average_gradients, peer_lost, share_from_rank_zero, vector_inputs, wait_at_most
 from .scale import check_scale, schedule_epoch, scaled
 
@@ -58,8 +61,6 @@ logger = logging.getLogger(__name__)
 
 #: What the trainer adds to each checkpoint folder.
 STATE_FILE = "sage_fast_state.pt"
-# Keys a batch may hold when synthetic rows are mixed in: the rows are joined through inputs_embeds.
-_MIXABLE_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def _weak(method):
@@ -184,6 +185,7 @@ class SAGEDistillTrainer(Trainer):
         # The checkpoint folder a resumed run would start from (this run's last, or the one it resumed).
         self._last_checkpoint: Path | None = None
         self.label_batch_size = scale.label_batch_size or self.args.per_device_eval_batch_size
+        self.reads_tokens = False  # whether the student reads synthetic rows as token ids (set with synthesis)
         if synthesis is not None:
             settings, synthesis = scaled(scale, settings, synthesis, self.args, self.train_dataset, self.world.size)
         self.session = None if synthesis is None else self._make_session(self._make_synthesizer(synthesis), settings)
@@ -198,16 +200,13 @@ class SAGEDistillTrainer(Trainer):
         device = torch.device(self.args.device)
         if device.type == "cpu":  # the Trainer says cpu:0 under torchrun; there is one CPU device
             device = torch.device("cpu")
-        student_table, teacher_table = self.model.get_input_embeddings(), self.teacher.get_input_embeddings()
-        if student_table.weight.shape != teacher_table.weight.shape:
-            raise ValueError(
-                "synthesis needs a student that reads the teacher's tokens at the teacher's embedding width: the "
-                f"student's input table is {tuple(student_table.weight.shape)}, the teacher's "
-                f"{tuple(teacher_table.weight.shape)} (the sage-fast distill driver learns an adapter for that case)")
-        # One vector space for real and synthetic rows: the student reads the teacher's frozen table.
-        with torch.no_grad():
-            student_table.weight.copy_(teacher_table.weight)
-        student_table.weight.requires_grad_(False)
+        config = synthesis.config if isinstance(synthesis, SAGESynthesizer) else synthesis
+        self.reads_tokens = reads_tokens(config.generator, self.model, self.teacher)
+        if not self.reads_tokens:  # one vector space for real and synthetic rows: the teacher's frozen table
+            student_table, teacher_table = self.model.get_input_embeddings(), self.teacher.get_input_embeddings()
+            with torch.no_grad():
+                student_table.weight.copy_(teacher_table.weight)
+            student_table.weight.requires_grad_(False)
         if isinstance(synthesis, SynthesisConfig):
             synthesis = SAGESynthesizer(dataclasses.replace(synthesis, device=device),
                                         num_examples=len(self.train_dataset),
@@ -380,25 +379,6 @@ class SAGEDistillTrainer(Trainer):
         finally:
             model.train(was_training)
 
-    def _mixed_batch(self, model_inputs: dict, teacher_outputs, labels, synthetic) -> Batch:
-        """Real rows (as the teacher's vectors) and synthetic rows in one batch, padded to one width."""
-        unknown = sorted(set(model_inputs) - set(_MIXABLE_INPUTS))
-        if unknown or "input_ids" not in model_inputs:
-            raise ValueError(f"synthetic rows join a batch through input_ids, attention_mask and token_type_ids; this "
-                             f"batch has {sorted(model_inputs)}")
-        input_ids = model_inputs["input_ids"]
-        real_mask = model_inputs.get("attention_mask")
-        if real_mask is None:
-            real_mask = torch.ones_like(input_ids)
-        with torch.no_grad():
-            real_vectors = self.teacher.get_input_embeddings()(input_ids)
-        hidden = {}
-        if self.sage_loss.config.beta > 0:
-            hidden = {k: teacher_outputs["hidden_states"][k] for k in self.sage_loss.teacher_layers_needed}
-        real = Batch(real_vectors, real_mask, teacher_outputs["logits"], hidden, labels,
-                     model_inputs.get("token_type_ids"))
-        return mix(real, synthetic, self.sage_loss.config.ignore_index)
-
     # ------------------------------------------------------------------ the loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         model_inputs = dict(inputs)
@@ -426,10 +406,12 @@ class SAGEDistillTrainer(Trainer):
             student_outputs = model(**model_inputs, output_hidden_states=aligning or observing)
             result = self.sage_loss(student_outputs, teacher_outputs, labels=labels, attention_mask=attention_mask)
         else:
-            batch = self._mixed_batch(model_inputs, teacher_outputs, labels, synthetic)
+            layers = self.sage_loss.teacher_layers_needed if aligning else ()
+            batch = mixed_batch(model_inputs, self.teacher, teacher_outputs, labels, synthetic, layers,
+                                self.sage_loss.config.ignore_index, tokens=self.reads_tokens)
             attention_mask, labels = batch.mask, batch.labels
-            # self.model, not model, is asked how it numbers positions: model may be a wrapper.
-            student_outputs = model(**vector_inputs(self.model, batch.vectors, batch.mask, batch.token_types),
+            # self.model, not model, is asked how it reads rows: model may be a wrapper.
+            student_outputs = model(**student_inputs(self.model, batch, tokens=self.reads_tokens),
                                     output_hidden_states=True)
             result = self.sage_loss(student_outputs, {"logits": batch.logits, "hidden_states": batch.hidden or None},
                                     labels=labels, attention_mask=attention_mask)

@@ -246,7 +246,8 @@ class BackgroundRounds:
 
 
 def _tensors(rows) -> list[torch.Tensor]:
-    return [rows.vectors, rows.mask, rows.logits, *rows.hidden.values()]
+    return [rows.vectors, rows.mask, rows.logits, *rows.hidden.values(),
+            *(t for t in (rows.labels, rows.tokens) if t is not None)]
 
 
 __all__ = ["BackgroundRounds"]

@@ -1,8 +1,10 @@
 """The bounded pool of synthetic examples.
 
-Each synthetic example exists only as input vectors (``[L, d_t]``, the teacher's embedding space) with
+Each synthetic example exists as input vectors (``[L, d_t]``, the teacher's embedding space) with
 a mask, plus what the teacher said about it (logits, and the mapped hidden layers when the loss
-aligns hidden states) and its gold label where it has one (-1 where it has none). The pool holds at
+aligns hidden states) and its gold label where it has one (-1 where it has none). Rows of a
+generator that makes real text also keep their token ids (``[L]``), so a student that does not
+read the teacher's vectors can read them: a pool holds token ids for every row or for none. The pool holds at
 most ``capacity`` of them. When full, ``fifo`` overwrites the oldest; ``reservoir`` keeps a uniform
 sample of everything ever offered (Vitter's algorithm R), so early rounds are not forgotten entirely.
 
@@ -63,6 +65,7 @@ class SyntheticPool:
         self.logits: torch.Tensor | None = None    # [capacity, C]
         self.hidden: dict[int, torch.Tensor] = {}  # teacher layer -> [capacity, L, d_t]
         self.labels: torch.Tensor | None = None    # [capacity] int64 gold label, -1: none
+        self.tokens: torch.Tensor | None = None    # [capacity, L] int64 token ids, when rows are real text
         self.lengths = torch.zeros(capacity, dtype=torch.int64)  # used width of each slot, on the host
         self.size = 0
         self.offered = 0  # examples ever offered, for the reservoir and the FIFO cursor
@@ -70,15 +73,16 @@ class SyntheticPool:
     def __len__(self) -> int:
         return self.size
 
-    def _allocate(self, vectors, masks, logits, hidden) -> None:
+    def _allocate(self, vectors, masks, logits, hidden, tokens=None) -> None:
         cap = self.capacity
+        self.tokens = None if tokens is None else tokens.new_zeros((cap, *tokens.shape[1:]))
         self.vectors = vectors.new_zeros((cap, *vectors.shape[1:]))
         self.masks = masks.new_zeros((cap, *masks.shape[1:]))
         self.logits = logits.new_zeros((cap, *logits.shape[1:]))
         self.hidden = {int(k): v.new_zeros((cap, *v.shape[1:])) for k, v in hidden.items()}
         self.labels = torch.full((cap,), -1, dtype=torch.int64, device=vectors.device)
 
-    def _check(self, vectors, masks, logits, hidden) -> None:
+    def _check(self, vectors, masks, logits, hidden, tokens) -> None:
         for name, value in (("vectors", vectors), ("masks", masks), ("logits", logits)):
             if not isinstance(value, torch.Tensor):
                 raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -91,7 +95,15 @@ class SyntheticPool:
             if value.shape[:2] != vectors.shape[:2]:
                 raise ValueError(f"hidden[{layer}] must have shape [M, L, d_t] with M, L = {tuple(vectors.shape[:2])}, "
                                  f"got {tuple(value.shape)}")
+        if tokens is not None and (not isinstance(tokens, torch.Tensor) or tokens.shape != masks.shape
+                                   or tokens.dtype != torch.int64):
+            raise ValueError(f"tokens must be int64 token ids [M, L] = {list(masks.shape)}, got "
+                             f"{tuple(getattr(tokens, 'shape', ()))} {getattr(tokens, 'dtype', type(tokens).__name__)}")
         if self.vectors is not None:
+            if (tokens is None) != (self.tokens is None):
+                raise ValueError("a pool holds token ids for every row or for none: these rows "
+                                 f"{'have none' if tokens is None else 'have them'}, the pool's "
+                                 f"{'have them' if tokens is None else 'have none'}")
             if vectors.shape[2:] != self.vectors.shape[2:] or logits.shape[1:] != self.logits.shape[1:]:
                 raise ValueError(
                     f"new examples have width {vectors.shape[2]} and {logits.shape[1]} logits, the pool holds width "
@@ -107,17 +119,21 @@ class SyntheticPool:
         """Pad every stored row with masked zeros up to ``length`` tokens."""
         self.vectors, self.masks = pad_tokens(self.vectors, length), pad_tokens(self.masks, length)
         self.hidden = {k: pad_tokens(v, length) for k, v in self.hidden.items()}
+        if self.tokens is not None:
+            self.tokens = pad_tokens(self.tokens, length)
 
     @torch.no_grad()
     def add(self, vectors: torch.Tensor, masks: torch.Tensor, logits: torch.Tensor,
             hidden: Mapping[int, torch.Tensor] | None = None, *, generator: torch.Generator | None = None,
-            lengths: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> None:
+            lengths: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+            tokens: torch.Tensor | None = None) -> None:
         """Offer ``M`` new examples. ``generator`` drives the reservoir's choices (CPU generator).
         ``lengths``: the new rows' ``used_lengths(masks)`` on the host, when the caller has them
         (otherwise they are read from ``masks`` here: on CUDA the host waits for the device once).
-        ``labels``: [M] int64 gold labels, -1 for a row without one (default: none has one)."""
+        ``labels``: [M] int64 gold labels, -1 for a row without one (default: none has one).
+        ``tokens``: [M, L] int64 token ids of rows that are real text (see the module docstring)."""
         hidden = dict(hidden or {})
-        self._check(vectors, masks, logits, hidden)
+        self._check(vectors, masks, logits, hidden, tokens)
         if labels is not None:
             _checks.tensor("labels", labels, ndim=1)
             if labels.shape[0] != vectors.shape[0] or labels.dtype not in (torch.int32, torch.int64):
@@ -129,13 +145,14 @@ class SyntheticPool:
                 raise ValueError(f"lengths must be a host tensor with one value per row ({vectors.shape[0]}), got "
                                  f"shape {tuple(lengths.shape)} on {lengths.device}")
         if self.vectors is None:
-            self._allocate(vectors, masks, logits, hidden)
+            self._allocate(vectors, masks, logits, hidden, tokens)
         length = self.vectors.shape[1]
         if vectors.shape[1] > length:
             self._widen(vectors.shape[1])
         elif vectors.shape[1] < length:
             vectors, masks = pad_tokens(vectors, length), pad_tokens(masks, length)
             hidden = {k: pad_tokens(v, length) for k, v in hidden.items()}
+            tokens = None if tokens is None else pad_tokens(tokens, length)
         slots, rows = [], []
         for i in range(vectors.shape[0]):
             if self.size < self.capacity:
@@ -164,6 +181,8 @@ class SyntheticPool:
             self.hidden[int(layer)][slots_t] = value[rows_t].to(self.hidden[int(layer)])
         self.labels[slots_t] = -1 if labels is None else labels.to(self.labels.device, torch.int64)[
             rows_t.to(self.labels.device)]
+        if tokens is not None:
+            self.tokens[slots_t] = tokens[rows_t.to(tokens.device)].to(self.tokens.device)
 
     def draw(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
         """``min(n, len(self))`` slots drawn without replacement (a CPU index tensor), or None when
@@ -179,10 +198,18 @@ class SyntheticPool:
 
     def take(self, index: torch.Tensor):
         """The rows at ``index`` (a CPU index from ``draw``): (vectors, masks, logits, hidden, labels)."""
-        if self.vectors.is_cuda:  # this runs every step: a pinned, asynchronous copy keeps the host from waiting
-            index = index.pin_memory().to(self.vectors.device, non_blocking=True)
+        index = self._on_device(index)
         return (self.vectors[index], self.masks[index], self.logits[index],
                 {layer: value[index] for layer, value in self.hidden.items()}, self.labels[index])
+
+    def tokens_at(self, index: torch.Tensor) -> torch.Tensor | None:
+        """Token ids of the rows at ``index`` (a CPU index from ``draw``), None when the pool's rows have none."""
+        return None if self.tokens is None else self.tokens[self._on_device(index)]
+
+    def _on_device(self, index: torch.Tensor) -> torch.Tensor:
+        if self.vectors.is_cuda:  # this runs every step: a pinned, asynchronous copy keeps the host from waiting
+            return index.pin_memory().to(self.vectors.device, non_blocking=True)
+        return index
 
     def sample(self, n: int, generator: torch.Generator | None = None):
         """``min(n, len(self))`` examples drawn without replacement: (vectors, masks, logits, hidden, labels),
@@ -196,13 +223,14 @@ class SyntheticPool:
 
         return {"capacity": self.capacity, "policy": self.policy, "size": self.size, "offered": self.offered,
                 "vectors": cut(self.vectors), "masks": cut(self.masks), "logits": cut(self.logits),
-                "hidden": {k: cut(v) for k, v in self.hidden.items()}, "labels": cut(self.labels)}
+                "hidden": {k: cut(v) for k, v in self.hidden.items()}, "labels": cut(self.labels),
+                "tokens": cut(self.tokens)}
 
     def load_state_dict(self, state: dict, device: torch.device | str | None = None) -> None:
         if state["capacity"] != self.capacity or state["policy"] != self.policy:
             raise ValueError(f"the saved pool has capacity {state['capacity']} and policy {state['policy']!r}, "
                              f"this one {self.capacity} and {self.policy!r}")
-        self.vectors = self.masks = self.logits = self.labels = None
+        self.vectors = self.masks = self.logits = self.labels = self.tokens = None
         self.hidden = {}
         self.lengths.zero_()
         self.size = 0
@@ -210,13 +238,16 @@ class SyntheticPool:
             move = (lambda t: t.to(device)) if device is not None else (lambda t: t)
             vectors, masks, logits = move(state["vectors"]), move(state["masks"]), move(state["logits"])
             hidden = {int(k): move(v) for k, v in state["hidden"].items()}
-            self._allocate(vectors, masks, logits, hidden)
+            tokens = None if state.get("tokens") is None else move(state["tokens"])
+            self._allocate(vectors, masks, logits, hidden, tokens)
             n = state["size"]
             self.vectors[:n], self.masks[:n], self.logits[:n] = vectors, masks, logits
             for k, v in hidden.items():
                 self.hidden[k][:n] = v
             if state.get("labels") is not None:  # pools saved before rows had labels have none
                 self.labels[:n] = move(state["labels"])
+            if tokens is not None:
+                self.tokens[:n] = tokens
             self.lengths[:n] = used_lengths(state["masks"]).cpu()  # the saved masks are on the host
             self.size = n
         self.offered = state["offered"]

@@ -263,13 +263,16 @@ class SyntheticRows:
     ``width``: the most tokens any of these rows uses, known on the host (``sample`` sets it), so a
     step can trim padding without reading the mask back from the device. ``labels``: [n] int64 gold
     label of each row, -1 where it has none (every row but those of ``partners='same-label'``);
-    None: none has one."""
+    None: none has one. ``tokens``: [n, L] int64 token ids when the rows are real text (the
+    ``substitute`` generator's), so a student that does not read the teacher's vectors can read
+    them; None otherwise."""
     vectors: torch.Tensor
     mask: torch.Tensor
     logits: torch.Tensor
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     width: int | None = None
     labels: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.vectors.shape[0])
@@ -534,7 +537,8 @@ class SAGESynthesizer:
         # than by the pool on the training thread.
         lengths = used_lengths(out_mask).cpu()
         labels = None if plan.labels is None else plan.labels.to(out.device)
-        return SynthesizedRound(plan=plan, rows=SyntheticRows(out, out_mask, logits, dict(hidden or {}), labels=labels),
+        rows = SyntheticRows(out, out_mask, logits, dict(hidden or {}), labels=labels, tokens=made.tokens)
+        return SynthesizedRound(plan=plan, rows=rows,
                                 lengths=lengths, synthesis_seconds=(generated - started)
                                 + (time.perf_counter() - labelled), labelling_seconds=labelled - generated,
                                 labelled=share, decoded=self._decoded(made, logits, share))
@@ -565,7 +569,7 @@ class SAGESynthesizer:
         started = time.perf_counter()
         rows = self._gather_labels(made)
         self.pool.add(rows.vectors, rows.mask, rows.logits, rows.hidden, generator=self.pool_generator,
-                      lengths=made.lengths, labels=rows.labels)
+                      lengths=made.lengths, labels=rows.labels, tokens=rows.tokens)
         _synchronize(self.device)
         self.rounds = plan.round
         self.analysis_generator.set_state(plan.generator_state)
@@ -588,7 +592,7 @@ class SAGESynthesizer:
         sizes = self.world.share_sizes(m)
         logits = self.world.all_gather_rows(rows.logits.contiguous(), sizes)
         hidden = {k: self.world.all_gather_rows(v.contiguous(), sizes) for k, v in sorted(rows.hidden.items())}
-        return SyntheticRows(rows.vectors, rows.mask, logits, hidden, labels=rows.labels)
+        return SyntheticRows(rows.vectors, rows.mask, logits, hidden, labels=rows.labels, tokens=rows.tokens)
 
     def _check_same_plan(self, plan: SynthesisPlan) -> None:
         """Every rank made its plan itself, from the same profile and seed; a plan that differs
@@ -673,7 +677,8 @@ class SAGESynthesizer:
 
     def _rows(self, index: torch.Tensor) -> SyntheticRows:
         vectors, mask, logits, hidden, labels = self.pool.take(index)
-        return SyntheticRows(vectors, mask, logits, hidden, width=self.pool.width_of(index), labels=labels)
+        return SyntheticRows(vectors, mask, logits, hidden, width=self.pool.width_of(index), labels=labels,
+                             tokens=self.pool.tokens_at(index))
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

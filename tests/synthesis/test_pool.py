@@ -107,3 +107,47 @@ def test_rows_of_other_lengths_are_padded_and_widen_the_pool():
     assert torch.equal(pool.masks[:4].sum(1), torch.tensor([5, 5, 3, 7]))
     assert torch.equal(pool.vectors[0, :5, 0], torch.zeros(5)) and torch.equal(pool.vectors[1, 5:], torch.zeros(2, 3))
     assert torch.equal(pool.vectors[3, :, 0], torch.full((7,), 3.0))
+
+
+def token_batch(start, n, L):
+    vectors, masks, logits, _ = batch(start, n, L=L)
+    masks[:, L - 1] = 0  # each row's last position is padding
+    tokens = (torch.arange(start, start + n).view(n, 1) * 100 + torch.arange(L)) * masks
+    return vectors, masks, logits, tokens
+
+
+def test_token_ids_stay_with_their_rows_through_widening_sampling_and_a_resume():
+    pool = SyntheticPool(6, "reservoir")
+    g = torch.Generator().manual_seed(0)
+    for start, L in ((0, 4), (3, 7), (6, 5)):  # narrower and wider rounds than the pool
+        vectors, masks, logits, tokens = token_batch(start, 3, L)
+        pool.add(vectors, masks, logits, generator=g, tokens=tokens)
+    assert pool.tokens.shape == (6, 7)
+    copy = SyntheticPool(6, "reservoir")
+    copy.load_state_dict(pool.state_dict())
+    for p in (pool, copy):
+        index = p.draw(6, torch.Generator().manual_seed(1))
+        _, masks, logits, _, _ = p.take(index)
+        tokens = p.tokens_at(index)
+        tag = logits[:, 0].long()
+        width = masks.sum(1)
+        expected = (tag.view(-1, 1) * 100 + torch.arange(7)) * (torch.arange(7) < width.view(-1, 1))
+        assert torch.equal(tokens, expected)  # each row's own ids, padded with 0 where masked
+    plain = SyntheticPool(4)
+    plain.add(*batch(0, 2))
+    assert plain.tokens is None and plain.tokens_at(torch.tensor([0])) is None
+
+
+def test_a_pool_holds_token_ids_for_every_row_or_for_none():
+    vectors, masks, logits, tokens = token_batch(0, 2, 4)
+    with_tokens, without = SyntheticPool(4), SyntheticPool(4)
+    with_tokens.add(vectors, masks, logits, tokens=tokens)
+    without.add(vectors, masks, logits)
+    with pytest.raises(ValueError, match="these rows have none, the pool's have them"):
+        with_tokens.add(vectors, masks, logits)
+    with pytest.raises(ValueError, match="these rows have them, the pool's have none"):
+        without.add(vectors, masks, logits, tokens=tokens)
+    with pytest.raises(ValueError, match=r"tokens must be int64 token ids \[M, L\] = \[2, 4\]"):
+        SyntheticPool(4).add(vectors, masks, logits, tokens=tokens.float())
+    with pytest.raises(ValueError, match="tokens must be int64 token ids"):
+        SyntheticPool(4).add(vectors, masks, logits, tokens=tokens[:, :3])
