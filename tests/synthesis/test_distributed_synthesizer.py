@@ -1,6 +1,8 @@
 """SAGESynthesizer under two real processes (torch.distributed, gloo): each rank observes its own
 rows, labels only its share of each round, and still holds the same profile and pool as one process
-that saw every row; each rank's draw is its part of the one-process draw."""
+that saw every row; each rank's draw is its part of the one-process draw. For every generator:
+substituted rows (token ids kept) and boundary steps (read from the student) are made alike on
+every rank."""
 import os
 import socket
 import sys
@@ -14,26 +16,47 @@ import torch.multiprocessing as mp
 pytest.importorskip("umap")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_synthesizer import DIM, N, label, planted, vectors_of  # noqa: E402
+from test_synthesizer import D_T, DIM, N, label, planted, vectors_of  # noqa: E402
 
 from sage_fast.distributed import World  # noqa: E402
-from sage_fast.synthesis import SAGESynthesizer, SynthesisConfig  # noqa: E402
+from sage_fast.synthesis import GeneratorInputs, SAGESynthesizer, SynthesisConfig  # noqa: E402
 
 WORLD = 2
 STEPS = 3  # steps of 20 rows, each dealt out as rows[r::2]
+VOCAB = 30
+GENERATORS = {"interpolate": {}, "substitute": {"substitute_share": 0.5, "substitute_top_k": 3},
+              "boundary": {"boundary_steps": 2, "boundary_step_size": 0.1}}
 
 
 def config(**settings):
     return SynthesisConfig(**{"synthetic_per_round": 15, "pool_size": 40, "n_neighbors": 5, "seed": 3, **settings})
 
 
-def drive(world: World, labelled_rows: list):
+def generator_inputs() -> GeneratorInputs:
+    """Token ids of every row, the table their vectors come from, and a small student on vectors
+    (each process builds the same ones from the same seeds)."""
+    g = torch.Generator().manual_seed(11)
+    table = torch.randn(VOCAB, D_T, generator=g)
+    _, mask = vectors_of(torch.arange(N))
+    tokens = torch.randint(1, VOCAB, mask.shape, generator=g) * mask
+    weight = torch.randn(D_T, 3, generator=g)
+
+    def student_logits(vectors, mask):
+        keep = mask.unsqueeze(-1).to(vectors.dtype)
+        return ((vectors * keep).sum(1) / keep.sum(1)) @ weight
+
+    return GeneratorInputs(tokens_of=lambda ids: (tokens[ids.cpu()], mask[ids.cpu()]), embedding_table=table,
+                           student_logits=student_logits)
+
+
+def drive(world: World, labelled_rows: list, generator: str = "interpolate"):
     """Three steps of observations, one round, then four draws of 7 rows; what a rank ends with."""
     def counting_label(vectors, mask):
         labelled_rows.append(vectors.shape[0])
         return label(vectors, mask)
 
-    synth = SAGESynthesizer(config(), num_examples=N, embedding_dim=DIM, world=world)
+    synth = SAGESynthesizer(config(generator=generator, **GENERATORS[generator]), num_examples=N, embedding_dim=DIM,
+                            world=world, inputs=generator_inputs())
     embeddings, losses = planted()
     for step in range(STEPS):
         rows = torch.arange(step * 20, (step + 1) * 20)
@@ -45,14 +68,15 @@ def drive(world: World, labelled_rows: list):
     return synth, record, draws
 
 
-def _rank_main(rank: int, port: int, out: str):
+def _rank_main(rank: int, port: int, out: str, generator: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         labelled = []
-        synth, record, draws = drive(World(rank=rank, size=WORLD), labelled)
+        synth, record, draws = drive(World(rank=rank, size=WORLD), labelled, generator)
         torch.save({"state": synth.state_dict(), "threshold": record.threshold, "labelled": labelled,
-                    "draws": [(d.vectors, d.logits, d.hidden[2]) for d in draws]}, Path(out) / f"rank{rank}.pt")
+                    "draws": [(d.vectors, d.logits, d.hidden[2], d.tokens) for d in draws]},
+                   Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -63,17 +87,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module", params=list(GENERATORS))
+def generator(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+def ranks(tmp_path_factory, generator):
     out = tmp_path_factory.mktemp("ranks")
-    mp.start_processes(_rank_main, args=(_free_port(), str(out)), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(_rank_main, args=(_free_port(), str(out), generator), nprocs=WORLD, start_method="spawn")
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
 @pytest.fixture(scope="module")
-def one_process():
+def one_process(generator):
     labelled = []
-    synth, record, draws = drive(World(), labelled)
+    synth, record, draws = drive(World(), labelled, generator)
     return synth, record, draws, labelled
 
 
@@ -86,31 +115,38 @@ def _same_state(a: dict, b: dict):
     for key, value in a["pool"].items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(value, b["pool"][key]), key
+        else:
+            assert (value is None) == (b["pool"][key] is None), key
     assert torch.equal(a["pool_generator"], b["pool_generator"])
     assert torch.equal(a["analysis_generator"], b["analysis_generator"])
 
 
-def test_every_rank_holds_the_one_process_profile_and_pool(ranks, one_process):
+def test_every_rank_holds_the_one_process_profile_and_pool(ranks, one_process, generator):
     synth, record, _, _ = one_process
     reference = synth.state_dict()
+    assert (reference["pool"]["tokens"] is not None) == (generator == "substitute")
     assert reference["profile"]["count"].sum() == STEPS * 20  # every row observed once, whichever rank had it
     for rank in ranks:
         _same_state(rank["state"], reference)
         assert rank["threshold"] == record.threshold
 
 
-def test_each_rank_labels_only_its_share(ranks, one_process):
+def test_each_rank_labels_only_its_share(ranks, one_process, generator):
     *_, labelled = one_process
-    assert labelled == [15]
-    assert [r["labelled"] for r in ranks] == [[8], [7]]  # 15 rows, the first rank takes the odd one
+    # Boundary steps read the teacher at every row's current point, on every rank (each makes every
+    # row, so no rank waits for another's): the rows' final labels are what the ranks share.
+    steps = [15] * GENERATORS[generator].get("boundary_steps", 0)
+    assert labelled == steps + [15]
+    assert [r["labelled"] for r in ranks] == [steps + [8], steps + [7]]  # the first rank takes the odd row
 
 
 def test_each_rank_draws_its_part_of_the_one_process_draw(ranks, one_process):
     _, _, draws, _ = one_process
     for step, whole in enumerate(draws):
         for rank, result in enumerate(ranks):
-            vectors, logits, hidden = result["draws"][step]
+            vectors, logits, hidden, tokens = result["draws"][step]
             assert torch.equal(vectors, whole.vectors[rank::WORLD])
+            assert (tokens is None and whole.tokens is None) or torch.equal(tokens, whole.tokens[rank::WORLD])
             assert torch.equal(logits, whole.logits[rank::WORLD])
             assert torch.equal(hidden, whole.hidden[2][rank::WORLD])
         assert sum(r["draws"][step][0].shape[0] for r in ranks) == 7
