@@ -342,7 +342,9 @@ def run_one(exp: Experiment, mode: str, seed: int, teacher: str, out: Path, log)
     run_dir, driver_mode = Path(config.output_dir), config.mode
     resume = (run_dir / driver_mode / CHECKPOINT_NAME).exists()
     started = time.perf_counter()
-    summary = run(config, resume=resume, log=lambda msg: None)
+    # A folder without a checkpoint holds this same run, cut off before its first checkpoint (the
+    # ledger has no line for it): it starts over there.
+    summary = run(config, resume=resume, overwrite=not resume, log=lambda msg: None)
     wall = time.perf_counter() - started
     row = summary["modes"][0]
     metrics = [json.loads(x) for x in (run_dir / driver_mode / "metrics.jsonl").read_text().splitlines() if x.strip()]

@@ -192,3 +192,27 @@ def test_the_generators_plan_screens_both_scales_with_controls_and_confirms_only
     claim, again = names["n2k-1epoch"], names["n2k-1epoch-5seeds"]
     assert again.overrides == claim.overrides and again.modes == claim.modes and len(again.seeds) == 5
     assert any(cell[3] == "n2k-1epoch-5seeds" for cell in study.TEST_CELLS)
+
+
+def test_a_run_cut_off_before_its_first_checkpoint_starts_over_and_a_later_one_resumes(monkeypatch, tmp_path):
+    from sage_fast.train import loop
+    from sage_fast.train.checkpoint import CHECKPOINT_NAME
+
+    exp = next(e for e in study.PLAN if e.name == "n2k-kd")
+    calls = []
+
+    def run(config, *, resume, overwrite, log):
+        calls.append((resume, overwrite))
+        folder = tmp_path / "runs" / exp.name / "kd-seed0" / "kd"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "step": 1, "epoch": 0, "accuracy": 0.7}))
+        return {"modes": [{"validation_accuracy": 0.7}]}
+
+    monkeypatch.setattr(loop, "run", run)
+    run_dir = tmp_path / "runs" / exp.name / "kd-seed0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text("{}")  # what a run writes before its first checkpoint
+    study.run_one(exp, "kd", 0, str(tmp_path), tmp_path, log=lambda m: None)
+    (run_dir / "kd" / CHECKPOINT_NAME).write_text("")
+    study.run_one(exp, "kd", 0, str(tmp_path), tmp_path, log=lambda m: None)
+    assert calls == [(False, True), (True, False)]
