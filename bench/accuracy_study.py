@@ -368,9 +368,9 @@ def run_one(exp: Experiment, mode: str, seed: int, teacher: str, out: Path, log)
 
 
 def run_plan(plan: list[Experiment], out: Path, ledger: Path, stage: str | None, only: str | None, log,
-             seed: int | None = None) -> None:
+             seed: int | None = None, mode: str | None = None) -> None:
     todo = [(e, m, s) for e in plan if (stage is None or e.stage == stage) and (only is None or e.name == only)
-            for s in e.seeds for m in e.modes if seed is None or s == seed]
+            for s in e.seeds for m in e.modes if (seed is None or s == seed) and (mode is None or m == mode)]
     done = done_keys(read_ledger(ledger))
     todo = [(e, m, s) for e, m, s in todo if (e.name, m, s) not in done]
     todo.sort(key=lambda run: run[2])  # every experiment's first seed before any second seed: a screen first
@@ -562,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only this stage (default: every stage, then the report); 'test' reads the "
                              "test split of every pair and data size once, when no decision is left to make")
     parser.add_argument("--only", metavar="EXPERIMENT", default=None, help="run only this experiment")
+    parser.add_argument("--mode", choices=MODES, default=None,
+                        help="run only this mode (with --seed, several processes can share one experiment)")
     parser.add_argument("--seed", type=int, default=None,
                         help="run only this seed (several processes can share the plan, one seed each)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="run folders (default: runs/accuracy_study)")
@@ -590,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
         write_table(args.report, table, log, markers=(TEST_START, TEST_END))
         return 0
     if args.stage != "report":
-        run_plan(PLAN, args.out, args.ledger, args.stage, args.only, log, seed=args.seed)
+        run_plan(PLAN, args.out, args.ledger, args.stage, args.only, log, seed=args.seed, mode=args.mode)
     table = report(PLAN, args.ledger)
     png = plot_curves(PLAN, args.ledger, args.ledger.parent / "accuracy_vs_steps.png")
     log(table)

@@ -61,6 +61,8 @@ def test_seed_selects_one_seed_so_processes_can_share_a_plan(plan, monkeypatch, 
     _fake_runs(monkeypatch, calls)
     study.run_plan(plan, tmp_path, tmp_path / "l.jsonl", None, "base", log=lambda m: None, seed=1)
     assert calls == [("base", "kd", 1), ("base", "random", 1), ("base", "sage", 1)]
+    study.run_plan(plan, tmp_path, tmp_path / "l.jsonl", None, "base", log=lambda m: None, seed=0, mode="sage")
+    assert calls[3:] == [("base", "sage", 0)]
 
 
 def test_report_uses_validation_in_exploration_and_test_in_final(plan, monkeypatch, tmp_path):
