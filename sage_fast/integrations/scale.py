@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 
 from .. import _checks
-from ..synthesis import RoundSchedule, SAGESynthesizer, SessionSettings, SynthesisConfig
+from ..synthesis import RoundSchedule, SAGESynthesizer, SessionSettings
 from ..synthesis.volume import rows_per_round, synthetic_rows_per_step
 
 
@@ -57,7 +57,7 @@ def scaled(scale: Scale, settings: SessionSettings, synthesis, args, dataset, pr
     if scale.share is not None:  # of the global batch: every process and accumulation micro-batch
         batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * processes
         settings = dataclasses.replace(settings, synthetic_per_batch=synthetic_rows_per_step(batch, scale.share))
-    if scale.volume is not None and isinstance(synthesis, SynthesisConfig):
+    if scale.volume is not None:  # a SynthesisConfig: check_scale refused a volume with a built synthesizer
         per_epoch, total = trainer_steps(num_rows, args.per_device_train_batch_size, processes,
                                          args.gradient_accumulation_steps, epochs=args.num_train_epochs,
                                          max_steps=args.max_steps, drop_last=args.dataloader_drop_last)
