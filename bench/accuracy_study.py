@@ -8,6 +8,7 @@ One command runs every experiment, resumes where it stopped, and writes the repo
     python bench/accuracy_study.py --stage final       # the chosen settings, 3 seeds, test split once
     python bench/accuracy_study.py --stage report      # tables and plots from what has run
     python bench/accuracy_study.py --stage test        # at the very end: each pair and size on the test split
+    python bench/accuracy_study.py --stage speed --only EXPERIMENT   # KD and SAGE one epoch each, alone: the cost
     python bench/accuracy_study.py --list              # the plan, with what is done
 
 How it stays honest:
@@ -33,7 +34,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -391,6 +392,47 @@ def run_plan(plan: list[Experiment], out: Path, ledger: Path, stage: str | None,
             f"{record['examples_per_second'] or 0:.0f} real ex/s)")
 
 
+# ------------------------------------------------------------------------------------------ speed
+def speed_ledger(ledger: Path) -> Path:
+    return ledger.with_name("speed.jsonl")
+
+
+def measure_speed(exp: Experiment, out: Path, ledger: Path, log, *, epochs: int = 1) -> list[dict]:
+    """The cost target's measurement: KD, then SAGE, with ``exp``'s settings (seed 0, ``epochs``
+    epochs), one after the other, each with every core (the study's runs share the cores, so their
+    speeds are only ratios). Real examples per second come from the driver's training time, with
+    the share of it training spent waiting for rounds beside them. Each run starts over in its own
+    folder; each result is a line of the speed ledger, with the load the machine had when it began,
+    so a measurement taken on a busy machine says so."""
+    import torch
+
+    from sage_fast.train.loop import run
+
+    teacher = teacher_folder(PAIRS[exp.pair], log)
+    timed = replace(exp, overrides={**exp.overrides, "epochs": epochs}, seeds=(0,))
+    records = []
+    for mode in ("kd", "sage"):
+        config = run_config(timed, mode, 0, teacher, out / "speed")
+        load = os.getloadavg()[0]
+        if load > 0.5:
+            log(f"the machine is busy (load {load:.1f} before the {mode} run): this speed is not an idle one")
+        log(f"speed: {exp.name} {mode}, {epochs} epoch(s) ...")
+        row = run(config, resume=False, overwrite=True, log=lambda msg: None)["modes"][0]
+        waiting = (row.get("analysis_share") or 0.0) + (row.get("synthesis_share") or 0.0)
+        record = {"experiment": exp.name, "mode": mode, "epochs": epochs, "steps": row.get("steps"),
+                  "examples_per_second": row.get("examples_per_second"), "train_seconds": row.get("train_seconds"),
+                  "waiting_share": waiting, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                  "load_before": round(load, 2), "date": time.strftime("%Y-%m-%d")}
+        append_ledger(speed_ledger(ledger), record)
+        records.append(record)
+        log(f"    {record['examples_per_second'] or 0:.1f} real ex/s, waiting {waiting:.1%} of training")
+    kd, sage = records
+    if kd["examples_per_second"] and sage["examples_per_second"]:
+        log(f"SAGE / KD real examples per second: {sage['examples_per_second'] / kd['examples_per_second']:.2f} "
+            f"(target at least 0.5); SAGE's training waited {sage['waiting_share']:.1%} (target at most 5%)")
+    return records
+
+
 # ------------------------------------------------------------------------------------------ test read
 def held_out_ledger(ledger: Path) -> Path:
     return ledger.with_name("test_read.jsonl")
@@ -563,9 +605,11 @@ def plot_curves(plan: list[Experiment], ledger: Path, png: Path) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", choices=("explore", "final", "report", "test"), default=None,
+    parser.add_argument("--stage", choices=("explore", "final", "report", "test", "speed"), default=None,
                         help="run only this stage (default: every stage, then the report); 'test' reads the "
-                             "test split of every pair and data size once, when no decision is left to make")
+                             "test split of every pair and data size once, when no decision is left to make; "
+                             "'speed' times KD and SAGE of the --only experiment one epoch each, alone on the "
+                             "machine (written to docs/results/speed.jsonl)")
     parser.add_argument("--only", metavar="EXPERIMENT", default=None, help="run only this experiment")
     parser.add_argument("--mode", choices=MODES, default=None,
                         help="run only this mode (with --seed, several processes can share one experiment)")
@@ -590,6 +634,11 @@ def main(argv: list[str] | None = None) -> int:
         for e in PLAN:
             n = sum((e.name, m, s) in done for m in e.modes for s in e.seeds)
             log(f"{e.stage:8s} {e.name:28s} {n}/{len(e.modes) * len(e.seeds)} done  {e.question}")
+        return 0
+    if args.stage == "speed":
+        if args.only is None:
+            parser.error("--stage speed times one experiment: name it with --only")
+        measure_speed(next(e for e in PLAN if e.name == args.only), args.out, args.ledger, log)
         return 0
     if args.stage == "test":
         table = held_out_table(PLAN, read_held_out(PLAN, args.out, args.ledger, log))

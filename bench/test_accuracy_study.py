@@ -218,3 +218,37 @@ def test_a_run_cut_off_before_its_first_checkpoint_starts_over_and_a_later_one_r
     (run_dir / "kd" / CHECKPOINT_NAME).write_text("")
     study.run_one(exp, "kd", 0, str(tmp_path), tmp_path, log=lambda m: None)
     assert calls == [(False, True), (True, False)]
+
+
+def test_the_speed_stage_times_kd_then_sage_one_epoch_each_and_keeps_every_result(monkeypatch, tmp_path, capsys):
+    from sage_fast.train import loop
+
+    configs = []
+
+    def run(config, *, resume, overwrite, log):
+        configs.append(config)
+        assert not resume and overwrite  # a timing starts over in its own folder
+        fast = config.mode == "kd"
+        return {"modes": [{"steps": 320, "train_seconds": 100.0 if fast else 160.0,
+                           "examples_per_second": 102.4 if fast else 64.0,
+                           "analysis_share": 0.0 if fast else 0.02, "synthesis_share": 0.0 if fast else 0.01}]}
+
+    monkeypatch.setattr(loop, "run", run)
+    monkeypatch.setattr(study, "teacher_folder", lambda pair, log: str(tmp_path))
+    ledger = tmp_path / "results" / "accuracy_study.jsonl"
+    assert study.main(["--stage", "speed", "--only", "all-sub15", "--out", str(tmp_path / "runs"),
+                       "--ledger", str(ledger)]) == 0
+    assert [c.mode for c in configs] == ["kd", "sage"]
+    assert all(c.epochs == 1 and c.seed == 0 and c.generator == "substitute" for c in configs)
+    assert all(str(tmp_path / "runs" / "speed") in c.output_dir for c in configs)
+    lines = [json.loads(x) for x in (ledger.parent / "speed.jsonl").read_text().splitlines()]
+    assert [(r["mode"], r["examples_per_second"]) for r in lines] == [("kd", 102.4), ("sage", 64.0)]
+    assert lines[1]["waiting_share"] == pytest.approx(0.03) and "load_before" in lines[1]
+    assert not ledger.exists()  # the study's own ledger is untouched
+    assert "SAGE / KD real examples per second: 0.62" in capsys.readouterr().out
+
+
+def test_the_speed_stage_needs_one_experiment(capsys):
+    with pytest.raises(SystemExit) as raised:
+        study.main(["--stage", "speed"])
+    assert raised.value.code == 2 and "--only" in capsys.readouterr().err
