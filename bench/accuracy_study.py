@@ -259,8 +259,9 @@ CONFIRM: dict[str, str | None] = {"interpolate": None, "substitute": "sub15", "b
 
 def confirmation(generator: str, setting: str) -> Experiment:
     return Experiment(f"all-final-{setting}", f"confirm: {generator}'s best screened setting, "
-                      f"{describe(GENERATOR_SETTINGS[setting])}, all rows, 3 epochs, 3 seeds", "minilm", {**ALL_ROWS, **GENERATOR_SETTINGS[setting]},
-                      modes=("random", "sage"), seeds=SEEDS, stage="final", kd_from="all-kd")
+                      f"{describe(GENERATOR_SETTINGS[setting])}, all rows, 3 epochs, 3 seeds", "minilm",
+                      {**ALL_ROWS, **GENERATOR_SETTINGS[setting]}, modes=("random", "sage"), seeds=SEEDS,
+                      stage="final", kd_from="all-kd")
 
 
 PLAN += [confirmation(generator, setting) for generator, setting in CONFIRM.items() if setting is not None]

@@ -1,6 +1,6 @@
 """What ``SAGEDistillTrainer`` hands the synthesis generators (``sage_fast.synthesis.GeneratorInputs``):
 the training rows' tokens, fetched from the dataset by position; the teacher's embedding table and
-which of its tokens a substitution may use; the student's logits on vectors for boundary steps; and
+which of its tokens a substitution may use; the student and its logits on vectors for boundary steps; and
 the tokenizer's text for the rows a round shows."""
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from ..synthesis import GeneratorInputs
 from ..synthesis.generators import replaceable_tokens
 from ..synthesis.generators.base import eval_mode, token_decoder
+from .processes import vector_inputs
 
 # The teacher's config names for the special tokens a substitution leaves alone without a tokenizer.
 _SPECIAL_TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id")
@@ -37,15 +38,16 @@ def dataset_tokens(dataset, ids: torch.Tensor, id_column: str, pad_token_id: int
     return input_ids.to(device), mask.to(device)
 
 
-def eval_logits(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
-    """``model``'s float32 logits on ``inputs``, with gradients to them (boundary steps), in eval
-    mode: no dropout, so no random number is drawn from training's streams."""
+def student_logits_on_vectors(model: torch.nn.Module, vectors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``model``'s float32 logits on teacher-space ``vectors`` (the generators' ``student_forward``),
+    with gradients to them (boundary steps), in eval mode: no dropout, so no random number is drawn
+    from training's streams. ``model`` is the Trainer's student or a round's frozen copy of it."""
     with eval_mode(model):
-        return model(**inputs).logits.float()
+        return model(**vector_inputs(model, vectors, mask)).logits.float()
 
 
-def trainer_generator_inputs(teacher: torch.nn.Module, tokenizer, *, tokens_of: Callable,
-                             student_logits: Callable, batch_size: int, temperature: float) -> GeneratorInputs:
+def trainer_generator_inputs(teacher: torch.nn.Module, tokenizer, *, tokens_of: Callable, student: torch.nn.Module,
+                             student_forward: Callable, batch_size: int, temperature: float) -> GeneratorInputs:
     """The generators' inputs for a Trainer run. With a tokenizer, a substitution uses its
     non-special tokens and a round's rows are decoded; without one, every token but the special ones
     the teacher's config names, and nothing is decoded."""
@@ -59,5 +61,5 @@ def trainer_generator_inputs(teacher: torch.nn.Module, tokenizer, *, tokens_of: 
             if isinstance(index, int) and 0 <= index < table.shape[0]:
                 replaceable[index] = False
     return GeneratorInputs(tokens_of=tokens_of, embedding_table=table, replaceable=replaceable.to(table.device),
-                           decode=decode, student_logits=student_logits, batch_size=batch_size,
+                           decode=decode, student=student, student_forward=student_forward, batch_size=batch_size,
                            temperature=temperature)

@@ -50,7 +50,7 @@ from ..nn.sage_loss import SAGELoss, SAGELossConfig
 from ..regions import use_compilation_cache
 from ..synthesis import (GeneratorInputs, RoundRecord, SAGESynthesizer, SessionSettings, SynthesisConfig,
                          SynthesisSession, label_in_chunks)
-from .generator_inputs import dataset_tokens, eval_logits, trainer_generator_inputs
+from .generator_inputs import dataset_tokens, student_logits_on_vectors, trainer_generator_inputs
 from .batches import mixed_batch, reads_tokens, student_inputs
 from .processes import average_gradients, peer_lost, share_from_rank_zero, vector_inputs, wait_at_most
 from .scale import check_scale, schedule_epoch, scaled
@@ -325,14 +325,11 @@ class SAGEDistillTrainer(Trainer):
         return dataset_tokens(self.train_dataset, ids, self.example_id_column, self.teacher.config.pad_token_id or 0,
                               self.args.device)
 
-    def _student_logits(self, vectors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The student's logits on teacher-space vectors (the generators' ``student_logits``)."""
-        return eval_logits(self.model, vector_inputs(self.model, vectors, mask))
-
     def _generator_inputs(self) -> GeneratorInputs:
-        """What the synthesis generators read besides vectors, held weakly as the session's callables."""
+        """What the synthesis generators read besides vectors; the callables that read the Trainer hold it weakly."""
         return trainer_generator_inputs(self.teacher, getattr(self, "processing_class", None),
-                                        tokens_of=_weak(self._tokens_of), student_logits=_weak(self._student_logits),
+                                        tokens_of=_weak(self._tokens_of), student=self.model,
+                                        student_forward=student_logits_on_vectors,
                                         batch_size=self.args.per_device_eval_batch_size,
                                         temperature=self.sage_loss.config.temperature)
 

@@ -6,24 +6,27 @@ interpolation and the teacher's labels. ``BackgroundRounds`` moves all of it off
 1. at the step ``s`` a round is due, ``start(s)`` takes ``SAGESynthesizer.snapshot()`` (copies of
    the seen rows of the profile, the round number, the analysis generator's state) and hands it to a
    worker thread, which runs :func:`plan_round` on the snapshot alone, then
-   ``SAGESynthesizer.synthesize`` (interpolation and the teacher's labels; no state of the
-   synthesizer changes) and, when asked, draws the loss map;
+   ``SAGESynthesizer.synthesize`` (the generator's rows and the teacher's labels; no state of the
+   synthesizer changes) and, when asked, draws the loss map. A generator that reads the student
+   (boundary steps) reads a frozen copy of it (``FrozenStudent``), refreshed from the student at
+   the snapshot, so training goes on changing the student meanwhile;
 2. training goes on with the current pool;
 3. after step ``s + lag`` (``due(step)``), ``finish()`` waits for the worker if it is not done yet
    (the only time training stands still for the round) and ``commit``s its rows to the pool.
 
 **Reproducible for a fixed seed, whatever the timing.** What the worker computes is a pure function
 of the snapshot, the settings and frozen inputs (the teacher, the teacher-space vectors of real
-rows): it reads no state that training changes and draws no random number from a shared generator
-(UMAP and the noise are seeded from ``seed * 1000 + round``, the draw uses a generator restored
-from the snapshot). The snapshot is taken at step ``s`` and the rows join the pool after step
+rows, the student's copy): it reads no state that training changes and draws no random number
+from a shared generator (UMAP and the noise are seeded from ``seed * 1000 + round``, the draw uses
+a generator restored from the snapshot). The snapshot is taken at step ``s`` and the rows join the pool after step
 ``s + lag``, both fixed by the step count alone; the pool's own generator is only used on the
 training thread, in ``commit``. So a slow worker makes training wait at ``s + lag``, never changes
 what it trains on. ``lag`` steps later than an inline round is the only difference from training
 that waits (with ``lag = 0`` a ``SynthesisSession`` makes its rounds inline).
 
-**Checkpoints with a round in flight** store the snapshot (``state_dict``); on resume the worker
-plans it again, which gives the same rows, since planning is a pure function of the snapshot.
+**Checkpoints with a round in flight** store the snapshot (``state_dict``), and the student's copy
+when the generator reads it; on resume the worker makes the round again, which gives the same rows,
+since it is a pure function of what was stored.
 
 **Where it runs.** On the CPU a thread: torch and numba (umap-learn's layout) release the GIL for
 most of the work, so it proceeds beside the training step. On CUDA the worker's kernels go to a
@@ -46,6 +49,7 @@ import torch
 
 from .. import _checks
 from .._backend import decide
+from .generators import FrozenStudent
 from .synthesizer import (Label, ProfileSnapshot, RoundRecord, SAGESynthesizer, SynthesisPlan, SynthesizedRound,
                           VectorsOf, plan_round)
 
@@ -124,6 +128,8 @@ class BackgroundRounds:
         self.plot_path = plot_path
         self.pending: PendingRound | None = None
         self._worker: _Worker | None = None
+        # the student as at the pending round's snapshot, for a generator that reads it (made once)
+        self._student: FrozenStudent | None = None
 
     def __repr__(self) -> str:
         pending = "none" if self.pending is None else (f"round {self.pending.snapshot.round} from step "
@@ -143,6 +149,8 @@ class BackgroundRounds:
         snapshot = self.synthesizer.snapshot()
         if snapshot is None:
             return False
+        if self.synthesizer.generator.reads_student:  # on the training stream, before the worker starts
+            self._frozen_student().load(self.synthesizer.inputs.student)
         self.pending = PendingRound(snapshot, step, step + lag)
         self._launch()
         return True
@@ -166,7 +174,7 @@ class BackgroundRounds:
         self.pending, self._worker = None, None
         committing = time.perf_counter()
         if isinstance(made, SynthesisPlan):  # planned only (see _launch): synthesised here
-            made = self.synthesizer.synthesize(made, self.vectors_of, self.label)
+            made = self.synthesizer.synthesize(made, self.vectors_of, self.label, student=self._student_copy())
         if worker.done is not None:
             # The training stream waits for the worker's last kernel, the host does not; the rows'
             # memory is marked as used there, so it is not handed out again before the pool's copy.
@@ -200,16 +208,14 @@ class BackgroundRounds:
         # Triton's interpreter (CPU tensors with TRITON_INTERPRET=1, how kernels are tested without a
         # GPU) swaps triton.language's functions module-wide while a kernel runs, so kernels
         # interpreted on two threads at once break each other: there the worker only plans, and the
-        # interpolation runs on the training thread in finish(). Same rows either way.
-        interpreted = synthesizer.device.type == "cpu" and decide(synthesizer.device).backend == "triton"
-        # A generator that reads the student (boundary steps) runs there too: the student changes
-        # as training goes on, and is read at the step the round joins the pool, a step count alone.
-        planned_only = interpreted or synthesizer.generator.reads_student
+        # generator runs on the training thread in finish(). Same rows either way.
+        planned_only = synthesizer.device.type == "cpu" and decide(synthesizer.device).backend == "triton"
+        student = self._student_copy()
 
         def make() -> tuple[SynthesizedRound | SynthesisPlan, tuple]:
-            # Everything here reads the snapshot, the settings and frozen inputs only.
+            # Everything here reads the snapshot, the settings, the student's copy and frozen inputs only.
             plan = plan_round(pending.snapshot, synthesizer.config, step=pending.step)
-            made = plan if planned_only else synthesizer.synthesize(plan, vectors_of, label)
+            made = plan if planned_only else synthesizer.synthesize(plan, vectors_of, label, student=student)
             return made, synthesizer.plot_round(plan, plot_path)
 
         snapshot = pending.snapshot
@@ -223,8 +229,11 @@ class BackgroundRounds:
         saved: planning is a pure function of the snapshot, so a resumed run makes it again."""
         if self.pending is None:
             return None
-        return {"format": STATE_FORMAT, "snapshot": self.pending.snapshot.state_dict(), "step": self.pending.step,
-                "due_step": self.pending.due_step}
+        state = {"format": STATE_FORMAT, "snapshot": self.pending.snapshot.state_dict(), "step": self.pending.step,
+                 "due_step": self.pending.due_step}
+        if self._student is not None:
+            state["student"] = {name: t.clone() for name, t in self._student.state().items()}
+        return state
 
     def load_state_dict(self, state: Mapping | None) -> None:
         """Restore the round in flight (None: none); its worker starts when first needed."""
@@ -240,9 +249,25 @@ class BackgroundRounds:
         if snapshot.round != self.synthesizer.rounds + 1:
             raise ValueError(f"the round in flight is round {snapshot.round} but the synthesizer is at round "
                              f"{self.synthesizer.rounds}: load the synthesizer's state of the same checkpoint first")
+        if self.synthesizer.generator.reads_student:
+            if "student" not in state:
+                raise ValueError(f"the round in flight is made with generator {self.synthesizer.generator.name!r}, "
+                                 "which reads the student as it was at the round's snapshot, and this state does not "
+                                 "hold it: it was written by a version that read the student when the round joined "
+                                 "the pool. Resume with that version, or start the run again")
+            self._frozen_student().load(state["student"])
         self.pending = PendingRound(snapshot, _checks.integer("step", state["step"], minimum=0),
                                     _checks.integer("due_step", state["due_step"], minimum=0))
         self._worker = None
+
+    def _frozen_student(self) -> FrozenStudent:
+        if self._student is None:
+            self._student = FrozenStudent(self.synthesizer.inputs.student)
+        return self._student
+
+    def _student_copy(self) -> torch.nn.Module | None:
+        """The module the pending round's generator reads for the student (None: it reads none)."""
+        return None if self._student is None or not self.synthesizer.generator.reads_student else self._student.module
 
 
 def _tensors(rows) -> list[torch.Tensor]:

@@ -18,8 +18,8 @@ bounded synthetic pool. A training loop
 The component never sees a model. ``vectors_of(ids) -> (vectors [n, L, d_t], mask [n, L])`` gives
 the teacher-space input vectors of real training rows (by example id); ``label(vectors, mask) ->
 (logits [M, C], hidden {teacher layer: [M, L, d_t]})`` gives the teacher's outputs on vectors.
-Generators that need more (the rows' token ids, the teacher's embedding table, the student's
-logits on vectors) get it once, at construction: ``inputs``, a :class:`GeneratorInputs`.
+Generators that need more (the rows' token ids, the teacher's embedding table, the student and
+its logits on vectors) get it once, at construction: ``inputs``, a :class:`GeneratorInputs`.
 
 A round is two halves with a clean seam between them:
 
@@ -517,15 +517,18 @@ class SAGESynthesizer:
                              "each plan once, in order, and plan the next round after building this one")
 
     @torch.no_grad()
-    def synthesize(self, plan: SynthesisPlan, vectors_of: VectorsOf, label: Label) -> "SynthesizedRound":
+    def synthesize(self, plan: SynthesisPlan, vectors_of: VectorsOf, label: Label, *,
+                   student: torch.nn.Module | None = None) -> "SynthesizedRound":
         """Make the plan's rows with the configured generator and label them, without touching the
-        pool or any other state (so a worker may run it beside training, unless the generator reads
-        the student: ``generator.reads_student``): ``commit`` adds the result."""
+        pool or any other state (so a worker may run it beside training): ``commit`` adds the result.
+        ``student``: the module a generator that reads the student (``generator.reads_student``)
+        reads instead of the inputs' own, a frozen copy when a worker runs this beside training."""
         if not isinstance(plan, SynthesisPlan):
             raise ValueError(f"plan must be a SynthesisPlan, got {type(plan).__name__}")
         started = time.perf_counter()
         m = plan.count
-        made = self.generator.generate(plan, vectors_of, label, self.inputs)
+        inputs = self.inputs if student is None else dataclasses.replace(self.inputs, student=student)
+        made = self.generator.generate(plan, vectors_of, label, inputs)
         out, out_mask = made.vectors, made.mask
         _synchronize(self.device)
         generated = time.perf_counter()

@@ -1,6 +1,7 @@
 """What the driver hands the synthesis generators (``sage_fast.synthesis.GeneratorInputs``): the
 training rows' tokens, the teacher's embedding table and which of its tokens a substitution may
-use, the student's logits on vectors for boundary steps, and the tokenizer's text for the rows a
+use, the student (the vector interface, whose frozen teacher a round's copy of it shares) and its
+logits on vectors for boundary steps, and the tokenizer's text for the rows a
 round shows."""
 from __future__ import annotations
 
@@ -25,11 +26,12 @@ def generator_inputs(interface: VectorInterface, tokenizer, train: dict, autocas
         rows = ids.cpu()  # example ids are positions in the encoded training split
         return train["input_ids"][rows].to(device), train["attention_mask"][rows].to(device)
 
-    def student_logits(vectors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        with eval_mode(interface), autocast():
-            return interface.student_forward(vectors, mask).logits.float()
+    def student_forward(module: VectorInterface, vectors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # autocast is the calling thread's own: a round's worker enters it for itself
+        with eval_mode(module), autocast():
+            return module.student_forward(vectors, mask).logits.float()
 
     return GeneratorInputs(tokens_of=tokens_of, embedding_table=table,
                            replaceable=replaceable_tokens(tokenizer, table.shape[0]).to(device),
-                           student_logits=student_logits, decode=token_decoder(tokenizer), batch_size=batch_size,
-                           temperature=temperature)
+                           student=interface, student_forward=student_forward, decode=token_decoder(tokenizer),
+                           batch_size=batch_size, temperature=temperature)

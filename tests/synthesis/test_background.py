@@ -267,30 +267,95 @@ def test_a_program_that_ends_with_a_round_in_flight_waits_for_it_and_exits_clean
     assert_waited_and_exited_cleanly(out, done)
 
 
-def test_a_generator_that_reads_the_student_generates_on_the_training_thread():
-    """Boundary steps read the student, which training changes: the worker only plans, and the rows
-    are made where the round joins the pool, on the training thread (even where the worker could
-    interpolate: the plain-torch path)."""
-    import sage_fast
+class VectorStudent(torch.nn.Module):
+    """A student on vectors with all three kinds of tensor a frozen copy treats apart: trained
+    parameters, a frozen parameter (shared with the copy) and a buffer (copied each round)."""
+
+    def __init__(self):
+        super().__init__()
+        from test_synthesizer import D_T
+
+        self.head = torch.nn.Linear(D_T, 3)
+        self.frozen = torch.nn.Parameter(torch.linspace(0.5, 1.5, D_T), requires_grad=False)
+        self.register_buffer("scale", torch.ones(()))
+
+    def forward(self, vectors, mask):
+        keep = mask.unsqueeze(-1).to(vectors.dtype)
+        return self.head((vectors * keep).sum(1) / keep.sum(1).clamp_min(1) * self.frozen) * self.scale
+
+
+def boundary_synthesizer(student, calls):
     from sage_fast.synthesis import GeneratorInputs, SAGESynthesizer, SynthesisConfig
-    from test_synthesizer import D_T, DIM
+    from test_synthesizer import DIM
 
-    threads = []
-    head = torch.nn.Linear(D_T, 3)
-
-    def student_logits(vectors, mask):
-        threads.append(threading.current_thread().name)
-        return head(vectors.mean(dim=1))
+    def student_forward(module, vectors, mask):
+        calls.append((threading.current_thread().name, module is student))
+        return module(vectors, mask)
 
     config = SynthesisConfig(synthetic_per_round=16, pool_size=40, n_neighbors=5, seed=3, generator="boundary",
                              boundary_steps=2)
     synth = SAGESynthesizer(config, num_examples=N, embedding_dim=DIM,
-                            inputs=GeneratorInputs(student_logits=student_logits))
+                            inputs=GeneratorInputs(student=student, student_forward=student_forward))
     embeddings, losses = planted()
     synth.observe(torch.arange(N), losses, embeddings)
-    with sage_fast.use_backend("torch"):
-        rounds = BackgroundRounds(synth, vectors_of, label, lag=2)
+    return synth
+
+
+def an_optimizer_step(student):
+    with torch.no_grad():
+        student.head.weight.mul_(-2.0)
+        student.scale.fill_(3.0)
+
+
+def test_a_generator_that_reads_the_student_runs_beside_training_on_the_student_as_at_the_snapshot():
+    """Boundary steps read the student, which training changes: the round reads a frozen copy taken
+    at its snapshot, on the worker, so its rows are the inline round's at that step however far
+    training has gone, and a checkpoint taken while it is in flight resumes to the same rows."""
+    import copy
+
+    import sage_fast
+
+    torch.manual_seed(0)
+    student = VectorStudent()
+    inline = boundary_synthesizer(copy.deepcopy(student), [])
+    inline.build(inline.plan(step=4), vectors_of, label)  # the student as it is at the snapshot
+    calls = []
+    beside = boundary_synthesizer(student, calls)
+    with sage_fast.use_backend("torch"):  # the path where the worker generates (not Triton's interpreter)
+        rounds = BackgroundRounds(beside, vectors_of, label, lag=2)
         assert rounds.start(4)
+        an_optimizer_step(student)  # training goes on while the round is in flight
+        saved = rounds.state_dict()
         record = rounds.finish()
-    assert len(threads) == 2 and set(threads) == {threading.current_thread().name}
-    assert record.synthetic == 16 and len(synth.pool) == 16
+    assert calls and all(thread != threading.current_thread().name and not live for thread, live in calls)
+    assert record.synthetic == 16
+    assert_same_pool(inline, beside)
+    assert all(p.grad is None for p in student.parameters())
+    assert set(saved["student"]) == {"head.weight", "head.bias", "scale"}  # the frozen parameter is shared
+
+    resumed = boundary_synthesizer(copy.deepcopy(student), [])  # the student has changed since the snapshot
+    again = BackgroundRounds(resumed, vectors_of, label, lag=2)
+    again.load_state_dict(saved)
+    again.finish()
+    assert_same_pool(inline, resumed)
+
+    older = {key: value for key, value in saved.items() if key != "student"}
+    with pytest.raises(ValueError, match="reads the student as it was at the round's snapshot"):
+        BackgroundRounds(boundary_synthesizer(VectorStudent(), []), vectors_of, label, lag=2).load_state_dict(older)
+
+
+def test_a_frozen_copy_shares_what_does_not_train_and_refuses_another_students_state():
+    from sage_fast.synthesis.generators import FrozenStudent
+
+    student = VectorStudent()
+    student.head.weight.grad = torch.ones_like(student.head.weight)
+    frozen = FrozenStudent(student)
+    assert frozen.module.frozen is student.frozen and frozen.module.head.weight is not student.head.weight
+    assert not any(p.requires_grad for p in frozen.module.parameters()) and not frozen.module.training
+    assert frozen.module.head.weight.grad is None and student.head.weight.grad is not None  # left as it was
+    an_optimizer_step(student)
+    assert not torch.equal(frozen.module.head.weight, student.head.weight)
+    frozen.load(student)
+    assert torch.equal(frozen.module.head.weight, student.head.weight) and float(frozen.module.scale) == 3.0
+    with pytest.raises(ValueError, match="lacks 3 of the tensors"):
+        frozen.load(torch.nn.Linear(2, 2).state_dict())

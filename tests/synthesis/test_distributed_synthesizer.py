@@ -39,14 +39,16 @@ def generator_inputs() -> GeneratorInputs:
     table = torch.randn(VOCAB, D_T, generator=g)
     _, mask = vectors_of(torch.arange(N))
     tokens = torch.randint(1, VOCAB, mask.shape, generator=g) * mask
-    weight = torch.randn(D_T, 3, generator=g)
+    student = torch.nn.Linear(D_T, 3, bias=False)
+    with torch.no_grad():
+        student.weight.copy_(torch.randn(3, D_T, generator=g))
 
-    def student_logits(vectors, mask):
+    def student_forward(module, vectors, mask):
         keep = mask.unsqueeze(-1).to(vectors.dtype)
-        return ((vectors * keep).sum(1) / keep.sum(1)) @ weight
+        return module((vectors * keep).sum(1) / keep.sum(1))
 
     return GeneratorInputs(tokens_of=lambda ids: (tokens[ids.cpu()], mask[ids.cpu()]), embedding_table=table,
-                           student_logits=student_logits)
+                           student=student, student_forward=student_forward)
 
 
 def drive(world: World, labelled_rows: list, generator: str = "interpolate"):

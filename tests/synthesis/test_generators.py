@@ -153,6 +153,10 @@ class Tiny(torch.nn.Module):
         return pooled @ self.head
 
 
+def forward(module, vectors, mask):  # the generators' student_forward
+    return module(vectors, mask)
+
+
 def boundary_setting(steps=3, size=0.1):
     teacher, student = Tiny(0), Tiny(1)
     config = SynthesisConfig(generator="boundary", boundary_steps=steps, boundary_step_size=size)
@@ -167,7 +171,7 @@ def boundary_setting(steps=3, size=0.1):
 @pytest.mark.parametrize("steps, size", [(1, 0.05), (3, 0.1), (5, 0.2)])
 def test_boundary_steps_are_bounded_and_raise_the_disagreement(steps, size):
     gen, label, teacher, student = boundary_setting(steps, size)
-    given = GeneratorInputs(student_logits=student, batch_size=7, temperature=2.0)  # several chunks, one partial
+    given = GeneratorInputs(student=student, student_forward=forward, batch_size=7, temperature=2.0)  # partial chunk
     p = plan(m=24)
     rows = gen.generate(p, vectors_of, label, given)
     start, mask = vectors_of(p.anchor_ids)
@@ -191,7 +195,8 @@ def test_boundary_keeps_large_magnitudes_in_scale():
     gen, label, teacher, student = boundary_setting(2, 0.05)
     weights = table() * 1e3
     p = plan(m=5)
-    rows = gen.generate(p, lambda ids: vectors_of(ids, weights), label, GeneratorInputs(student_logits=student))
+    rows = gen.generate(p, lambda ids: vectors_of(ids, weights), label,
+                        GeneratorInputs(student=student, student_forward=forward))
     start, mask = vectors_of(p.anchor_ids, weights)
     assert torch.isfinite(rows.vectors).all()
     scale = (start.norm(dim=-1) * mask).sum(1) / mask.sum(1)
@@ -216,7 +221,8 @@ def test_bad_generator_settings_name_the_setting(settings, word):
 
 
 @pytest.mark.parametrize("generator, given, word", [
-    ("boundary", GeneratorInputs(), "student_logits.*vector interface"),
+    ("boundary", GeneratorInputs(), "student, student_forward.*vector interface"),
+    ("boundary", GeneratorInputs(student=torch.nn.Linear(2, 2)), "student_forward.*vector interface"),
     ("substitute", GeneratorInputs(embedding_table=table()), "tokens_of"),
     ("substitute", GeneratorInputs(tokens_of=tokens_of), "embedding_table"),
     ("substitute", GeneratorInputs(tokens_of=tokens_of, embedding_table=table(), replaceable=torch.ones(3).bool()),

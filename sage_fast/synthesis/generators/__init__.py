@@ -4,7 +4,7 @@ synthetic rows, which the teacher then labels. ``interpolate`` mixes an anchor a
 neighbours in the teacher's embedding table (real token ids), ``boundary`` takes bounded steps from
 an anchor toward the student's disagreement with the teacher. Each works with every anchor placement
 (``sage``, ``random``, ``inverse``)."""
-from .base import GENERATORS, GeneratedRows, Generator, GeneratorInputs
+from .base import GENERATORS, FrozenStudent, GeneratedRows, Generator, GeneratorInputs
 from .boundary import Boundary, disagreement
 from .interpolation import Interpolation
 from .substitution import Substitution, nearest_tokens, replaceable_tokens
@@ -17,5 +17,5 @@ def make_generator(config) -> Generator:
     return _BY_NAME[config.generator](config)
 
 
-__all__ = ["Boundary", "GENERATORS", "GeneratedRows", "Generator", "GeneratorInputs", "Interpolation", "Substitution",
+__all__ = ["Boundary", "FrozenStudent", "GENERATORS", "GeneratedRows", "Generator", "GeneratorInputs", "Interpolation", "Substitution",
            "disagreement", "make_generator", "nearest_tokens", "replaceable_tokens"]

@@ -11,6 +11,7 @@ any thread and after a resume.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ import torch
 GENERATORS = ("interpolate", "substitute", "boundary")
 
 TokensOf = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
-StudentLogits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+StudentForward = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -31,18 +32,26 @@ class GeneratorInputs:
     input-embedding table, whose rows are the vectors of the tokens (``substitute`` finds each word
     piece's neighbours in it and embeds its rows with it). ``replaceable`` ``[V]`` bool: the tokens
     a substitution may replace and put in (not the special tokens; default every token).
-    ``student_logits(vectors, mask) -> [n, C]``: the student through the vector interface, with
-    gradients to ``vectors`` (``boundary``). ``decode(ids [L]) -> str``: text of a row's tokens, for
-    the few examples a round shows. ``batch_size``: rows per student pass. ``temperature``: of the
-    student-teacher disagreement the boundary steps increase.
+    ``student`` and ``student_forward(student, vectors, mask) -> [n, C]``: the module being trained
+    and its logits through the vector interface, with gradients to ``vectors`` (``boundary``). The
+    forward takes the module as an argument so that a round made beside training can run it on a
+    frozen copy (:func:`frozen_copy`) taken with the round's snapshot, while training goes on
+    changing ``student``. ``decode(ids [L]) -> str``: text of a row's tokens, for the few examples a
+    round shows. ``batch_size``: rows per student pass. ``temperature``: of the student-teacher
+    disagreement the boundary steps increase.
     """
     tokens_of: TokensOf | None = None
     embedding_table: torch.Tensor | None = None
     replaceable: torch.Tensor | None = None
-    student_logits: StudentLogits | None = None
+    student: torch.nn.Module | None = None
+    student_forward: StudentForward | None = None
     decode: Callable[[torch.Tensor], str] | None = None
     batch_size: int = 128
     temperature: float = 1.0
+
+    def student_logits(self, vectors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``student_forward`` on ``student``."""
+        return self.student_forward(self.student, vectors, mask)
 
 
 @dataclass
@@ -59,8 +68,8 @@ class GeneratedRows:
 class Generator:
     """The interface of a generator. ``needs``: the fields of :class:`GeneratorInputs` it reads
     (checked when the synthesizer is built, before any work). ``reads_student``: it reads the
-    student being trained, so it must run on the training thread, never beside training (a round
-    made beside training plans there and generates on the training thread when it joins the pool).
+    student being trained, which changes as training goes on; a round made beside training hands it
+    a frozen copy of the student taken with the round's snapshot (``BackgroundRounds``).
     ``uses_partners``: whether the plan's partners change its rows."""
     name = ""
     needs: tuple[str, ...] = ()
@@ -105,6 +114,51 @@ def unique_rows(anchor_ids: torch.Tensor, partner_ids: torch.Tensor | None = Non
     ids = anchor_ids if partner_ids is None else torch.cat([anchor_ids, partner_ids])
     rows, position = torch.unique(ids, return_inverse=True)
     return rows, position[:m], (None if partner_ids is None else position[m:])
+
+
+class FrozenStudent:
+    """A copy of the student that training does not change, for a round made beside training.
+
+    It shares the parameters that do not train (``requires_grad`` off: a frozen embedding table, a
+    teacher held inside the module) and owns copies of the others and of the buffers, with no
+    gradients, in eval mode. ``load(student)`` copies the student's trained tensors into it (at a
+    round's snapshot); ``state()`` is what a checkpoint keeps of it, and ``load(state)`` restores it.
+    It costs one more copy of the student's trainable parameters.
+    """
+
+    def __init__(self, student: torch.nn.Module):
+        shared = {id(p): p for p in student.parameters() if not p.requires_grad}
+        gradients = {p: p.grad for p in student.parameters() if p.grad is not None}
+        for p in gradients:  # the copy carries no gradients: set aside while copying
+            p.grad = None
+        try:  # deepcopy adds every object it copies to its memo: hand it a copy of ``shared``
+            self.module = copy.deepcopy(student, dict(shared)).eval()
+        finally:
+            for p, gradient in gradients.items():
+                p.grad = gradient
+        for p in self.module.parameters():
+            if id(p) not in shared:
+                p.requires_grad_(False)
+        # what a checkpoint of the student holds, less what is shared: the trained parameters and
+        # the persistent buffers (non-persistent ones, such as position ids, are constants)
+        self.names = {name for name, t in student.state_dict(keep_vars=True).items() if id(t) not in shared}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The copy's trained tensors, by name (shared storage: save them, do not change them)."""
+        tensors = self.module.state_dict()
+        return {name: tensors[name] for name in sorted(self.names)}
+
+    @torch.no_grad()
+    def load(self, source) -> None:
+        """Copy the trained tensors of ``source`` (the student, or a ``state()``) into the copy."""
+        values = source.state_dict() if isinstance(source, torch.nn.Module) else source
+        missing = self.names - set(values)
+        if missing:
+            raise ValueError(f"the student's state lacks {len(missing)} of the tensors its frozen copy takes, "
+                             f"e.g. {sorted(missing)[0]!r}: it is not this student's")
+        targets = self.module.state_dict()  # views of the copy's own storage
+        for name in self.names:
+            targets[name].copy_(values[name])
 
 
 @contextlib.contextmanager

@@ -12,9 +12,11 @@ norm and every other token less: after ``boundary_steps`` steps no token is furt
 ``boundary_steps * boundary_step_size`` of that norm from where it started, so the rows stay near
 the anchor in the scale of its own embeddings. Padding never moves.
 
-The student is read as it is when the round joins the pool (it changes as training goes on), in eval
-mode (no dropout, so no random number is drawn from training's streams), and its parameters'
-gradients are left untouched. The partner plays no part.
+The student is read as it was when the round's snapshot was taken: a round made beside training
+steps on a frozen copy of it (``FrozenStudent``), so training goes on meanwhile and the rows are
+the same whenever the worker runs. It is read in eval mode (no dropout, so no random number is
+drawn from training's streams), and its parameters' gradients are left untouched. The partner
+plays no part.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ def disagreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tem
 
 class Boundary(Generator):
     name = "boundary"
-    needs = ("student_logits",)
+    needs = ("student", "student_forward")
     reads_student = True
     uses_partners = False
 
