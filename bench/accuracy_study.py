@@ -398,6 +398,31 @@ def speed_ledger(ledger: Path) -> Path:
     return ledger.with_name("speed.jsonl")
 
 
+SPEED_START = "<!-- speed table: written by bench/accuracy_study.py --stage speed -->"
+SPEED_END = "<!-- end of speed table -->"
+
+
+def speed_table(records: list[dict]) -> str:
+    """The speed ledger as a table: each KD timing with the SAGE timing of the same experiment
+    that follows it, and how busy the machine was when each began."""
+    lines = ["| experiment | epochs | KD real ex/s | SAGE real ex/s | SAGE / KD | SAGE's training waits | threads "
+             "| load before (KD / SAGE) | date |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    kd = {}
+    for record in records:
+        if record["mode"] == "kd":
+            kd[record["experiment"]] = record
+            continue
+        base = kd.pop(record["experiment"], None)
+        if base is None or not base.get("examples_per_second") or not record.get("examples_per_second"):
+            continue
+        lines.append(f"| {record['experiment']} | {record['epochs']} | {base['examples_per_second']:.1f} | "
+                     f"{record['examples_per_second']:.1f} | "
+                     f"{record['examples_per_second'] / base['examples_per_second']:.2f} | "
+                     f"{record['waiting_share']:.1%} | {record['threads']} | {base['load_before']:g} / "
+                     f"{record['load_before']:g} | {record['date']} |")
+    return "\n".join(lines)
+
+
 def measure_speed(exp: Experiment, out: Path, ledger: Path, log, *, epochs: int = 1) -> list[dict]:
     """The cost target's measurement: KD, then SAGE, with ``exp``'s settings (seed 0, ``epochs``
     epochs), one after the other, each with every core (the study's runs share the cores, so their
@@ -640,6 +665,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.only is None:
             parser.error("--stage speed times one experiment: name it with --only")
         measure_speed(next(e for e in PLAN if e.name == args.only), args.out, args.ledger, log)
+        table = speed_table(read_ledger(speed_ledger(args.ledger)))
+        log(table)
+        write_table(args.report, table, log, markers=(SPEED_START, SPEED_END))
         return 0
     if args.stage == "test":
         table = held_out_table(PLAN, read_held_out(PLAN, args.out, args.ledger, log))

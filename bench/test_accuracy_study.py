@@ -236,8 +236,10 @@ def test_the_speed_stage_times_kd_then_sage_one_epoch_each_and_keeps_every_resul
     monkeypatch.setattr(loop, "run", run)
     monkeypatch.setattr(study, "teacher_folder", lambda pair, log: str(tmp_path))
     ledger = tmp_path / "results" / "accuracy_study.jsonl"
+    report = tmp_path / "results.md"
+    report.write_text(f"prose\n{study.SPEED_START}\nold\n{study.SPEED_END}\nmore prose\n")
     assert study.main(["--stage", "speed", "--only", "all-sub15", "--out", str(tmp_path / "runs"),
-                       "--ledger", str(ledger)]) == 0
+                       "--ledger", str(ledger), "--report", str(report)]) == 0
     assert [c.mode for c in configs] == ["kd", "sage"]
     assert all(c.epochs == 1 and c.seed == 0 and c.generator == "substitute" for c in configs)
     assert all(str(tmp_path / "runs" / "speed") in c.output_dir for c in configs)
@@ -246,6 +248,9 @@ def test_the_speed_stage_times_kd_then_sage_one_epoch_each_and_keeps_every_resul
     assert lines[1]["waiting_share"] == pytest.approx(0.03) and "load_before" in lines[1]
     assert not ledger.exists()  # the study's own ledger is untouched
     assert "SAGE / KD real examples per second: 0.62" in capsys.readouterr().out
+    text = report.read_text()
+    assert "old" not in text and text.startswith("prose") and text.endswith("more prose\n")
+    assert "| all-sub15 | 1 | 102.4 | 64.0 | 0.62 | 3.0% |" in text
 
 
 def test_the_speed_stage_needs_one_experiment(capsys):
