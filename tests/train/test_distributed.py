@@ -100,6 +100,29 @@ def test_two_processes_train_what_one_process_trains_with_two_micro_batches(two_
             torch.testing.assert_close(pool_two[key], value, atol=1e-6, rtol=0, msg=key)
 
 
+def test_boundary_rounds_made_beside_training_are_the_one_process_rounds(tiny):
+    """Boundary steps read each rank's frozen copy of its student, taken at the round's snapshot
+    (DDP keeps the students equal), beside training: two processes end with the pool and the
+    student of one process that deals each step out to two micro-batches."""
+    extra = ("--generator", "boundary", "--boundary-steps", "2", "--analysis-lag", "2")
+
+    def sage_only(args):
+        at = args.index("--compare")
+        return args[:at] + args[at + 2:]
+
+    two, one = tiny / "two-boundary", tiny / "one-boundary"
+    run_to_end(torchrun_command(sage_only(flags(tiny, two, *extra))))
+    run_to_end([sys.executable, "-m", "sage_fast.cli", *sage_only(flags(tiny, one, "--grad-accumulation", "2", *extra))])
+    a, b = checkpoint.load(two / "sage"), checkpoint.load(one / "sage")
+    for name, value in b["student"].items():
+        torch.testing.assert_close(a["student"][name], value, atol=1e-6, rtol=0, msg=name)
+    for key, value in b["synthesizer"]["pool"].items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(a["synthesizer"]["pool"][key], value, atol=1e-6, rtol=0, msg=key)
+    analysis = [r for r in records(two, "sage") if r.get("kind") == "analysis"]
+    assert len(analysis) >= 2 and all(r["synthetic"] == 16 for r in analysis)
+
+
 def test_a_run_stopped_by_sigterm_resumes_under_torchrun_to_the_same_end(tiny, two_processes):
     out = tiny / "stopped"
     process = launch(torchrun_command(flags(tiny, out)))
