@@ -1,7 +1,7 @@
 """What ``SAGEDistillTrainer`` hands the synthesis generators (``sage_fast.synthesis.GeneratorInputs``):
 the training rows' tokens, fetched from the dataset by position; the teacher's embedding table and
-which of its tokens a substitution may use; the student and its logits on vectors for boundary steps; and
-the tokenizer's text for the rows a round shows."""
+which of its tokens a substitution may use; the student and its logits on vectors for boundary
+steps; and the tokenizer's text for the rows a round shows."""
 from __future__ import annotations
 
 from collections.abc import Callable

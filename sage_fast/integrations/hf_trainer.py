@@ -326,7 +326,8 @@ class SAGEDistillTrainer(Trainer):
                               self.args.device)
 
     def _generator_inputs(self) -> GeneratorInputs:
-        """What the synthesis generators read besides vectors; the callables that read the Trainer hold it weakly."""
+        """What the synthesis generators read besides vectors (the callables that read the Trainer
+        hold it weakly; the student is held as it is)."""
         return trainer_generator_inputs(self.teacher, getattr(self, "processing_class", None),
                                         tokens_of=_weak(self._tokens_of), student=self.model,
                                         student_forward=student_logits_on_vectors,

@@ -18,9 +18,9 @@ interpolation and the teacher's labels. ``BackgroundRounds`` moves all of it off
 of the snapshot, the settings and frozen inputs (the teacher, the teacher-space vectors of real
 rows, the student's copy): it reads no state that training changes and draws no random number
 from a shared generator (UMAP and the noise are seeded from ``seed * 1000 + round``, the draw uses
-a generator restored from the snapshot). The snapshot is taken at step ``s`` and the rows join the pool after step
-``s + lag``, both fixed by the step count alone; the pool's own generator is only used on the
-training thread, in ``commit``. So a slow worker makes training wait at ``s + lag``, never changes
+a generator restored from the snapshot). The snapshot is taken at step ``s`` and the rows join the
+pool after step ``s + lag``, both fixed by the step count alone; the pool's own generator is only
+used on the training thread, in ``commit``. So a slow worker makes training wait at ``s + lag``, never changes
 what it trains on. ``lag`` steps later than an inline round is the only difference from training
 that waits (with ``lag = 0`` a ``SynthesisSession`` makes its rounds inline).
 
@@ -225,8 +225,9 @@ class BackgroundRounds:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict | None:
-        """The round in flight (its snapshot and steps), or None; what the worker computed is not
-        saved: planning is a pure function of the snapshot, so a resumed run makes it again."""
+        """The round in flight (its snapshot and steps, and the student's copy when the generator
+        reads it), or None; what the worker computed is not saved: it is a pure function of these,
+        so a resumed run makes it again."""
         if self.pending is None:
             return None
         state = {"format": STATE_FORMAT, "snapshot": self.pending.snapshot.state_dict(), "step": self.pending.step,

@@ -1,8 +1,7 @@
 """What the driver hands the synthesis generators (``sage_fast.synthesis.GeneratorInputs``): the
 training rows' tokens, the teacher's embedding table and which of its tokens a substitution may
 use, the student (the vector interface, whose frozen teacher a round's copy of it shares) and its
-logits on vectors for boundary steps, and the tokenizer's text for the rows a
-round shows."""
+logits on vectors for boundary steps, and the tokenizer's text for the rows a round shows."""
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -17,5 +17,5 @@ def make_generator(config) -> Generator:
     return _BY_NAME[config.generator](config)
 
 
-__all__ = ["Boundary", "FrozenStudent", "GENERATORS", "GeneratedRows", "Generator", "GeneratorInputs", "Interpolation", "Substitution",
-           "disagreement", "make_generator", "nearest_tokens", "replaceable_tokens"]
+__all__ = ["Boundary", "FrozenStudent", "GENERATORS", "GeneratedRows", "Generator", "GeneratorInputs", "Interpolation",
+           "Substitution", "disagreement", "make_generator", "nearest_tokens", "replaceable_tokens"]

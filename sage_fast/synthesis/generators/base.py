@@ -35,7 +35,7 @@ class GeneratorInputs:
     ``student`` and ``student_forward(student, vectors, mask) -> [n, C]``: the module being trained
     and its logits through the vector interface, with gradients to ``vectors`` (``boundary``). The
     forward takes the module as an argument so that a round made beside training can run it on a
-    frozen copy (:func:`frozen_copy`) taken with the round's snapshot, while training goes on
+    frozen copy (:class:`FrozenStudent`) taken with the round's snapshot, while training goes on
     changing ``student``. ``decode(ids [L]) -> str``: text of a row's tokens, for the few examples a
     round shows. ``batch_size``: rows per student pass. ``temperature``: of the student-teacher
     disagreement the boundary steps increase.
