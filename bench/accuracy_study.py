@@ -404,11 +404,36 @@ SPEED_START = "<!-- speed table: written by bench/accuracy_study.py --stage spee
 SPEED_END = "<!-- end of speed table -->"
 
 
+def cpu_busy(seconds: float = 2.0) -> float | None:
+    """The share of every core's time spent busy over the next ``seconds`` (while this process only
+    sleeps, so it is the other processes' load), from ``/proc/stat``; None where there is none. The
+    load average would lag: a run that ended a minute ago still counts in it."""
+    def sample():
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        values = [int(x) for x in fields]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle and iowait
+        return sum(values), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    spent = total1 - total0
+    return None if spent <= 0 else 1.0 - (idle1 - idle0) / spent
+
+
 def speed_table(records: list[dict]) -> str:
     """The speed ledger as a table: each KD timing with the SAGE timing of the same experiment
-    that follows it, and how busy the machine was when each began."""
+    that follows it, and how busy other processes kept the cores just before each began."""
     lines = ["| experiment | epochs | KD real ex/s | SAGE real ex/s | SAGE / KD | SAGE's training waits | threads "
-             "| load before (KD / SAGE) | date |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| cores busy before (KD / SAGE) | date |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def busy(record):
+        share = record.get("cpu_busy_before")
+        return f"{share:.0%}" if share is not None else f"load {record.get('load_before', float('nan')):g}"
+
     kd = {}
     for record in records:
         if record["mode"] == "kd":
@@ -420,8 +445,8 @@ def speed_table(records: list[dict]) -> str:
         lines.append(f"| {record['experiment']} | {record['epochs']} | {base['examples_per_second']:.1f} | "
                      f"{record['examples_per_second']:.1f} | "
                      f"{record['examples_per_second'] / base['examples_per_second']:.2f} | "
-                     f"{record['waiting_share']:.1%} | {record['threads']} | {base['load_before']:g} / "
-                     f"{record['load_before']:g} | {record['date']} |")
+                     f"{record['waiting_share']:.1%} | {record['threads']} | {busy(base)} / {busy(record)} | "
+                     f"{record['date']} |")
     return "\n".join(lines)
 
 
@@ -430,8 +455,8 @@ def measure_speed(exp: Experiment, out: Path, ledger: Path, log, *, epochs: int 
     epochs), one after the other, each with every core (the study's runs share the cores, so their
     speeds are only ratios). Real examples per second come from the driver's training time, with
     the share of it training spent waiting for rounds beside them. Each run starts over in its own
-    folder; each result is a line of the speed ledger, with the load the machine had when it began,
-    so a measurement taken on a busy machine says so."""
+    folder; each result is a line of the speed ledger, with how busy other processes kept the cores
+    just before it began (:func:`cpu_busy`), so a measurement taken on a busy machine says so."""
     import torch
 
     from sage_fast.train.loop import run
@@ -441,16 +466,18 @@ def measure_speed(exp: Experiment, out: Path, ledger: Path, log, *, epochs: int 
     records = []
     for mode in ("kd", "sage"):
         config = run_config(timed, mode, 0, teacher, out / "speed")
-        load = os.getloadavg()[0]
-        if load > 0.5:
-            log(f"the machine is busy (load {load:.1f} before the {mode} run): this speed is not an idle one")
+        busy = cpu_busy()
+        if busy is not None and busy > 0.2:
+            log(f"the machine is busy ({busy:.0%} of the cores' time went to other processes just before the "
+                f"{mode} run): this speed is not an idle one")
         log(f"speed: {exp.name} {mode}, {epochs} epoch(s) ...")
         row = run(config, resume=False, overwrite=True, log=lambda msg: None)["modes"][0]
         waiting = (row.get("analysis_share") or 0.0) + (row.get("synthesis_share") or 0.0)
         record = {"experiment": exp.name, "mode": mode, "epochs": epochs, "steps": row.get("steps"),
                   "examples_per_second": row.get("examples_per_second"), "train_seconds": row.get("train_seconds"),
                   "waiting_share": waiting, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                  "load_before": round(load, 2), "date": time.strftime("%Y-%m-%d")}
+                  "cpu_busy_before": None if busy is None else round(busy, 3),
+                  "load_before": round(os.getloadavg()[0], 2), "date": time.strftime("%Y-%m-%d")}
         append_ledger(speed_ledger(ledger), record)
         records.append(record)
         log(f"    {record['examples_per_second'] or 0:.1f} real ex/s, waiting {waiting:.1%} of training")

@@ -2,6 +2,8 @@
 exploration records hold no test number, and the report rewrites only its own table. The training
 itself is the driver's, tested in tests/; here a run is a stand-in that returns a record."""
 import json
+import os
+import time
 
 import accuracy_study as study
 import pytest
@@ -245,12 +247,29 @@ def test_the_speed_stage_times_kd_then_sage_one_epoch_each_and_keeps_every_resul
     assert all(str(tmp_path / "runs" / "speed") in c.output_dir for c in configs)
     lines = [json.loads(x) for x in (ledger.parent / "speed.jsonl").read_text().splitlines()]
     assert [(r["mode"], r["examples_per_second"]) for r in lines] == [("kd", 102.4), ("sage", 64.0)]
-    assert lines[1]["waiting_share"] == pytest.approx(0.03) and "load_before" in lines[1]
+    assert lines[1]["waiting_share"] == pytest.approx(0.03) and 0 <= lines[1]["cpu_busy_before"] <= 1
     assert not ledger.exists()  # the study's own ledger is untouched
     assert "SAGE / KD real examples per second: 0.62" in capsys.readouterr().out
     text = report.read_text()
     assert "old" not in text and text.startswith("prose") and text.endswith("more prose\n")
     assert "| all-sub15 | 1 | 102.4 | 64.0 | 0.62 | 3.0% |" in text
+
+
+def test_cpu_busy_sees_another_process_keep_a_core_busy():
+    import subprocess
+    import sys
+
+    quiet = study.cpu_busy(0.5)
+    if quiet is None:
+        pytest.skip("no /proc/stat here")
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        loaded = study.cpu_busy(1.0)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert loaded >= 0.8 / (os.cpu_count() or 1)  # one core of them, at least
 
 
 def test_the_speed_stage_needs_one_experiment(capsys):
