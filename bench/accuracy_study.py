@@ -313,6 +313,12 @@ def append_ledger(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+def waiting_share(row: dict) -> float:
+    """The share of a run's training time spent waiting for its rounds (analysis and synthesis on
+    the training thread), from a driver's result row or a ledger record."""
+    return (row.get("analysis_share") or 0.0) + (row.get("synthesis_share") or 0.0)
+
+
 def done_keys(records: list[dict]) -> set[tuple]:
     return {(r["experiment"], r["mode"], r["seed"]) for r in records}
 
@@ -472,7 +478,7 @@ def measure_speed(exp: Experiment, out: Path, ledger: Path, log, *, epochs: int 
                 f"{mode} run): this speed is not an idle one")
         log(f"speed: {exp.name} {mode}, {epochs} epoch(s) ...")
         row = run(config, resume=False, overwrite=True, log=lambda msg: None)["modes"][0]
-        waiting = (row.get("analysis_share") or 0.0) + (row.get("synthesis_share") or 0.0)
+        waiting = waiting_share(row)
         record = {"experiment": exp.name, "mode": mode, "epochs": epochs, "steps": row.get("steps"),
                   "examples_per_second": row.get("examples_per_second"), "train_seconds": row.get("train_seconds"),
                   "waiting_share": waiting, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
@@ -601,8 +607,7 @@ def report(plan: list[Experiment], ledger: Path) -> str:
         speed = {m: [r["examples_per_second"] for r in modes.get(m, []) if r.get("examples_per_second")]
                  for m in MODES}
         speed_text = " / ".join(f"{statistics.fmean(speed[m]):.0f}" if speed[m] else "—" for m in ("kd", "sage"))
-        share = [r["analysis_share"] + (r.get("synthesis_share") or 0) for r in modes.get("sage", [])
-                 if r.get("analysis_share") is not None]
+        share = [waiting_share(r) for r in modes.get("sage", []) if r.get("analysis_share") is not None]
         pair = PAIRS[exp.pair]
         differs = {} if pair.student == PAIRS["minilm"].student else {"student": pair.student}
         mode_differs = {} if exp.sage_mode == "sage" else {"SAGE column": f"mode {exp.sage_mode}"}

@@ -8,9 +8,10 @@ import torch
 
 pytest.importorskip("umap")
 
-from sage_fast.synthesis import BackgroundRounds, SyntheticPool, background  # noqa: E402
+from sage_fast.synthesis import (BackgroundRounds, GeneratorInputs, SAGESynthesizer, SynthesisConfig,  # noqa: E402
+                                 SyntheticPool, background)
 from sage_fast.synthesis.pool import used_lengths  # noqa: E402
-from test_synthesizer import N, label, planted, synthesizer, vectors_of  # noqa: E402
+from test_synthesizer import D_T, DIM, N, label, planted, synthesizer, vectors_of  # noqa: E402
 
 
 def pool_of(synth):
@@ -132,8 +133,6 @@ def test_rounds_join_in_order_and_errors_reach_the_training_thread(monkeypatch):
 
 
 def test_too_few_rows_start_nothing_and_bad_arguments():
-    from sage_fast.synthesis import SAGESynthesizer, SynthesisConfig
-
     empty = SAGESynthesizer(SynthesisConfig(n_neighbors=5), num_examples=N, embedding_dim=6)
     rounds = BackgroundRounds(empty, vectors_of, label, lag=2)
     assert rounds.start(0) is False and rounds.pending is None
@@ -273,8 +272,6 @@ class VectorStudent(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        from test_synthesizer import D_T
-
         self.head = torch.nn.Linear(D_T, 3)
         self.frozen = torch.nn.Parameter(torch.linspace(0.5, 1.5, D_T), requires_grad=False)
         self.register_buffer("scale", torch.ones(()))
@@ -285,9 +282,6 @@ class VectorStudent(torch.nn.Module):
 
 
 def boundary_synthesizer(student, calls):
-    from sage_fast.synthesis import GeneratorInputs, SAGESynthesizer, SynthesisConfig
-    from test_synthesizer import DIM
-
     def student_forward(module, vectors, mask):
         calls.append((threading.current_thread().name, module is student))
         return module(vectors, mask)
